@@ -1,0 +1,239 @@
+// The collectives of Comm, each a schedule from schedules.cc (or a direct exchange) over the engine verbs.
+#include <cstring>
+
+#include "plait/algo/cost_model.h"
+#include "plait/algo/schedules.h"
+
+namespace plait {
+
+namespace {
+size_t sum(const std::vector<size_t>& v) {
+  size_t s = 0;
+  for (size_t x : v) s += x;
+  return s;
+}
+}  // namespace
+
+void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
+  begin(CollCtx{Coll::kAllreduce, dtype, op, 0, count});
+  const size_t es = dtypeSize(dtype), bytes = count * es;
+  if (size_ == 1) return;
+  AllreducePlan plan = planAllreduce(topo_, bytes, algo != Algo::kAuto ? algo : algo_);
+  if (infoEnabled()) {
+    static thread_local std::string last;
+    std::string line = cat("rank ", rank_, ": all_reduce of ", bytes, " B: ", algoName(plan.algo), ", ", plan.why);
+    std::string key = cat(algoName(plan.algo), plan.oneShot, size_);
+    if (key != last) logInfo(line);
+    last = key;
+  }
+  char* b = static_cast<char*>(buf);
+  switch (plan.algo) {
+    case Algo::kRing:
+      ringAllreduce(*this, b, evenBlocks(count, size_, es));
+      break;
+    case Algo::kTree: {
+      // Double binary tree: each tree carries half of the elements.
+      size_t half = (count / 2) * es;
+      treeUpDown(*this, b, half, heapTree(rank_, size_, 0, false), true, true);
+      treeUpDown(*this, b + half, bytes - half, heapTree(rank_, size_, 0, true), true, true);
+      waitAll();
+      break;
+    }
+    case Algo::kDirect:
+    case Algo::kAuto:
+      if (!plan.oneShot) {
+        directTwoShot(*this, b, evenBlocks(count, size_, es));
+        break;
+      }
+      {
+        // One-shot: gather every rank's buffer, then fold in rank order so every rank computes the same bits.
+        char* s = scratch(size_t(size_) * bytes);
+        for (int p = 0; p < size_; ++p) {
+          if (p == rank_) continue;
+          postSend(p, b, bytes);
+          postRecv(p, s + size_t(p) * bytes, bytes);
+        }
+        waitAll();
+        std::memcpy(s + size_t(rank_) * bytes, b, bytes);
+        plait::reduce(op, dtype, b, s, s + bytes, count);
+        for (int p = 2; p < size_; ++p) plait::reduce(op, dtype, b, b, s + size_t(p) * bytes, count);
+      }
+      break;
+  }
+}
+
+void Comm::broadcast(void* buf, size_t bytes, int root) {
+  begin(CollCtx{Coll::kBroadcast, DType::kUInt8, RedOp::kSum, root, bytes});
+  if (size_ == 1) return;
+  treeUpDown(*this, static_cast<char*>(buf), bytes, heapTree(rank_, size_, root, false), false, true);
+  waitAll();
+}
+
+void Comm::reduce(void* buf, size_t count, DType dtype, RedOp op, int root) {
+  begin(CollCtx{Coll::kReduce, dtype, op, root, count});
+  if (size_ == 1) return;
+  const size_t bytes = count * dtypeSize(dtype);
+  TreeLinks t = heapTree(rank_, size_, root, false);
+  char* acc = static_cast<char*>(buf);
+  if (rank_ != root && t.nchild > 0) {  // interior ranks accumulate in scratch: their input stays untouched
+    acc = scratch(bytes);
+    std::memcpy(acc, buf, bytes);
+  }
+  treeUpDown(*this, acc, bytes, t, true, false);
+  waitAll();
+}
+
+void Comm::allgather(const void* in, void* out, const std::vector<size_t>& bytes) {
+  PLAIT_CHECK(int(bytes.size()) == size_, "plait: internal: all_gather needs one size per rank");
+  Blocks b = packedBlocks(bytes);
+  begin(CollCtx{Coll::kAllgather, DType::kUInt8, RedOp::kSum, 0, sum(bytes)});
+  char* o = static_cast<char*>(out);
+  if (in != o + b.off[rank_]) std::memmove(o + b.off[rank_], in, b.len[rank_]);
+  if (size_ == 1) return;
+  if (algo_ == Algo::kRing) {
+    const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+    const Xfer* last = nullptr;
+    for (int t = 0; t < size_ - 1; ++t) {
+      int sb = (rank_ - t + size_) % size_, rb = (rank_ - t - 1 + 2 * size_) % size_;
+      postSend(next, o + b.off[sb], b.len[sb], last);
+      last = postRecv(prev, o + b.off[rb], b.len[rb]);
+    }
+  } else {
+    for (int p = 0; p < size_; ++p) {
+      if (p == rank_) continue;
+      postSend(p, o + b.off[rank_], b.len[rank_]);
+      postRecv(p, o + b.off[p], b.len[p]);
+    }
+  }
+  waitAll();
+}
+
+void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
+  PLAIT_CHECK(int(counts.size()) == size_, "plait: internal: reduce_scatter needs one count per rank");
+  const size_t es = dtypeSize(dtype);
+  std::vector<size_t> bytes(counts.size());
+  for (size_t i = 0; i < counts.size(); ++i) bytes[i] = counts[i] * es;
+  Blocks b = packedBlocks(bytes);
+  begin(CollCtx{Coll::kReduceScatter, dtype, op, 0, sum(counts)});
+  const char* i8 = static_cast<const char*>(in);
+  char* o = static_cast<char*>(out);
+  if (size_ > 1 && algo_ == Algo::kRing) {
+    // Ring on a copy of the input, shifted so that rank r finishes with block r.
+    char* s = scratch(sum(bytes));
+    std::memcpy(s, i8, sum(bytes));
+    const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+    const Xfer* last = nullptr;
+    for (int st = 0; st < size_ - 1; ++st) {
+      int sb = ((rank_ - st - 1) % size_ + size_) % size_, rb = ((rank_ - st - 2) % size_ + size_) % size_;
+      postSend(next, s + b.off[sb], b.len[sb], last);
+      last = postRecvReduce(prev, s + b.off[rb], b.len[rb]);
+    }
+    waitAll();
+    std::memcpy(o, s + b.off[rank_], b.len[rank_]);
+    return;
+  }
+  if (o != i8 + b.off[rank_]) std::memmove(o, i8 + b.off[rank_], b.len[rank_]);
+  const Xfer* acc = nullptr;
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    postSend(p, i8 + b.off[p], b.len[p]);
+    acc = postRecvReduce(p, o, b.len[rank_], acc);
+  }
+  waitAll();
+}
+
+void Comm::alltoall(const void* in, const std::vector<size_t>& sendBytes, void* out,
+                    const std::vector<size_t>& recvBytes) {
+  Blocks sb = packedBlocks(sendBytes), rb = packedBlocks(recvBytes);
+  begin(CollCtx{Coll::kAlltoall, DType::kUInt8, RedOp::kSum, 0, 0});
+  const char* i8 = static_cast<const char*>(in);
+  char* o = static_cast<char*>(out);
+  PLAIT_CHECK(sb.len[rank_] == rb.len[rank_], "plait: rank ", rank_, ": all_to_all sends ", sb.len[rank_],
+              " bytes to itself but expects to receive ", rb.len[rank_]);
+  std::memmove(o + rb.off[rank_], i8 + sb.off[rank_], sb.len[rank_]);
+  for (int k = 1; k < size_; ++k) {  // staggered so that not every rank starts with the same peer
+    int p = (rank_ + k) % size_, q = (rank_ - k + size_) % size_;
+    postSend(p, i8 + sb.off[p], sb.len[p]);
+    postRecv(q, o + rb.off[q], rb.len[q]);
+  }
+  waitAll();
+}
+
+void Comm::gather(const void* in, size_t bytes, void* out, int root) {
+  begin(CollCtx{Coll::kGather, DType::kUInt8, RedOp::kSum, root, bytes});
+  if (rank_ != root) {
+    postSend(root, in, bytes);
+  } else {
+    char* o = static_cast<char*>(out);
+    std::memmove(o + size_t(rank_) * bytes, in, bytes);
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_) postRecv(p, o + size_t(p) * bytes, bytes);
+  }
+  waitAll();
+}
+
+void Comm::scatter(const void* in, void* out, size_t bytes, int root) {
+  begin(CollCtx{Coll::kScatter, DType::kUInt8, RedOp::kSum, root, bytes});
+  if (rank_ != root) {
+    postRecv(root, out, bytes);
+  } else {
+    const char* i8 = static_cast<const char*>(in);
+    std::memmove(out, i8 + size_t(rank_) * bytes, bytes);
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_) postSend(p, i8 + size_t(p) * bytes, bytes);
+  }
+  waitAll();
+}
+
+void Comm::send(const void* buf, size_t bytes, int peer, int tag) {
+  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_, ": send to invalid peer rank ", peer,
+              " (group size ", size_, ")");
+  begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
+  postSend(peer, buf, bytes);
+  waitAll();
+}
+
+void Comm::recv(void* buf, size_t bytes, int peer, int tag) {
+  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_,
+              ": recv from invalid peer rank ", peer, " (group size ", size_, ")");
+  begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
+  postRecv(peer, buf, bytes);
+  waitAll();
+}
+
+void Comm::barrier() {
+  begin(CollCtx{Coll::kBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    postSend(p, nullptr, 0);
+    postRecv(p, nullptr, 0);
+  }
+  waitAll();
+}
+
+void Comm::monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks) {
+  begin(CollCtx{Coll::kMonitoredBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
+  if (size_ == 1) return;
+  if (rank_ != 0) {
+    postSend(0, nullptr, 0);
+    postRecv(0, nullptr, 0);
+    waitAll(timeout);
+    return;
+  }
+  std::vector<Xfer*> arrivals(size_, nullptr);
+  for (int p = 1; p < size_; ++p) arrivals[p] = postRecv(p, nullptr, 0);
+  if (!waitAll(timeout, false)) {
+    std::string missing;
+    for (int p = 1; p < size_; ++p) {
+      if (finished(arrivals[p])) continue;
+      missing += cat(missing.empty() ? "" : ", ", p);
+      if (!waitAllRanks) break;
+    }
+    fail(cat("plait: monitored_barrier: rank ", waitAllRanks ? "(s) " : "", missing,
+             " failed to pass the barrier within ", timeout.count(), " ms (seen by rank 0, seq ", seq_, ")"));
+  }
+  for (int p = 1; p < size_; ++p) postSend(p, nullptr, 0);
+  waitAll(timeout);
+}
+
+}  // namespace plait

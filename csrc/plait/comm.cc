@@ -1,0 +1,484 @@
+#include "plait/comm.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "plait/transport/shm.h"
+#include "plait/transport/tcp.h"
+
+namespace plait {
+
+namespace {
+constexpr uint32_t kWireMagic = 0x504c5431;  // "PLT1"
+
+std::string readFirstLine(const char* path) {
+  std::ifstream f(path);
+  std::string s;
+  std::getline(f, s);
+  return s;
+}
+
+// Ranks in different network namespaces are different hosts even though they share hostname and boot id.
+std::string detectHostId() {
+  if (!knobs().hostId.empty()) return knobs().hostId;
+  char hn[256] = {0};
+  gethostname(hn, sizeof(hn) - 1);
+  struct stat st{};
+  std::string netns = stat("/proc/self/ns/net", &st) == 0 ? std::to_string(st.st_ino) : "?";
+  return cat(hn, "/", readFirstLine("/proc/sys/kernel/random/boot_id"), "/", netns);
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  size_t b = 0;
+  while (true) {
+    size_t e = s.find(sep, b);
+    out.push_back(s.substr(b, e == std::string::npos ? std::string::npos : e - b));
+    if (e == std::string::npos) break;
+    b = e + 1;
+  }
+  return out;
+}
+
+bool processGone(int pid) {
+  if (pid <= 0) return false;
+  if (kill(pid, 0) != 0 && errno == ESRCH) return true;
+  std::string stat = readFirstLine(cat("/proc/", pid, "/stat").c_str());
+  auto rp = stat.rfind(')');
+  if (rp == std::string::npos || rp + 2 >= stat.size()) return false;
+  char state = stat[rp + 2];
+  return state == 'Z' || state == 'X';
+}
+
+inline void cpuRelax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+}  // namespace
+
+const char* collName(Coll c) {
+  switch (c) {
+    case Coll::kAllreduce: return "all_reduce";
+    case Coll::kBroadcast: return "broadcast";
+    case Coll::kReduce: return "reduce";
+    case Coll::kAllgather: return "all_gather";
+    case Coll::kReduceScatter: return "reduce_scatter";
+    case Coll::kAlltoall: return "all_to_all";
+    case Coll::kGather: return "gather";
+    case Coll::kScatter: return "scatter";
+    case Coll::kBarrier: return "barrier";
+    case Coll::kSendRecv: return "send/recv";
+    case Coll::kMonitoredBarrier: return "monitored_barrier";
+  }
+  return "?";
+}
+
+const char* algoName(Algo a) {
+  switch (a) {
+    case Algo::kAuto: return "auto";
+    case Algo::kRing: return "ring";
+    case Algo::kTree: return "tree";
+    case Algo::kDirect: return "direct";
+  }
+  return "?";
+}
+
+Algo parseAlgo(const std::string& s) {
+  if (s.empty() || s == "auto") return Algo::kAuto;
+  if (s == "ring") return Algo::kRing;
+  if (s == "tree") return Algo::kTree;
+  if (s == "direct") return Algo::kDirect;
+  throw Error(cat("plait: unknown algorithm '", s, "' (PLAIT_ALGO / Options.algo take auto, ring, tree, direct)"));
+}
+
+struct Comm::Xfer {
+  enum Kind : uint8_t { kSend, kRecv, kRecvReduce } kind;
+  int peer;
+  char* buf;
+  size_t len;
+  const Xfer* dep;
+  size_t done = 0;
+  size_t hdrDone = 0;
+  WireHeader hdr{};  // sent, or expected
+  WireHeader got{};  // received
+};
+
+bool Comm::finished(const Xfer* x) { return x->hdrDone == sizeof(WireHeader) && x->done == x->len; }
+
+Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts)
+    : rank_(rank), size_(size), timeout_(timeout) {
+  PLAIT_CHECK(size >= 1 && rank >= 0 && rank < size, "plait: invalid rank ", rank, " of world size ", size);
+  algo_ = parseAlgo(opts.algo.empty() ? knobs().algo : opts.algo);
+  chunkBytes_ = std::max<size_t>(1, opts.chunkBytes ? opts.chunkBytes : knobs().chunkBytes);
+  p2pSendSeq_.assign(size, 0);
+  p2pRecvSeq_.assign(size, 0);
+  sendQ_.resize(size);
+  recvQ_.resize(size);
+  channels_.resize(size);
+  hostOf_.assign(size, 0);
+  pids_.assign(size, -1);
+  rendezvous(*store, opts);
+}
+
+Comm::~Comm() = default;
+
+void Comm::rendezvous(Store& store, const Options& opts) {
+  std::string mode = opts.transport.empty() ? knobs().transport : opts.transport;
+  PLAIT_CHECK(mode == "auto" || mode == "shm" || mode == "tcp", "plait: unknown transport '", mode,
+              "' (PLAIT_TRANSPORT / Options.transport take auto, shm, tcp)");
+  // Every rank adds once per incarnation, so re-initialising over the same store gets fresh keys.
+  int64_t epoch = (store.add("plait/epoch", 1) - 1) / size_;
+  std::string prefix = cat("plait/", epoch, "/");
+  std::string uuid;
+  if (rank_ == 0) {
+    std::random_device rd;
+    uint64_t r = (uint64_t(rd()) << 32) ^ rd() ^ uint64_t(getpid()) << 16;
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(r));
+    uuid = buf;
+    store.set(prefix + "uuid", uuid);
+  } else {
+    uuid = store.get(prefix + "uuid");
+  }
+  std::string hostId = detectHostId();
+  size_t ringBytes = opts.shmRingBytes ? opts.shmRingBytes : knobs().shmRingBytes;
+  std::string shmName = cat("/plait-", uuid, "-", rank_);
+  if (mode != "tcp" && size_ > 1) shm_ = std::make_unique<ShmDomain>(shmName, rank_, size_, ringBytes);
+  if (size_ > 1) tcp_ = std::make_unique<TcpDomain>(rank_, size_);
+  std::string addr = tcp_ ? tcp_->listenAddress(opts.addressHint) : "-";
+  store.set(cat(prefix, "info/", rank_), cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr));
+
+  std::vector<std::string> hosts(size_), shmNames(size_), addrs(size_);
+  std::map<std::string, int> hostIndex;
+  for (int p = 0; p < size_; ++p) {
+    auto f = split(p == rank_ ? cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr)
+                              : store.get(cat(prefix, "info/", p)),
+                   '\n');
+    PLAIT_CHECK(f.size() == 4, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
+    hosts[p] = f[0];
+    pids_[p] = std::atoi(f[1].c_str());
+    shmNames[p] = f[2];
+    addrs[p] = f[3];
+    auto it = hostIndex.emplace(f[0], int(hostIndex.size())).first;
+    hostOf_[p] = it->second;
+  }
+  topo_.nranks = size_;
+  topo_.nhosts = int(hostIndex.size());
+  int localRanks = 0;
+  std::vector<int> shmPeers, tcpPeers;
+  for (int p = 0; p < size_; ++p) {
+    if (hosts[p] == hostId) ++localRanks;
+    if (p == rank_) continue;
+    bool local = hosts[p] == hostId;
+    if (mode == "shm")
+      PLAIT_CHECK(local, "plait: rank ", rank_, ": PLAIT_TRANSPORT=shm but peer rank ", p, " is on another host (",
+                  hosts[p], ")");
+    if (local && mode != "tcp") shmPeers.push_back(p);
+    else tcpPeers.push_back(p);
+  }
+  topo_.allShm = tcpPeers.empty() && size_ > 1 && shm_ != nullptr;
+  if (mode == "tcp") topo_.allShm = false;
+  oversubscribed_ = localRanks > int(std::max(1u, std::thread::hardware_concurrency()));
+
+  for (int p : shmPeers) {
+    PLAIT_CHECK(shmNames[p] != "-", "plait: rank ", rank_, ": peer rank ", p, " has no shared memory segment");
+    shm_->attach(p, shmNames[p]);
+  }
+  if (shm_) {
+    // Once every local peer has mapped this rank's segment its name can go: nothing is left in /dev/shm.
+    store.set(cat(prefix, "mapped/", rank_), "1");
+    for (int p : shmPeers) store.get(cat(prefix, "mapped/", p));
+    shm_->unlinkOwn();
+  }
+  if (tcp_) {
+    tcp_->connectAll(tcpPeers, addrs, uuid, timeout_.count());
+    tcp_->closeListener();
+  }
+  for (int p : shmPeers) channels_[p] = shm_->channel(p);
+  for (int p : tcpPeers) channels_[p] = tcp_->channel(p);
+  if (tcpPeers.empty()) tcp_.reset();
+  if (infoEnabled())
+    logInfo(cat("rank ", rank_, "/", size_, " group '", opts.groupName, "': ", topo_.nhosts, " host(s), ",
+                shmPeers.size(), " shm peer(s), ", tcpPeers.size(), " tcp peer(s), kernels ", kernelIsa(),
+                ", algo ", algoName(algo_), ", chunk ", chunkBytes_, " B"));
+}
+
+std::string Comm::where() const { return cat("rank ", rank_, ", ", collName(ctx_.coll), " seq ", seq_); }
+
+void Comm::begin(const CollCtx& ctx) {
+  if (!failure_.empty())
+    throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
+  PLAIT_CHECK(pending_ == 0, "plait: internal: a collective began with transfers still pending");
+  xfers_.clear();
+  ctx_ = ctx;
+  if (ctx.coll != Coll::kSendRecv) ++seq_;
+  elemBytes_ = dtypeSize(ctx.dtype);
+  reduceFn_ = nullptr;
+  if (ctx.coll == Coll::kAllreduce || ctx.coll == Coll::kReduce || ctx.coll == Coll::kReduceScatter)
+    reduceFn_ = reduceFn(ctx.op, ctx.dtype);
+}
+
+Comm::Xfer* Comm::postSend(int peer, const void* buf, size_t bytes, const Xfer* dep) {
+  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
+  xfers_.push_back(Xfer{Xfer::kSend, peer, static_cast<char*>(const_cast<void*>(buf)), bytes, dep});
+  Xfer* x = &xfers_.back();
+  uint32_t seq = ctx_.coll == Coll::kSendRecv ? p2pSendSeq_[peer]++ : seq_;
+  x->hdr = WireHeader{kWireMagic, seq, uint8_t(ctx_.coll), uint8_t(ctx_.dtype), uint8_t(ctx_.op), 0,
+                      ctx_.root, ctx_.count, bytes};
+  sendQ_[peer].push_back(x);
+  ++pending_;
+  return x;
+}
+
+Comm::Xfer* Comm::postRecv(int peer, void* buf, size_t bytes, const Xfer* dep) {
+  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
+  xfers_.push_back(Xfer{Xfer::kRecv, peer, static_cast<char*>(buf), bytes, dep});
+  Xfer* x = &xfers_.back();
+  uint32_t seq = ctx_.coll == Coll::kSendRecv ? p2pRecvSeq_[peer]++ : seq_;
+  x->hdr = WireHeader{kWireMagic, seq, uint8_t(ctx_.coll), uint8_t(ctx_.dtype), uint8_t(ctx_.op), 0,
+                      ctx_.root, ctx_.count, bytes};
+  recvQ_[peer].push_back(x);
+  ++pending_;
+  return x;
+}
+
+Comm::Xfer* Comm::postRecvReduce(int peer, void* buf, size_t bytes, const Xfer* dep) {
+  PLAIT_CHECK(reduceFn_ != nullptr, "plait: internal: receive-reduce outside a reducing collective");
+  Xfer* x = postRecv(peer, buf, bytes, dep);
+  x->kind = Xfer::kRecvReduce;
+  return x;
+}
+
+char* Comm::scratch(size_t bytes) {
+  if (scratch_.size() < bytes) scratch_.resize(bytes);
+  return scratch_.data();
+}
+
+void Comm::fail(const std::string& msg) {
+  if (failure_.empty()) failure_ = msg;
+  for (auto& q : sendQ_) q.clear();
+  for (auto& q : recvQ_) q.clear();
+  pending_ = 0;
+  if (shm_) shm_->abortPeers();
+  if (tcp_) tcp_->abortAll();
+  throw Error(msg);
+}
+
+static std::string describeHeader(const WireHeader& h) {
+  DType dt = DType(h.dtype);
+  return cat(collName(Coll(h.coll)), "(seq ", h.seq, ", dtype ", dt < DType::kCount ? dtypeName(dt) : "?", ", op ",
+             RedOp(h.op) < RedOp::kCount ? redOpName(RedOp(h.op)) : "?", ", count ", h.count,
+             Coll(h.coll) == Coll::kSendRecv ? ", tag " : ", root ", h.root, ", message ", h.bytes, " bytes)");
+}
+
+void Comm::checkHeader(const Xfer* x, const WireHeader& got) const {
+  const WireHeader& e = x->hdr;
+  PLAIT_CHECK(got.magic == kWireMagic, "plait: rank ", rank_, ": garbage on the stream from peer rank ", x->peer,
+              " during ", where(), " (bad magic)");
+  bool same = got.seq == e.seq && got.coll == e.coll && got.count == e.count && got.bytes == e.bytes &&
+              got.root == e.root;
+  bool reducing = Coll(e.coll) == Coll::kAllreduce || Coll(e.coll) == Coll::kReduce ||
+                  Coll(e.coll) == Coll::kReduceScatter;
+  if (reducing) same = same && got.op == e.op;
+  if (Coll(e.coll) != Coll::kBarrier && Coll(e.coll) != Coll::kMonitoredBarrier) same = same && got.dtype == e.dtype;
+  if (!same)
+    throw Error(cat("plait: collective mismatch between rank ", rank_, " and rank ", x->peer, ": rank ", x->peer,
+                    " sent ", describeHeader(got), " but rank ", rank_, " expected ", describeHeader(e)));
+}
+
+bool Comm::advanceSend(Xfer* x) {
+  Channel* ch = channels_[x->peer].get();
+  bool moved = false;
+  if (x->hdrDone < sizeof(WireHeader)) {
+    size_t w = ch->write(reinterpret_cast<char*>(&x->hdr) + x->hdrDone, sizeof(WireHeader) - x->hdrDone);
+    x->hdrDone += w;
+    if (x->hdrDone < sizeof(WireHeader)) return w > 0;
+    moved = true;
+  }
+  size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
+  if (x->done < limit) {
+    size_t w = ch->write(x->buf + x->done, std::min(limit - x->done, chunkBytes_));
+    x->done += w;
+    moved |= w > 0;
+  }
+  return moved;
+}
+
+bool Comm::advanceRecv(Xfer* x) {
+  Channel* ch = channels_[x->peer].get();
+  bool moved = false;
+  if (x->hdrDone < sizeof(WireHeader)) {
+    size_t r = ch->read(reinterpret_cast<char*>(&x->got) + x->hdrDone, sizeof(WireHeader) - x->hdrDone);
+    x->hdrDone += r;
+    if (x->hdrDone < sizeof(WireHeader)) return r > 0;
+    checkHeader(x, x->got);
+    moved = true;
+  }
+  size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
+  if (x->done >= limit) return moved;
+  if (x->kind == Xfer::kRecv) {
+    size_t r = ch->read(x->buf + x->done, std::min(limit - x->done, chunkBytes_));
+    x->done += r;
+    return moved || r > 0;
+  }
+  const size_t es = elemBytes_;
+  size_t want = std::min(limit - x->done, std::max(chunkBytes_, es));
+  const void* p = nullptr;
+  size_t n = std::min(ch->peek(&p), want);
+  n -= n % es;
+  if (n > 0) {
+    reduceFn_(x->buf + x->done, x->buf + x->done, p, n / es);
+    ch->consume(n);
+    x->done += n;
+    return true;
+  }
+  if (want >= es && ch->available() >= es) {  // an element split by the ring's wrap-around
+    alignas(16) char tmp[16];
+    ch->read(tmp, es);
+    reduceFn_(x->buf + x->done, x->buf + x->done, tmp, 1);
+    x->done += es;
+    return true;
+  }
+  return moved;
+}
+
+bool Comm::progressPass() {
+  bool moved = false;
+  for (int p = 0; p < size_; ++p) {
+    auto& sq = sendQ_[p];
+    while (!sq.empty()) {
+      Xfer* x = sq.front();
+      moved |= advanceSend(x);
+      if (!finished(x)) break;
+      sq.pop_front();
+      --pending_;
+    }
+    auto& rq = recvQ_[p];
+    while (!rq.empty()) {
+      Xfer* x = rq.front();
+      moved |= advanceRecv(x);
+      if (!finished(x)) break;
+      rq.pop_front();
+      --pending_;
+    }
+  }
+  return moved;
+}
+
+std::string Comm::describePending() const {
+  std::string s;
+  for (int p = 0; p < size_; ++p) {
+    for (const Xfer* x : sendQ_[p]) {
+      s += cat(s.empty() ? "" : "; ", "send to rank ", p, " (", x->done, "/", x->len, " bytes)");
+      break;
+    }
+    for (const Xfer* x : recvQ_[p]) {
+      s += cat(s.empty() ? "" : "; ", "receive from rank ", p, " (", x->done, "/", x->len, " bytes",
+               x->hdrDone < sizeof(WireHeader) ? ", nothing arrived" : "", ")");
+      break;
+    }
+  }
+  return s;
+}
+
+void Comm::checkPeersAlive() {
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty())) continue;
+    if (!channels_[p] || channels_[p]->kind() != TransportKind::kShm) continue;
+    if (processGone(pids_[p]))
+      throw Error(cat("plait: rank ", rank_, ": peer rank ", p, " (pid ", pids_[p], ") died during ", where()));
+  }
+  if (shm_) {
+    int by = shm_->abortedBy();
+    if (by >= 0)
+      throw Error(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by,
+                      " failed (its own error says why)"));
+  }
+}
+
+void Comm::slowWait(uint32_t ticket, bool anyShm, bool anyTcp) {
+  if (anyTcp) {
+    std::vector<pollfd> fds;
+    for (int p = 0; p < size_; ++p) {
+      if (!channels_[p] || channels_[p]->kind() != TransportKind::kTcp) continue;
+      short ev = 0;
+      if (!recvQ_[p].empty()) ev |= POLLIN;
+      if (!sendQ_[p].empty()) {
+        const Xfer* x = sendQ_[p].front();
+        size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
+        if (x->hdrDone < sizeof(WireHeader) || x->done < limit) ev |= POLLOUT;
+      }
+      if (ev) fds.push_back(pollfd{tcp_->fd(p), ev, 0});
+    }
+    if (!fds.empty()) poll(fds.data(), fds.size(), anyShm ? 0 : 2);
+  }
+  if (anyShm) shm_->waitBell(ticket, anyTcp ? 200 : 2000);
+  else if (!anyTcp) std::this_thread::sleep_for(std::chrono::microseconds(200));
+}
+
+bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
+  if (pending_ == 0) return true;
+  bool anyShm = false, anyTcp = false;
+  for (int p = 0; p < size_; ++p) {
+    if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
+    (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
+  }
+  const auto start = Clock::now();
+  const auto deadline = start + timeout;
+  auto idleSince = start, lastCheck = start;
+  bool idle = false;
+  const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : 50);
+  const auto yieldFor = std::chrono::microseconds(oversubscribed_ ? 100 : 300);
+  try {
+    while (pending_ > 0) {
+      uint32_t ticket = anyShm ? shm_->ticket() : 0;
+      if (progressPass()) {
+        idle = false;
+        continue;
+      }
+      auto now = Clock::now();
+      if (!idle) {
+        idle = true;
+        idleSince = now;
+      }
+      auto idleFor = now - idleSince;
+      if (idleFor < spinFor) {
+        cpuRelax();
+        continue;
+      }
+      if (idleFor < yieldFor) {
+        sched_yield();
+        continue;
+      }
+      if (now >= deadline) {
+        if (!throwOnTimeout) return false;
+        throw Error(cat("plait: rank ", rank_, ": timed out after ", timeout.count(), " ms in ", where(),
+                        " waiting for: ", describePending()));
+      }
+      if (now - lastCheck > std::chrono::milliseconds(50)) {
+        lastCheck = now;
+        checkPeersAlive();
+      }
+      slowWait(ticket, anyShm, anyTcp);
+    }
+  } catch (const Error& e) {
+    fail(e.what());
+  }
+  xfers_.clear();
+  return true;
+}
+
+}  // namespace plait

@@ -1,0 +1,153 @@
+// A communicator: one process group's ranks, their channels (shared memory or TCP per peer, decided at
+// rendezvous), and the engine that every algorithm is written against: post a send / receive / receive-and-reduce
+// of a byte range to a peer, then wait for all of them with a deadline. Every message starts with a WireHeader so
+// that ranks which disagree about a collective fail loudly instead of corrupting data.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "plait/common.h"
+#include "plait/kernels/reduce.h"
+#include "plait/store.h"
+#include "plait/transport/channel.h"
+
+namespace plait {
+
+class ShmDomain;
+class TcpDomain;
+
+enum class Coll : uint8_t {
+  kAllreduce = 1, kBroadcast, kReduce, kAllgather, kReduceScatter, kAlltoall, kGather, kScatter, kBarrier,
+  kSendRecv, kMonitoredBarrier
+};
+const char* collName(Coll c);
+
+enum class Algo : uint8_t { kAuto, kRing, kTree, kDirect };
+const char* algoName(Algo a);
+Algo parseAlgo(const std::string& s);
+
+struct Options {
+  std::string algo = "";       // empty: PLAIT_ALGO
+  std::string transport = "";  // empty: PLAIT_TRANSPORT
+  size_t chunkBytes = 0;       // 0: PLAIT_CHUNK_BYTES
+  size_t shmRingBytes = 0;     // 0: PLAIT_SHM_RING_BYTES
+  std::string addressHint;     // host of the rendezvous store, to pick the interface to advertise
+  std::string groupName;
+};
+
+struct WireHeader {
+  uint32_t magic;
+  uint32_t seq;
+  uint8_t coll, dtype, op, flags;
+  int32_t root;  // root rank, or the tag of a send/recv
+  uint64_t count;
+  uint64_t bytes;  // payload bytes of this message
+};
+static_assert(sizeof(WireHeader) == 32, "wire header is 32 bytes");
+
+// Where ranks live: the cost model's input, identical on every rank.
+struct Topology {
+  int nranks = 1;
+  int nhosts = 1;
+  bool allShm = true;  // every peer pair uses shared memory
+};
+
+class Comm {
+ public:
+  Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts);
+  ~Comm();
+  Comm(const Comm&) = delete;
+  Comm& operator=(const Comm&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const Topology& topology() const { return topo_; }
+  Algo forcedAlgo() const { return algo_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  void setTimeout(std::chrono::milliseconds t) { timeout_ = t; }
+
+  // ---- collectives (algo/*.cc); buffers are host memory, counts are elements ----
+  void allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo = Algo::kAuto);
+  void broadcast(void* buf, size_t bytes, int root);
+  // Result lands in buf on root; other ranks' buf are left unchanged.
+  void reduce(void* buf, size_t count, DType dtype, RedOp op, int root);
+  // out holds size() blocks of bytes[i] each, packed; in is this rank's block (may alias its place in out).
+  void allgather(const void* in, void* out, const std::vector<size_t>& bytes);
+  // in holds size() packed blocks of counts[i] elements; out receives the reduction of block rank().
+  void reduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op);
+  // Block i of in (sendBytes[i]) goes to rank i; block j of out (recvBytes[j]) comes from rank j.
+  void alltoall(const void* in, const std::vector<size_t>& sendBytes, void* out, const std::vector<size_t>& recvBytes);
+  void gather(const void* in, size_t bytes, void* out, int root);
+  void scatter(const void* in, void* out, size_t bytes, int root);
+  void send(const void* buf, size_t bytes, int peer, int tag);
+  void recv(void* buf, size_t bytes, int peer, int tag);
+  void barrier();
+  void monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks);
+
+  // ---- engine verbs the algorithms use ----
+  struct Xfer;
+  struct CollCtx {
+    Coll coll;
+    DType dtype;
+    RedOp op;
+    int root;
+    uint64_t count;
+  };
+  // Starts a collective: takes the next sequence number, checks the communicator is healthy.
+  void begin(const CollCtx& ctx);
+  Xfer* postSend(int peer, const void* buf, size_t bytes, const Xfer* dep = nullptr);
+  Xfer* postRecv(int peer, void* buf, size_t bytes, const Xfer* dep = nullptr);
+  Xfer* postRecvReduce(int peer, void* buf, size_t bytes, const Xfer* dep = nullptr);
+  // Drives every posted transfer to completion. On the deadline: throws naming the peers still pending,
+  // or, with throwOnTimeout false, returns false leaving the unfinished transfers to be inspected.
+  bool waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout = true);
+  void waitAll() { waitAll(timeout_); }
+  static bool finished(const Xfer* x);
+  // Scratch memory owned by the communicator (grows, reused across collectives).
+  char* scratch(size_t bytes);
+  // Marks the communicator failed (peers are told), so later calls fail fast; returns the message.
+  [[noreturn]] void fail(const std::string& msg);
+  std::string where() const;  // "rank R, all_reduce seq S"
+
+  size_t chunkBytes() const { return chunkBytes_; }
+
+ private:
+  struct Peer;
+  void rendezvous(Store& store, const Options& opts);
+  bool progressPass();
+  bool advanceSend(Xfer* x);
+  bool advanceRecv(Xfer* x);
+  void checkHeader(const Xfer* x, const WireHeader& got) const;
+  void slowWait(uint32_t ticket, bool anyShm, bool anyTcp);
+  void checkPeersAlive();
+  std::string describePending() const;
+
+  int rank_, size_;
+  std::chrono::milliseconds timeout_;
+  Algo algo_ = Algo::kAuto;
+  size_t chunkBytes_;
+  Topology topo_;
+  std::unique_ptr<ShmDomain> shm_;
+  std::unique_ptr<TcpDomain> tcp_;
+  std::vector<std::unique_ptr<Channel>> channels_;
+  std::vector<int> hostOf_;
+  std::vector<int> pids_;
+  // engine state
+  CollCtx ctx_{};
+  uint32_t seq_ = 0;
+  std::vector<uint32_t> p2pSendSeq_, p2pRecvSeq_;
+  std::deque<Xfer> xfers_;
+  std::vector<std::deque<Xfer*>> sendQ_, recvQ_;
+  size_t pending_ = 0;
+  ReduceFn reduceFn_ = nullptr;
+  size_t elemBytes_ = 1;
+  std::vector<char> scratch_;
+  std::string failure_;
+  bool oversubscribed_ = false;
+};
+
+}  // namespace plait

@@ -1,0 +1,80 @@
+#include "plait/common.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace plait {
+
+size_t dtypeSize(DType t) {
+  switch (t) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat64: return 8;
+    case DType::kFloat16: return 2;
+    case DType::kBFloat16: return 2;
+    case DType::kInt8: return 1;
+    case DType::kUInt8: return 1;
+    case DType::kInt32: return 4;
+    case DType::kInt64: return 8;
+    case DType::kBool: return 1;
+    default: throw Error(cat("plait: unknown dtype code ", int(t)));
+  }
+}
+
+const char* dtypeName(DType t) {
+  static const char* names[] = {"float32", "float64", "float16", "bfloat16", "int8",
+                                "uint8",   "int32",   "int64",   "bool"};
+  return t < DType::kCount ? names[int(t)] : "?";
+}
+
+const char* redOpName(RedOp op) {
+  static const char* names[] = {"sum", "prod", "min", "max", "band", "bor", "bxor"};
+  return op < RedOp::kCount ? names[int(op)] : "?";
+}
+
+static std::string envStr(const char* name, const char* def) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::string(v) : std::string(def);
+}
+
+static size_t envSize(const char* name, size_t def) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return def;
+  char* end = nullptr;
+  double x = std::strtod(v, &end);
+  std::string suf(end ? end : "");
+  size_t mul = 1;
+  if (suf == "K" || suf == "k" || suf == "KiB") mul = 1024;
+  else if (suf == "M" || suf == "m" || suf == "MiB") mul = 1024 * 1024;
+  else if (suf == "G" || suf == "g" || suf == "GiB") mul = size_t(1) << 30;
+  else if (!suf.empty()) throw Error(cat("plait: cannot parse ", name, "=", v));
+  return size_t(x * mul);
+}
+
+const Knobs& knobs() {
+  static const Knobs k = [] {
+    Knobs k;
+    k.algo = envStr("PLAIT_ALGO", "auto");
+    k.transport = envStr("PLAIT_TRANSPORT", "auto");
+    std::string d = envStr("PLAIT_DEBUG", "WARN");
+    k.debug = (d == "INFO" || d == "info" || d == "1") ? 1 : (d == "TRACE" || d == "trace" || d == "2") ? 2 : 0;
+    k.chunkBytes = envSize("PLAIT_CHUNK_BYTES", 256 * 1024);
+    k.shmRingBytes = envSize("PLAIT_SHM_RING_BYTES", 1024 * 1024);
+    k.inlineBytes = envSize("PLAIT_INLINE_BYTES", 64 * 1024);
+    k.threads = int(envSize("PLAIT_THREADS", 0));
+    k.hostId = envStr("PLAIT_HOST_ID", "");
+    k.socketAddr = envStr("PLAIT_SOCKET_ADDR", "");
+    return k;
+  }();
+  return k;
+}
+
+void logInfo(const std::string& msg) {
+  if (knobs().debug >= 1) std::fprintf(stderr, "[plait INFO pid %d] %s\n", int(getpid()), msg.c_str());
+}
+
+void logWarn(const std::string& msg) { std::fprintf(stderr, "[plait WARN pid %d] %s\n", int(getpid()), msg.c_str()); }
+
+}  // namespace plait

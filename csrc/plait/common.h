@@ -1,0 +1,65 @@
+// Shared vocabulary of the torch-free core: errors, dtypes, reduction ops, deadlines, knobs, logging.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace plait {
+
+// Every failure in the core is a plait::Error whose message says which rank, peer, op and sequence number.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& msg) : std::runtime_error(msg) {}
+};
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+#define PLAIT_CHECK(cond, ...)                                  \
+  do {                                                          \
+    if (!(cond)) throw ::plait::Error(::plait::cat(__VA_ARGS__)); \
+  } while (0)
+
+enum class DType : uint8_t { kFloat32, kFloat64, kFloat16, kBFloat16, kInt8, kUInt8, kInt32, kInt64, kBool, kCount };
+enum class RedOp : uint8_t { kSum, kProd, kMin, kMax, kBand, kBor, kBxor, kCount };
+
+size_t dtypeSize(DType t);
+const char* dtypeName(DType t);
+const char* redOpName(RedOp op);
+
+using Clock = std::chrono::steady_clock;
+
+// A point in time after which a wait gives up and reports what it was waiting for.
+struct Deadline {
+  Clock::time_point at;
+  static Deadline after(std::chrono::milliseconds ms) { return Deadline{Clock::now() + ms}; }
+  bool passed() const { return Clock::now() >= at; }
+};
+
+// Environment knobs: read once per process (first use), documented in the README's table.
+struct Knobs {
+  std::string algo;        // PLAIT_ALGO: auto|ring|tree|direct
+  std::string transport;   // PLAIT_TRANSPORT: auto|shm|tcp
+  int debug;               // PLAIT_DEBUG: 0 = WARN, 1 = INFO, 2 = TRACE
+  size_t chunkBytes;       // PLAIT_CHUNK_BYTES: pipelining segment
+  size_t shmRingBytes;     // PLAIT_SHM_RING_BYTES: capacity of one directed shared-memory ring
+  size_t inlineBytes;      // PLAIT_INLINE_BYTES: collectives up to this size run on the caller's thread
+  int threads;             // PLAIT_THREADS: reduction threads for large buffers (0 = auto)
+  std::string hostId;      // PLAIT_HOST_ID: override host identity
+  std::string socketAddr;  // PLAIT_SOCKET_ADDR: address advertised for TCP
+};
+const Knobs& knobs();
+
+void logInfo(const std::string& msg);
+void logWarn(const std::string& msg);
+inline bool infoEnabled() { return knobs().debug >= 1; }
+
+}  // namespace plait

@@ -1,0 +1,30 @@
+// Element-wise reduction kernels: pure functions over buffers, no knowledge of ranks or transports.
+#pragma once
+
+#include <cstddef>
+
+#include "plait/common.h"
+
+namespace plait {
+
+// dst[i] = a[i] op b[i] for i < n elements; dst may alias a or b.
+using ReduceFn = void (*)(void* dst, const void* a, const void* b, size_t n);
+
+// The kernel for (op, dtype), chosen once per process by CPU features (AVX2+F16C, else scalar).
+// Throws plait::Error naming the op and dtype when the combination is meaningless (e.g. band on float32).
+ReduceFn reduceFn(RedOp op, DType dtype);
+
+// Whole-buffer reduction that splits large buffers across PLAIT_THREADS threads.
+void reduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t n);
+
+// Which implementation reduceFn() hands out: "avx2" or "scalar".
+const char* kernelIsa();
+
+namespace kernels_scalar {
+void fill(ReduceFn table[int(RedOp::kCount)][int(DType::kCount)]);
+}
+namespace kernels_avx2 {
+void fill(ReduceFn table[int(RedOp::kCount)][int(DType::kCount)]);
+}
+
+}  // namespace plait

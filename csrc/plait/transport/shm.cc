@@ -1,0 +1,214 @@
+#include "plait/transport/shm.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <ctime>
+#include <new>
+
+#include "plait/common.h"
+
+namespace plait {
+
+namespace {
+constexpr uint64_t kMagic = 0x31544941'4c50ull;  // "PLAIT1"
+}
+
+struct alignas(64) ShmSegHeader {
+  uint64_t magic;
+  int32_t rank, nranks, pid;
+  uint64_t ringBytes;
+  alignas(64) std::atomic<uint32_t> bell;
+  std::atomic<uint32_t> waiters;
+  alignas(64) std::atomic<int32_t> abortBy;  // rank + 1 of the rank that aborted, 0 if none
+};
+
+struct RingHdr {
+  alignas(64) std::atomic<uint64_t> head;  // bytes consumed (reader's)
+  alignas(64) std::atomic<uint64_t> tail;  // bytes produced (writer's)
+};
+
+namespace {
+constexpr size_t kHdrBytes = (sizeof(ShmSegHeader) + 63) & ~size_t(63);
+constexpr size_t kRingHdrBytes = sizeof(RingHdr);
+
+RingHdr* ringAt(void* base, int idx, size_t ringBytes) {
+  return reinterpret_cast<RingHdr*>(static_cast<char*>(base) + kHdrBytes + size_t(idx) * (kRingHdrBytes + ringBytes));
+}
+char* ringData(RingHdr* r) { return reinterpret_cast<char*>(r) + kRingHdrBytes; }
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, ts, nullptr, 0);
+}
+}  // namespace
+
+void ringBell(ShmSegHeader* h) {
+  h->bell.fetch_add(1, std::memory_order_seq_cst);
+  if (h->waiters.load(std::memory_order_seq_cst) != 0) futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
+}
+
+ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringBytes)
+    : name_(name), rank_(rank), nranks_(nranks), ringBytes_((std::max<size_t>(ringBytes, 64) + 63) & ~size_t(63)) {
+  segBytes_ = kHdrBytes + size_t(nranks) * (kRingHdrBytes + ringBytes_);
+  int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  PLAIT_CHECK(fd >= 0, "plait: rank ", rank, ": shm_open(", name_, ") failed: ", std::strerror(errno));
+  if (ftruncate(fd, off_t(segBytes_)) != 0) {
+    int e = errno;
+    close(fd);
+    shm_unlink(name_.c_str());
+    throw Error(cat("plait: rank ", rank, ": ftruncate of shared memory ", name_, " to ", segBytes_,
+                    " bytes failed: ", std::strerror(e)));
+  }
+  void* p = mmap(nullptr, segBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) {
+    int e = errno;
+    shm_unlink(name_.c_str());
+    throw Error(cat("plait: rank ", rank, ": mmap of ", name_, " failed: ", std::strerror(e)));
+  }
+  own_ = {p, segBytes_};
+  auto* h = new (p) ShmSegHeader();
+  h->rank = rank;
+  h->nranks = nranks;
+  h->pid = int32_t(getpid());
+  h->ringBytes = ringBytes_;
+  h->bell.store(0);
+  h->waiters.store(0);
+  h->abortBy.store(0);
+  for (int i = 0; i < nranks; ++i) new (ringAt(p, i, ringBytes_)) RingHdr();
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  h->magic = kMagic;
+  peers_.assign(nranks, nullptr);
+  peerMaps_.assign(nranks, Mapping{});
+}
+
+ShmDomain::~ShmDomain() {
+  unlinkOwn();
+  for (auto& m : peerMaps_)
+    if (m.base) munmap(m.base, m.bytes);
+  if (own_.base) munmap(own_.base, own_.bytes);
+}
+
+void ShmDomain::attach(int peer, const std::string& name) {
+  int fd = shm_open(name.c_str(), O_RDWR, 0600);
+  PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": cannot open shared memory ", name, " of peer rank ", peer, ": ",
+              std::strerror(errno));
+  struct stat st;
+  fstat(fd, &st);
+  PLAIT_CHECK(size_t(st.st_size) == segBytes_, "plait: rank ", rank_, ": shared memory of peer rank ", peer,
+              " has ", st.st_size, " bytes, expected ", segBytes_, " (PLAIT_SHM_RING_BYTES differs between ranks?)");
+  void* p = mmap(nullptr, segBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  PLAIT_CHECK(p != MAP_FAILED, "plait: rank ", rank_, ": mmap of peer rank ", peer, "'s segment failed");
+  auto* h = header(p);
+  PLAIT_CHECK(h->magic == kMagic && h->rank == peer, "plait: rank ", rank_, ": segment ", name,
+              " is not peer rank ", peer, "'s");
+  peerMaps_[peer] = {p, segBytes_};
+  peers_[peer] = h;
+}
+
+void ShmDomain::unlinkOwn() {
+  if (!unlinked_ && own_.base) {
+    shm_unlink(name_.c_str());
+    unlinked_ = true;
+  }
+}
+
+uint32_t ShmDomain::ticket() const { return header(own_.base)->bell.load(std::memory_order_seq_cst); }
+
+void ShmDomain::waitBell(uint32_t ticket, int64_t micros) {
+  auto* h = header(own_.base);
+  timespec ts{time_t(micros / 1000000), long((micros % 1000000) * 1000)};
+  h->waiters.fetch_add(1, std::memory_order_seq_cst);
+  if (h->bell.load(std::memory_order_seq_cst) == ticket) futex(&h->bell, FUTEX_WAIT, ticket, &ts);
+  h->waiters.fetch_sub(1, std::memory_order_seq_cst);
+}
+
+void ShmDomain::abortPeers() {
+  for (auto* h : peers_) {
+    if (!h) continue;
+    int32_t expected = 0;
+    h->abortBy.compare_exchange_strong(expected, rank_ + 1);
+    ringBell(h);
+  }
+}
+
+int ShmDomain::abortedBy() const { return header(own_.base)->abortBy.load(std::memory_order_acquire) - 1; }
+
+int ShmDomain::peerPid(int peer) const { return peers_[peer] ? peers_[peer]->pid : -1; }
+
+class ShmChannel : public Channel {
+ public:
+  ShmChannel(ShmSegHeader* peerHdr, RingHdr* out, ShmSegHeader* ownHdr, RingHdr* in, size_t cap)
+      : peerHdr_(peerHdr), out_(out), ownHdr_(ownHdr), in_(in), cap_(cap) {}
+  TransportKind kind() const override { return TransportKind::kShm; }
+
+  size_t write(const void* src, size_t n) override {
+    uint64_t tail = out_->tail.load(std::memory_order_relaxed);
+    uint64_t head = out_->head.load(std::memory_order_acquire);
+    size_t space = cap_ - size_t(tail - head);
+    if (n > space) n = space;
+    if (n == 0) return 0;
+    size_t pos = size_t(tail % cap_), first = std::min(n, cap_ - pos);
+    char* data = ringData(out_);
+    std::memcpy(data + pos, src, first);
+    if (n > first) std::memcpy(data, static_cast<const char*>(src) + first, n - first);
+    out_->tail.store(tail + n, std::memory_order_release);
+    ringBell(peerHdr_);
+    return n;
+  }
+
+  size_t peek(const void** p) override {
+    uint64_t head = in_->head.load(std::memory_order_relaxed);
+    uint64_t tail = in_->tail.load(std::memory_order_acquire);
+    size_t avail = size_t(tail - head);
+    if (avail == 0) return 0;
+    size_t pos = size_t(head % cap_);
+    *p = ringData(in_) + pos;
+    return std::min(avail, cap_ - pos);
+  }
+
+  void consume(size_t n) override {
+    in_->head.store(in_->head.load(std::memory_order_relaxed) + n, std::memory_order_release);
+    ringBell(peerHdr_);
+  }
+
+  size_t read(void* dst, size_t n) override {
+    uint64_t head = in_->head.load(std::memory_order_relaxed);
+    uint64_t tail = in_->tail.load(std::memory_order_acquire);
+    n = std::min(n, size_t(tail - head));
+    if (n == 0) return 0;
+    size_t pos = size_t(head % cap_), first = std::min(n, cap_ - pos);
+    const char* data = ringData(in_);
+    std::memcpy(dst, data + pos, first);
+    if (n > first) std::memcpy(static_cast<char*>(dst) + first, data, n - first);
+    consume(n);
+    return n;
+  }
+
+  size_t available() override {
+    return size_t(in_->tail.load(std::memory_order_acquire) - in_->head.load(std::memory_order_relaxed));
+  }
+
+ private:
+  ShmSegHeader* peerHdr_;
+  RingHdr* out_;
+  ShmSegHeader* ownHdr_;
+  RingHdr* in_;
+  size_t cap_;
+};
+
+std::unique_ptr<Channel> ShmDomain::channel(int peer) {
+  PLAIT_CHECK(peers_[peer] != nullptr, "plait: rank ", rank_, ": no shared memory mapped for peer rank ", peer);
+  return std::make_unique<ShmChannel>(peers_[peer], ringAt(peers_[peer], rank_, ringBytes_), header(own_.base),
+                                      ringAt(own_.base, peer, ringBytes_), ringBytes_);
+}
+
+}  // namespace plait

@@ -1,0 +1,57 @@
+// Shared-memory transport between ranks on one host: every rank owns one segment holding a single-producer /
+// single-consumer byte ring per sender, plus a doorbell (futex eventcount) that peers ring after they write into
+// its rings or drain the rings it writes to. Segments are unlinked as soon as every local peer has mapped them,
+// so nothing is left in /dev/shm whatever way the job ends.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "plait/transport/channel.h"
+
+namespace plait {
+
+struct ShmSegHeader;
+
+class ShmDomain {
+ public:
+  // Creates and maps this rank's segment (rings for nranks senders, each ringBytes).
+  ShmDomain(const std::string& name, int rank, int nranks, size_t ringBytes);
+  ~ShmDomain();
+  const std::string& name() const { return name_; }
+  // Maps a local peer's segment, published by its rank under the given name.
+  void attach(int peer, const std::string& name);
+  void unlinkOwn();
+  std::unique_ptr<Channel> channel(int peer);
+
+  // Eventcount on this rank's doorbell.
+  uint32_t ticket() const;
+  void waitBell(uint32_t ticket, int64_t micros);
+  // Marks every attached peer's segment as aborted by this rank and wakes it.
+  void abortPeers();
+  // Rank that aborted this rank's communicator, or -1.
+  int abortedBy() const;
+  int peerPid(int peer) const;
+  bool peerAttached(int peer) const { return peer < int(peers_.size()) && peers_[peer] != nullptr; }
+
+ private:
+  friend class ShmChannel;
+  struct Mapping {
+    void* base = nullptr;
+    size_t bytes = 0;
+  };
+  static ShmSegHeader* header(void* base) { return static_cast<ShmSegHeader*>(base); }
+  std::string name_;
+  int rank_, nranks_;
+  size_t ringBytes_, segBytes_;
+  Mapping own_;
+  std::vector<ShmSegHeader*> peers_;
+  std::vector<Mapping> peerMaps_;
+  bool unlinked_ = false;
+};
+
+void ringBell(ShmSegHeader* h);
+
+}  // namespace plait

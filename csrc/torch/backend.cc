@@ -1,0 +1,632 @@
+#include "torch/backend.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+
+#include <numeric>
+
+namespace plait_torch {
+
+using plait::DType;
+using plait::RedOp;
+
+namespace {
+
+DType toDType(const at::Tensor& t, const char* op, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kChar: return DType::kInt8;
+    case at::kByte: return DType::kUInt8;
+    case at::kInt: return DType::kInt32;
+    case at::kLong: return DType::kInt64;
+    case at::kBool: return DType::kBool;
+    default:
+      TORCH_CHECK(false, "plait: ", op, ": ", arg, " has dtype ", t.scalar_type(),
+                  ", which plait does not support (float32, float64, float16, bfloat16, int8, uint8, int32, int64, "
+                  "bool)");
+  }
+}
+
+void checkTensor(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.defined(), "plait: ", op, ": ", arg, " is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, "plait: ", op, ": ", arg,
+              " is a sparse (or non-strided) tensor; plait supports dense tensors only");
+  TORCH_CHECK(!t.is_cuda(), "plait: ", op, ": CUDA tensors are not supported yet (", arg, " is on ", t.device(),
+              "); use CPU tensors, or the nccl backend for CUDA");
+  TORCH_CHECK(t.device().is_cpu(), "plait: ", op, ": ", arg, " is on device ", t.device(),
+              ", plait supports CPU tensors");
+}
+
+void checkSameKind(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg) {
+  checkTensor(t, op, arg);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "plait: ", op, ": ", arg, " has dtype ", t.scalar_type(),
+              " but the input has dtype ", ref.scalar_type(), " (mixed dtypes)");
+  TORCH_CHECK(t.device() == ref.device(), "plait: ", op, ": ", arg, " is on ", t.device(), " but the input is on ",
+              ref.device(), " (mixed devices)");
+}
+
+void checkSingle(const std::vector<at::Tensor>& ts, const char* op) {
+  TORCH_CHECK(ts.size() == 1, "plait: ", op, " takes exactly one tensor per rank, got ", ts.size());
+}
+
+size_t nbytes(const at::Tensor& t) { return size_t(t.numel()) * t.element_size(); }
+
+struct Reduction {
+  RedOp op = RedOp::kSum;
+  bool avg = false;
+  bool premul = false;
+  double factor = 1.0;
+  at::Tensor tensorFactor;
+};
+
+Reduction toReduction(const c10d::ReduceOp& rop, const at::Tensor& t, const char* opName) {
+  Reduction r;
+  switch (rop.op_) {
+    case c10d::ReduceOp::SUM: r.op = RedOp::kSum; break;
+    case c10d::ReduceOp::AVG: r.op = RedOp::kSum; r.avg = true; break;
+    case c10d::ReduceOp::PRODUCT: r.op = RedOp::kProd; break;
+    case c10d::ReduceOp::MIN: r.op = RedOp::kMin; break;
+    case c10d::ReduceOp::MAX: r.op = RedOp::kMax; break;
+    case c10d::ReduceOp::BAND: r.op = RedOp::kBand; break;
+    case c10d::ReduceOp::BOR: r.op = RedOp::kBor; break;
+    case c10d::ReduceOp::BXOR: r.op = RedOp::kBxor; break;
+    case c10d::ReduceOp::PREMUL_SUM: {
+      r.op = RedOp::kSum;
+      r.premul = true;
+      auto* s = dynamic_cast<c10d::PreMulSumSupplement*>(rop.supplement_.get());
+      TORCH_CHECK(s != nullptr, "plait: ", opName, ": PREMUL_SUM without a factor");
+      if (s->tensor_factor.defined()) r.tensorFactor = s->tensor_factor;
+      else r.factor = s->double_factor;
+      break;
+    }
+    default: TORCH_CHECK(false, "plait: ", opName, ": reduce op ", int(rop.op_), " is not supported");
+  }
+  DType dt = toDType(t, opName, "tensor");
+  TORCH_CHECK(!(r.avg && dt == DType::kBool), "plait: ", opName, ": ReduceOp.AVG is not defined for bool tensors");
+  TORCH_CHECK(!(r.premul && !at::isFloatingType(t.scalar_type())), "plait: ", opName,
+              ": PREMUL_SUM needs a floating-point tensor, got ", t.scalar_type());
+  try {
+    plait::reduceFn(r.op, dt);
+  } catch (const plait::Error& e) {
+    TORCH_CHECK(false, "plait: ", opName, ": ", e.what());
+  }
+  return r;
+}
+
+void preReduce(const Reduction& r, at::Tensor& t) {
+  if (!r.premul) return;
+  if (r.tensorFactor.defined()) t.mul_(r.tensorFactor.to(t.device()));
+  else t.mul_(r.factor);
+}
+
+void postReduce(const Reduction& r, at::Tensor& t, int size) {
+  if (!r.avg) return;
+  if (at::isFloatingType(t.scalar_type())) t.div_(size);
+  else t.div_(size, "trunc");
+}
+
+// Runs fn on a contiguous version of t, writing the result back into t if a copy was needed.
+template <typename F>
+void onContiguous(at::Tensor& t, F&& fn) {
+  if (t.is_contiguous()) {
+    fn(t);
+    return;
+  }
+  at::Tensor c = t.contiguous();
+  fn(c);
+  t.copy_(c);
+}
+
+std::exception_ptr asDistError(const std::string& msg) {
+  try {
+    C10_THROW_ERROR(DistBackendError, msg);
+  } catch (...) {
+    return std::current_exception();
+  }
+}
+
+}  // namespace
+
+PlaitWork::PlaitWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs)
+    : c10d::Work(rank, type), outputs_(std::move(outputs)),
+      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {}
+
+void PlaitWork::complete(std::exception_ptr error) {
+  finish(error);
+  if (error) future_->setError(error);
+  else future_->markCompleted(c10::IValue(outputs_));
+}
+
+PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                           std::chrono::milliseconds timeout, const plait::Options& opts)
+    : c10d::Backend(rank, size) {
+  struct StoreAdapter : plait::Store {
+    c10::intrusive_ptr<c10d::Store> s;
+    explicit StoreAdapter(c10::intrusive_ptr<c10d::Store> st) : s(std::move(st)) {}
+    void set(const std::string& k, const std::string& v) override {
+      s->set(k, std::vector<uint8_t>(v.begin(), v.end()));
+    }
+    std::string get(const std::string& k) override {
+      auto v = s->get(k);
+      return std::string(v.begin(), v.end());
+    }
+    int64_t add(const std::string& k, int64_t d) override { return s->add(k, d); }
+  };
+  try {
+    comm_ = std::make_unique<plait::Comm>(std::make_shared<StoreAdapter>(store), rank, size, timeout, opts);
+  } catch (const plait::Error& e) {
+    C10_THROW_ERROR(DistBackendError, e.what());
+  }
+  worker_ = std::thread([this] { loop(); });
+}
+
+PlaitBackend::~PlaitBackend() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+void PlaitBackend::setTimeout(std::chrono::milliseconds timeout) {
+  waitForPendingWorks();
+  comm_->setTimeout(timeout);
+}
+
+void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn) {
+  std::exception_ptr err;
+  try {
+    fn();
+  } catch (const plait::Error& e) {
+    err = asDistError(e.what());
+  } catch (...) {
+    err = std::current_exception();
+  }
+  work->complete(err);
+}
+
+void PlaitBackend::loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (true) {
+    cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !busy_); });
+    if (queue_.empty()) return;  // stop_ with nothing left
+    auto item = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lk.unlock();
+    run(item.first, item.second);
+    lk.lock();
+    busy_ = false;
+    idleCv_.notify_all();
+  }
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes,
+                                                    Task fn) {
+  auto work = c10::make_intrusive<PlaitWork>(getRank(), type, std::move(outputs));
+  std::unique_lock<std::mutex> lk(mu_);
+  if (queue_.empty() && !busy_ && bytes <= plait::knobs().inlineBytes) {
+    // Nothing ahead of it: run on the caller's thread, which keeps issue order and skips a thread hand-off.
+    busy_ = true;
+    lk.unlock();
+    run(work, fn);
+    lk.lock();
+    busy_ = false;
+    idleCv_.notify_all();
+    if (!queue_.empty()) cv_.notify_one();
+  } else {
+    queue_.emplace_back(work, std::move(fn));
+    cv_.notify_one();
+  }
+  return work;
+}
+
+void PlaitBackend::waitForPendingWorks() {
+  std::unique_lock<std::mutex> lk(mu_);
+  idleCv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce(std::vector<at::Tensor>& tensors,
+                                                       const c10d::AllreduceOptions& opts) {
+  TORCH_CHECK(!tensors.empty(), "plait: all_reduce needs at least one tensor");
+  for (auto& t : tensors) checkSameKind(t, tensors[0], "all_reduce", "tensor");
+  Reduction red = toReduction(opts.reduceOp, tensors[0], "all_reduce");
+  DType dt = toDType(tensors[0], "all_reduce", "tensor");
+  size_t bytes = 0;
+  for (auto& t : tensors) bytes += nbytes(t);
+  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, [this, tensors, red, dt]() mutable {
+    for (auto& t : tensors) {
+      onContiguous(t, [&](at::Tensor& c) {
+        preReduce(red, c);
+        comm_->allreduce(c.data_ptr(), size_t(c.numel()), dt, red.op);
+        postReduce(red, c, getSize());
+      });
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,
+                                                                 const c10d::AllreduceCoalescedOptions& opts) {
+  TORCH_CHECK(!tensors.empty(), "plait: all_reduce_coalesced needs at least one tensor");
+  for (auto& t : tensors) checkSameKind(t, tensors[0], "all_reduce_coalesced", "tensor");
+  Reduction red = toReduction(opts.reduceOp, tensors[0], "all_reduce_coalesced");
+  DType dt = toDType(tensors[0], "all_reduce_coalesced", "tensor");
+  size_t bytes = 0;
+  for (auto& t : tensors) bytes += nbytes(t);
+  return submit(c10d::OpType::ALLREDUCE_COALESCED, tensors, bytes, [this, tensors, red, dt]() mutable {
+    std::vector<at::Tensor> flat;
+    for (auto& t : tensors) flat.push_back(t.reshape({-1}));
+    at::Tensor buf = at::cat(flat);
+    preReduce(red, buf);
+    comm_->allreduce(buf.data_ptr(), size_t(buf.numel()), dt, red.op);
+    postReduce(red, buf, getSize());
+    int64_t off = 0;
+    for (auto& t : tensors) {
+      t.copy_(buf.narrow(0, off, t.numel()).view(t.sizes()));
+      off += t.numel();
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::broadcast(std::vector<at::Tensor>& tensors,
+                                                       const c10d::BroadcastOptions& opts) {
+  checkSingle(tensors, "broadcast");
+  checkTensor(tensors[0], "broadcast", "tensor");
+  toDType(tensors[0], "broadcast", "tensor");
+  TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: broadcast: root rank ", opts.rootRank,
+              " is outside the group of size ", getSize());
+  int root = int(opts.rootRank);
+  return submit(c10d::OpType::BROADCAST, tensors, nbytes(tensors[0]), [this, tensors, root]() mutable {
+    onContiguous(tensors[0], [&](at::Tensor& c) { comm_->broadcast(c.data_ptr(), nbytes(c), root); });
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce(std::vector<at::Tensor>& tensors, const c10d::ReduceOptions& opts) {
+  checkSingle(tensors, "reduce");
+  checkTensor(tensors[0], "reduce", "tensor");
+  Reduction red = toReduction(opts.reduceOp, tensors[0], "reduce");
+  DType dt = toDType(tensors[0], "reduce", "tensor");
+  TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: reduce: root rank ", opts.rootRank,
+              " is outside the group of size ", getSize());
+  int root = int(opts.rootRank);
+  return submit(c10d::OpType::REDUCE, tensors, nbytes(tensors[0]), [this, tensors, red, dt, root]() mutable {
+    onContiguous(tensors[0], [&](at::Tensor& c) {
+      at::Tensor work = c;
+      if (red.premul && getRank() != root) work = c.clone();  // non-root inputs stay as they were
+      preReduce(red, work);
+      comm_->reduce(work.data_ptr(), size_t(work.numel()), dt, red.op, root);
+      if (getRank() == root) postReduce(red, c, getSize());
+    });
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                       std::vector<at::Tensor>& inputs,
+                                                       const c10d::AllgatherOptions&) {
+  checkSingle(inputs, "all_gather");
+  TORCH_CHECK(outputs.size() == 1, "plait: all_gather takes one output list per rank, got ", outputs.size());
+  checkTensor(inputs[0], "all_gather", "input");
+  toDType(inputs[0], "all_gather", "input");
+  auto& outs = outputs[0];
+  TORCH_CHECK(int(outs.size()) == getSize(), "plait: all_gather: the output list has ", outs.size(),
+              " tensors, the group has ", getSize(), " ranks");
+  std::vector<size_t> bytes;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    checkSameKind(outs[i], inputs[0], "all_gather", "output tensor");
+    bytes.push_back(nbytes(outs[i]));
+  }
+  TORCH_CHECK(outs[getRank()].numel() == inputs[0].numel(), "plait: all_gather: output tensor ", getRank(),
+              " has ", outs[getRank()].numel(), " elements but the input has ", inputs[0].numel(), " (size mismatch)");
+  size_t total = std::accumulate(bytes.begin(), bytes.end(), size_t(0));
+  return submit(c10d::OpType::ALLGATHER, outs, total, [this, outs, inputs, bytes, total]() mutable {
+    at::Tensor in = inputs[0].contiguous();
+    at::Tensor flat = at::empty({int64_t(total)}, in.options().dtype(at::kByte));
+    comm_->allgather(in.data_ptr(), flat.data_ptr(), bytes);
+    size_t off = 0;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      at::Tensor piece = flat.narrow(0, int64_t(off), int64_t(bytes[i]));
+      outs[i].copy_(piece.view(outs[i].scalar_type()).view(outs[i].sizes()));
+      off += bytes[i];
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
+                                                             const c10d::AllgatherOptions&) {
+  checkTensor(input, "all_gather_into_tensor", "input");
+  checkSameKind(output, input, "all_gather_into_tensor", "output");
+  toDType(input, "all_gather_into_tensor", "input");
+  TORCH_CHECK(output.numel() == input.numel() * getSize(), "plait: all_gather_into_tensor: output size ",
+              output.numel(), " must be world size (", getSize(), ") times input size ", input.numel());
+  std::vector<size_t> bytes(getSize(), nbytes(input));
+  return submit(c10d::OpType::_ALLGATHER_BASE, {output}, nbytes(output),
+                [this, output, input, bytes]() mutable {
+                  at::Tensor in = input.contiguous();
+                  onContiguous(output, [&](at::Tensor& c) { comm_->allgather(in.data_ptr(), c.data_ptr(), bytes); });
+                });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputLists,
+                                                                 std::vector<at::Tensor>& inputs,
+                                                                 const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK(outputLists.size() == inputs.size(), "plait: all_gather_coalesced: ", outputLists.size(),
+              " output lists for ", inputs.size(), " inputs");
+  c10::intrusive_ptr<c10d::Work> last;
+  std::vector<at::Tensor> all;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::vector<std::vector<at::Tensor>> o{outputLists[i]};
+    std::vector<at::Tensor> in{inputs[i]};
+    last = allgather(o, in, opts);
+    for (auto& t : outputLists[i]) all.push_back(t);
+  }
+  // Collectives complete in issue order, so the last one completing means all did.
+  return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, [last]() { last->wait(); });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                             std::vector<at::Tensor>& inputs,
+                                                                             const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK(outputs.size() == inputs.size(), "plait: all_gather_into_tensor_coalesced: ", outputs.size(),
+              " outputs for ", inputs.size(), " inputs");
+  c10::intrusive_ptr<c10d::Work> last;
+  for (size_t i = 0; i < inputs.size(); ++i) last = _allgather_base(outputs[i], inputs[i], opts);
+  return submit(c10d::OpType::COALESCED, outputs, 0, [last]() {
+    if (last) last->wait();
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                    std::vector<at::Tensor>& inputs, const c10d::GatherOptions& opts) {
+  checkSingle(inputs, "gather");
+  checkTensor(inputs[0], "gather", "input");
+  toDType(inputs[0], "gather", "input");
+  TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: gather: root rank ", opts.rootRank,
+              " is outside the group of size ", getSize());
+  int root = int(opts.rootRank);
+  std::vector<at::Tensor> outs;
+  if (getRank() == root) {
+    TORCH_CHECK(outputs.size() == 1 && int(outputs[0].size()) == getSize(), "plait: gather: root rank ", root,
+                " needs a list of ", getSize(), " output tensors");
+    outs = outputs[0];
+    for (auto& o : outs) {
+      checkSameKind(o, inputs[0], "gather", "output tensor");
+      TORCH_CHECK(o.numel() == inputs[0].numel(), "plait: gather: output tensor has ", o.numel(),
+                  " elements but the input has ", inputs[0].numel(), " (size mismatch)");
+    }
+  } else {
+    TORCH_CHECK(outputs.empty() || outputs[0].empty(), "plait: gather: non-root rank ", getRank(),
+                " must not pass output tensors");
+  }
+  return submit(c10d::OpType::GATHER, outs, nbytes(inputs[0]), [this, outs, inputs, root]() mutable {
+    at::Tensor in = inputs[0].contiguous();
+    size_t b = nbytes(in);
+    if (getRank() != root) {
+      comm_->gather(in.data_ptr(), b, nullptr, root);
+      return;
+    }
+    at::Tensor flat = at::empty({int64_t(b * outs.size())}, in.options().dtype(at::kByte));
+    comm_->gather(in.data_ptr(), b, flat.data_ptr(), root);
+    for (size_t i = 0; i < outs.size(); ++i)
+      outs[i].copy_(flat.narrow(0, int64_t(i * b), int64_t(b)).view(in.scalar_type()).view(outs[i].sizes()));
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::scatter(std::vector<at::Tensor>& outputs,
+                                                     std::vector<std::vector<at::Tensor>>& inputs,
+                                                     const c10d::ScatterOptions& opts) {
+  checkSingle(outputs, "scatter");
+  checkTensor(outputs[0], "scatter", "output");
+  toDType(outputs[0], "scatter", "output");
+  TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: scatter: root rank ", opts.rootRank,
+              " is outside the group of size ", getSize());
+  int root = int(opts.rootRank);
+  std::vector<at::Tensor> ins;
+  if (getRank() == root) {
+    TORCH_CHECK(inputs.size() == 1 && int(inputs[0].size()) == getSize(), "plait: scatter: root rank ", root,
+                " needs a list of ", getSize(), " input tensors");
+    ins = inputs[0];
+    for (auto& i : ins) {
+      checkSameKind(i, outputs[0], "scatter", "input tensor");
+      TORCH_CHECK(i.numel() == outputs[0].numel(), "plait: scatter: input tensor has ", i.numel(),
+                  " elements but the output has ", outputs[0].numel(), " (size mismatch)");
+    }
+  }
+  return submit(c10d::OpType::SCATTER, outputs, nbytes(outputs[0]), [this, outputs, ins, root]() mutable {
+    onContiguous(outputs[0], [&](at::Tensor& c) {
+      if (getRank() != root) {
+        comm_->scatter(nullptr, c.data_ptr(), nbytes(c), root);
+        return;
+      }
+      std::vector<at::Tensor> flat;
+      for (auto& i : ins) flat.push_back(i.reshape({-1}));
+      at::Tensor all = at::cat(flat);
+      comm_->scatter(all.data_ptr(), c.data_ptr(), nbytes(c), root);
+    });
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                            std::vector<std::vector<at::Tensor>>& inputs,
+                                                            const c10d::ReduceScatterOptions& opts) {
+  checkSingle(outputs, "reduce_scatter");
+  TORCH_CHECK(inputs.size() == 1 && int(inputs[0].size()) == getSize(), "plait: reduce_scatter needs a list of ",
+              getSize(), " input tensors");
+  checkTensor(outputs[0], "reduce_scatter", "output");
+  Reduction red = toReduction(opts.reduceOp, outputs[0], "reduce_scatter");
+  DType dt = toDType(outputs[0], "reduce_scatter", "output");
+  std::vector<size_t> counts;
+  for (auto& i : inputs[0]) {
+    checkSameKind(i, outputs[0], "reduce_scatter", "input tensor");
+    counts.push_back(size_t(i.numel()));
+  }
+  TORCH_CHECK(int64_t(counts[getRank()]) == outputs[0].numel(), "plait: reduce_scatter: output has ",
+              outputs[0].numel(), " elements but input tensor ", getRank(), " has ", counts[getRank()],
+              " (size mismatch)");
+  auto ins = inputs[0];
+  size_t total = std::accumulate(counts.begin(), counts.end(), size_t(0)) * outputs[0].element_size();
+  return submit(c10d::OpType::REDUCE_SCATTER, outputs, total, [this, outputs, ins, counts, red, dt]() mutable {
+    std::vector<at::Tensor> flat;
+    for (auto& i : ins) flat.push_back(i.reshape({-1}));
+    at::Tensor all = at::cat(flat);
+    preReduce(red, all);
+    onContiguous(outputs[0], [&](at::Tensor& c) {
+      comm_->reduceScatter(all.data_ptr(), c.data_ptr(), counts, dt, red.op);
+      postReduce(red, c, getSize());
+    });
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
+                                                                  const c10d::ReduceScatterOptions& opts) {
+  checkTensor(input, "reduce_scatter_tensor", "input");
+  checkSameKind(output, input, "reduce_scatter_tensor", "output");
+  Reduction red = toReduction(opts.reduceOp, input, "reduce_scatter_tensor");
+  DType dt = toDType(input, "reduce_scatter_tensor", "input");
+  TORCH_CHECK(input.numel() == output.numel() * getSize(), "plait: reduce_scatter_tensor: input size ", input.numel(),
+              " must be world size (", getSize(), ") times output size ", output.numel());
+  std::vector<size_t> counts(getSize(), size_t(output.numel()));
+  return submit(c10d::OpType::_REDUCE_SCATTER_BASE, {output}, nbytes(input),
+                [this, output, input, counts, red, dt]() mutable {
+                  at::Tensor in = input.contiguous();
+                  if (red.premul) {
+                    in = in.clone();
+                    preReduce(red, in);
+                  }
+                  onContiguous(output, [&](at::Tensor& c) {
+                    comm_->reduceScatter(in.data_ptr(), c.data_ptr(), counts, dt, red.op);
+                    postReduce(red, c, getSize());
+                  });
+                });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                             std::vector<at::Tensor>& inputs,
+                                                                             const c10d::ReduceScatterOptions& opts) {
+  TORCH_CHECK(outputs.size() == inputs.size(), "plait: reduce_scatter_tensor_coalesced: ", outputs.size(),
+              " outputs for ", inputs.size(), " inputs");
+  c10::intrusive_ptr<c10d::Work> last;
+  for (size_t i = 0; i < inputs.size(); ++i) last = _reduce_scatter_base(outputs[i], inputs[i], opts);
+  return submit(c10d::OpType::COALESCED, outputs, 0, [last]() {
+    if (last) last->wait();
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, at::Tensor& input,
+                                                           std::vector<int64_t>& outputSplitSizes,
+                                                           std::vector<int64_t>& inputSplitSizes,
+                                                           const c10d::AllToAllOptions&) {
+  checkTensor(input, "all_to_all_single", "input");
+  checkSameKind(output, input, "all_to_all_single", "output");
+  toDType(input, "all_to_all_single", "input");
+  const int n = getSize();
+  auto splits = [&](const at::Tensor& t, const std::vector<int64_t>& s, const char* what) {
+    std::vector<size_t> bytes;
+    int64_t rows = t.dim() == 0 ? 1 : t.size(0);
+    size_t rowBytes = rows == 0 ? 0 : nbytes(t) / size_t(rows);
+    if (s.empty()) {
+      TORCH_CHECK(rows % n == 0, "plait: all_to_all_single: ", what, " has ", rows,
+                  " rows, not divisible by the world size ", n, " (size mismatch; pass split sizes)");
+      bytes.assign(n, size_t(rows / n) * rowBytes);
+    } else {
+      TORCH_CHECK(int(s.size()) == n, "plait: all_to_all_single: ", what, " split sizes have ", s.size(),
+                  " entries for ", n, " ranks");
+      int64_t sum = 0;
+      for (int64_t x : s) {
+        TORCH_CHECK(x >= 0, "plait: all_to_all_single: negative ", what, " split size ", x);
+        sum += x;
+        bytes.push_back(size_t(x) * rowBytes);
+      }
+      TORCH_CHECK(sum == rows, "plait: all_to_all_single: ", what, " split sizes add up to ", sum, " but the ",
+                  what, " has ", rows, " rows (size mismatch)");
+    }
+    return bytes;
+  };
+  std::vector<size_t> sendBytes = splits(input, inputSplitSizes, "input");
+  std::vector<size_t> recvBytes = splits(output, outputSplitSizes, "output");
+  return submit(c10d::OpType::ALLTOALL_BASE, {output}, nbytes(input),
+                [this, output, input, sendBytes, recvBytes]() mutable {
+                  at::Tensor in = input.contiguous();
+                  onContiguous(output, [&](at::Tensor& c) {
+                    comm_->alltoall(in.data_ptr(), sendBytes, c.data_ptr(), recvBytes);
+                  });
+                });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+                                                      const c10d::AllToAllOptions&) {
+  const int n = getSize();
+  TORCH_CHECK(int(inputs.size()) == n && int(outputs.size()) == n, "plait: all_to_all needs ", n,
+              " input and output tensors, got ", inputs.size(), " and ", outputs.size());
+  std::vector<size_t> sendBytes, recvBytes;
+  for (int i = 0; i < n; ++i) {
+    checkTensor(inputs[i], "all_to_all", "input tensor");
+    toDType(inputs[i], "all_to_all", "input tensor");
+    checkSameKind(outputs[i], inputs[i], "all_to_all", "output tensor");
+    sendBytes.push_back(nbytes(inputs[i]));
+    recvBytes.push_back(nbytes(outputs[i]));
+  }
+  size_t total = std::accumulate(sendBytes.begin(), sendBytes.end(), size_t(0));
+  return submit(c10d::OpType::ALLTOALL, outputs, total, [this, outputs, inputs, sendBytes, recvBytes]() mutable {
+    std::vector<at::Tensor> flat;
+    for (auto& i : inputs) flat.push_back(i.reshape({-1}).view(at::kByte));
+    at::Tensor in = at::cat(flat);
+    size_t rtotal = std::accumulate(recvBytes.begin(), recvBytes.end(), size_t(0));
+    at::Tensor out = at::empty({int64_t(rtotal)}, in.options());
+    comm_->alltoall(in.data_ptr(), sendBytes, out.data_ptr(), recvBytes);
+    size_t off = 0;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      outputs[i].copy_(out.narrow(0, int64_t(off), int64_t(recvBytes[i]))
+                           .view(outputs[i].scalar_type())
+                           .view(outputs[i].sizes()));
+      off += recvBytes[i];
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::send(std::vector<at::Tensor>& tensors, int dstRank, int tag) {
+  checkSingle(tensors, "send");
+  checkTensor(tensors[0], "send", "tensor");
+  toDType(tensors[0], "send", "tensor");
+  TORCH_CHECK(dstRank >= 0 && dstRank < getSize() && dstRank != getRank(), "plait: send: invalid destination rank ",
+              dstRank, " from rank ", getRank(), " (group size ", getSize(), ")");
+  return submit(c10d::OpType::SEND, tensors, nbytes(tensors[0]), [this, tensors, dstRank, tag]() {
+    at::Tensor c = tensors[0].contiguous();
+    comm_->send(c.data_ptr(), nbytes(c), dstRank, tag);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) {
+  checkSingle(tensors, "recv");
+  checkTensor(tensors[0], "recv", "tensor");
+  toDType(tensors[0], "recv", "tensor");
+  TORCH_CHECK(srcRank >= 0 && srcRank < getSize() && srcRank != getRank(), "plait: recv: invalid source rank ",
+              srcRank, " at rank ", getRank(), " (group size ", getSize(), ")");
+  return submit(c10d::OpType::RECV, tensors, nbytes(tensors[0]), [this, tensors, srcRank, tag]() mutable {
+    onContiguous(tensors[0], [&](at::Tensor& c) { comm_->recv(c.data_ptr(), nbytes(c), srcRank, tag); });
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::recvAnysource(std::vector<at::Tensor>&, int) {
+  TORCH_CHECK(false, "plait: recv from any source is not supported; pass src=");
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::barrier(const c10d::BarrierOptions&) {
+  return submit(c10d::OpType::BARRIER, {}, 0, [this]() { comm_->barrier(); });
+}
+
+void PlaitBackend::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {
+  auto timeout = opts.timeout.count() > 0 ? opts.timeout : comm_->timeout();
+  auto work = submit(c10d::OpType::BARRIER, {}, 0, [this, timeout, waitAllRanks]() {
+    comm_->monitoredBarrier(timeout, waitAllRanks);
+  });
+  work->wait();
+}
+
+}  // namespace plait_torch

@@ -1,0 +1,54 @@
+#include <pybind11/chrono.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "torch/backend.h"
+
+namespace py = pybind11;
+
+namespace plait_torch {
+
+void register_backend(py::module_& m) {
+  py::class_<PlaitBackend, c10d::Backend, c10::intrusive_ptr<PlaitBackend>>(m, "PlaitBackend")
+      .def("monitored_barrier",
+           [](PlaitBackend& self, std::chrono::milliseconds timeout, bool waitAll) {
+             c10d::BarrierOptions o;
+             o.timeout = timeout;
+             self.monitoredBarrier(o, waitAll);
+           },
+           py::arg("timeout"), py::arg("wait_all_ranks") = false, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("topology",
+                             [](PlaitBackend& self) {
+                               const auto& t = self.comm().topology();
+                               py::dict d;
+                               d["nranks"] = t.nranks;
+                               d["nhosts"] = t.nhosts;
+                               d["all_shm"] = t.allShm;
+                               return d;
+                             })
+      .def("plan_allreduce",
+           [](PlaitBackend& self, size_t bytes) {
+             auto& c = self.comm();
+             extern py::tuple planTuple(const plait::Comm&, size_t);
+             return planTuple(c, bytes);
+           });
+
+  m.def(
+      "create_backend",
+      [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, std::chrono::milliseconds timeout,
+         const std::string& algo, const std::string& transport, size_t chunkBytes, size_t shmRingBytes,
+         const std::string& addressHint, const std::string& groupName) {
+        plait::Options o;
+        o.algo = algo;
+        o.transport = transport;
+        o.chunkBytes = chunkBytes;
+        o.shmRingBytes = shmRingBytes;
+        o.addressHint = addressHint;
+        o.groupName = groupName;
+        return c10::make_intrusive<PlaitBackend>(store, rank, size, timeout, o);
+      },
+      py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("timeout"), py::arg("algo") = "",
+      py::arg("transport") = "", py::arg("chunk_bytes") = 0, py::arg("shm_ring_bytes") = 0,
+      py::arg("address_hint") = "", py::arg("group_name") = "", py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace plait_torch

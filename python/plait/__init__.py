@@ -1,0 +1,20 @@
+"""plait: native-accelerated collectives for PyTorch.
+
+``import plait`` registers the ``"plait"`` torch.distributed backend for CPU (and, later, CUDA) tensors::
+
+    import plait
+    dist.init_process_group("plait")   # the only change to a working DDP script
+"""
+
+from ._backend import Options, monitored_barrier, plan_allreduce, topology
+from . import _C
+
+__version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """True when plait was built with its CUDA kernels and a CUDA device is usable in this process."""
+    return _C.cuda_compiled() and _C.cuda_device_count() > 0
+
+
+__all__ = ["Options", "monitored_barrier", "plan_allreduce", "topology", "cuda_available", "__version__"]

@@ -1,0 +1,107 @@
+"""Registration of the "plait" backend with torch.distributed (the Python side of the torch layer)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+
+_ALGOS = ("auto", "ring", "tree", "direct")
+_TRANSPORTS = ("auto", "shm", "tcp")
+
+
+@dataclass
+class Options:
+    """Per-group settings, passed as ``pg_options=`` to ``init_process_group`` / ``new_group``.
+
+    Empty / zero fields fall back to the environment knobs (PLAIT_ALGO, PLAIT_TRANSPORT, PLAIT_CHUNK_BYTES,
+    PLAIT_SHM_RING_BYTES).
+    """
+
+    algo: str = ""
+    transport: str = ""
+    chunk_bytes: int = 0
+    shm_ring_bytes: int = 0
+
+    def __post_init__(self):
+        if self.algo and self.algo not in _ALGOS:
+            raise ValueError(f"plait.Options: algo must be one of {_ALGOS}, got {self.algo!r}")
+        if self.transport and self.transport not in _TRANSPORTS:
+            raise ValueError(f"plait.Options: transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if self.chunk_bytes < 0 or self.shm_ring_bytes < 0:
+            raise ValueError("plait.Options: chunk_bytes and shm_ring_bytes must be >= 0")
+
+
+def _address_hint(store) -> str:
+    """The rendezvous host, used to pick which local address to advertise for TCP connections."""
+    s = store
+    for _ in range(8):
+        if isinstance(s, dist.TCPStore):
+            return s.host
+        inner = getattr(s, "underlying_store", None)
+        if inner is None:
+            break
+        s = inner
+    return os.environ.get("MASTER_ADDR", "")
+
+
+def _create(dist_opts, pg_options):
+    opts = pg_options if isinstance(pg_options, Options) else Options()
+    if pg_options is not None and not isinstance(pg_options, Options):
+        raise TypeError(f"plait: pg_options must be plait.Options, got {type(pg_options).__name__}")
+    timeout = dist_opts.timeout
+    if not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    return _C.create_backend(
+        dist_opts.store,
+        dist_opts.group_rank,
+        dist_opts.group_size,
+        timeout,
+        algo=opts.algo,
+        transport=opts.transport,
+        chunk_bytes=opts.chunk_bytes,
+        shm_ring_bytes=opts.shm_ring_bytes,
+        address_hint=_address_hint(dist_opts.store),
+        group_name=str(dist_opts.group_id),
+    )
+
+
+def _register():
+    if "PLAIT" in dist.Backend._plugins:  # already registered (module reloaded)
+        return
+    dist.Backend.register_backend("plait", _create, extended_api=True, devices=["cpu", "cuda"])
+
+
+def _backend_of(group):
+    group = group if group is not None else dist.group.WORLD
+    b = group._get_backend(torch.device("cpu"))
+    if not isinstance(b, _C.PlaitBackend):
+        raise RuntimeError(f"plait: the group's CPU backend is {type(b).__name__}, not plait")
+    return b
+
+
+def monitored_barrier(group=None, timeout: datetime.timedelta | None = None, wait_all_ranks: bool = False):
+    """Like ``dist.monitored_barrier`` (which torch allows only for gloo): rank 0 waits up to ``timeout`` for
+    every rank and raises naming the rank(s) that did not arrive."""
+    b = _backend_of(group)
+    if timeout is None:
+        timeout = datetime.timedelta(minutes=30)
+    b.monitored_barrier(timeout, wait_all_ranks)
+
+
+def topology(group=None) -> dict:
+    """Where the group's ranks live, as the cost model sees it: {'nranks', 'nhosts', 'all_shm'}."""
+    return _backend_of(group).topology
+
+
+def plan_allreduce(nbytes: int, group=None):
+    """The cost model's choice for an all-reduce of nbytes: (algo, one_shot, predicted_us, why)."""
+    return _backend_of(group).plan_allreduce(int(nbytes))
+
+
+_register()
