@@ -104,18 +104,6 @@ Algo parseAlgo(const std::string& s) {
   throw Error(cat("plait: unknown algorithm '", s, "' (PLAIT_ALGO / Options.algo take auto, ring, tree, direct)"));
 }
 
-struct Comm::Xfer {
-  enum Kind : uint8_t { kSend, kRecv, kRecvReduce } kind;
-  int peer;
-  char* buf;
-  size_t len;
-  const Xfer* dep;
-  size_t done = 0;
-  size_t hdrDone = 0;
-  WireHeader hdr{};  // sent, or expected
-  WireHeader got{};  // received
-};
-
 bool Comm::finished(const Xfer* x) { return x->hdrDone == sizeof(WireHeader) && x->done == x->len; }
 
 Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts)
@@ -221,8 +209,8 @@ std::string Comm::where() const { return cat("rank ", rank_, ", ", collName(ctx_
 void Comm::begin(const CollCtx& ctx) {
   if (!failure_.empty())
     throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
-  PLAIT_CHECK(pending_ == 0, "plait: internal: a collective began with transfers still pending");
-  xfers_.clear();
+  PLAIT_CHECK(pendingColl_ == 0, "plait: internal: a collective began with transfers still pending");
+  trimXfers();
   ctx_ = ctx;
   if (ctx.coll != Coll::kSendRecv) ++seq_;
   elemBytes_ = dtypeSize(ctx.dtype);
@@ -231,35 +219,31 @@ void Comm::begin(const CollCtx& ctx) {
     reduceFn_ = reduceFn(ctx.op, ctx.dtype);
 }
 
-Comm::Xfer* Comm::postSend(int peer, const void* buf, size_t bytes, const Xfer* dep) {
+Comm::Xfer* Comm::post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
-  xfers_.push_back(Xfer{Xfer::kSend, peer, static_cast<char*>(const_cast<void*>(buf)), bytes, dep});
+  xfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
   Xfer* x = &xfers_.back();
-  uint32_t seq = ctx_.coll == Coll::kSendRecv ? p2pSendSeq_[peer]++ : seq_;
+  const bool p2p = ctx_.coll == Coll::kSendRecv;
+  uint32_t seq = !p2p ? seq_ : kind == Xfer::kSend ? p2pSendSeq_[peer]++ : p2pRecvSeq_[peer]++;
   x->hdr = WireHeader{kWireMagic, seq, uint8_t(ctx_.coll), uint8_t(ctx_.dtype), uint8_t(ctx_.op), 0,
                       ctx_.root, ctx_.count, bytes};
-  sendQ_[peer].push_back(x);
+  (kind == Xfer::kSend ? sendQ_ : recvQ_)[peer].push_back(x);
   ++pending_;
+  if (!p2p) ++pendingColl_;
   return x;
 }
 
+Comm::Xfer* Comm::postSend(int peer, const void* buf, size_t bytes, const Xfer* dep) {
+  return post(Xfer::kSend, peer, const_cast<void*>(buf), bytes, dep);
+}
+
 Comm::Xfer* Comm::postRecv(int peer, void* buf, size_t bytes, const Xfer* dep) {
-  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
-  xfers_.push_back(Xfer{Xfer::kRecv, peer, static_cast<char*>(buf), bytes, dep});
-  Xfer* x = &xfers_.back();
-  uint32_t seq = ctx_.coll == Coll::kSendRecv ? p2pRecvSeq_[peer]++ : seq_;
-  x->hdr = WireHeader{kWireMagic, seq, uint8_t(ctx_.coll), uint8_t(ctx_.dtype), uint8_t(ctx_.op), 0,
-                      ctx_.root, ctx_.count, bytes};
-  recvQ_[peer].push_back(x);
-  ++pending_;
-  return x;
+  return post(Xfer::kRecv, peer, buf, bytes, dep);
 }
 
 Comm::Xfer* Comm::postRecvReduce(int peer, void* buf, size_t bytes, const Xfer* dep) {
   PLAIT_CHECK(reduceFn_ != nullptr, "plait: internal: receive-reduce outside a reducing collective");
-  Xfer* x = postRecv(peer, buf, bytes, dep);
-  x->kind = Xfer::kRecvReduce;
-  return x;
+  return post(Xfer::kRecvReduce, peer, buf, bytes, dep);
 }
 
 char* Comm::scratch(size_t bytes) {
@@ -269,11 +253,17 @@ char* Comm::scratch(size_t bytes) {
 
 void Comm::fail(const std::string& msg) {
   if (failure_.empty()) failure_ = msg;
-  for (auto& q : sendQ_) q.clear();
-  for (auto& q : recvQ_) q.clear();
-  pending_ = 0;
+  std::vector<Done> toNotify;
+  for (auto* qs : {&sendQ_, &recvQ_})
+    for (auto& q : *qs) {
+      for (Xfer* x : q)
+        if (x->onDone) toNotify.push_back(std::move(x->onDone));
+      q.clear();
+    }
+  pending_ = pendingColl_ = 0;
   if (shm_) shm_->abortPeers();
   if (tcp_) tcp_->abortAll();
+  for (auto& d : toNotify) d(&msg);
   throw Error(msg);
 }
 
@@ -355,6 +345,23 @@ bool Comm::advanceRecv(Xfer* x) {
   return moved;
 }
 
+void Comm::trimXfers() {
+  // Transfers finish roughly in posting order; dependencies only point within one collective, which is over.
+  if (pending_ == 0) xfers_.clear();
+  while (!xfers_.empty() && finished(&xfers_.front())) xfers_.pop_front();
+}
+
+void Comm::retire(Xfer* x) {
+  --pending_;
+  if (x->onDone) {
+    Done d = std::move(x->onDone);
+    x->onDone = nullptr;
+    d(nullptr);
+  } else {
+    --pendingColl_;
+  }
+}
+
 bool Comm::progressPass() {
   bool moved = false;
   for (int p = 0; p < size_; ++p) {
@@ -364,7 +371,7 @@ bool Comm::progressPass() {
       moved |= advanceSend(x);
       if (!finished(x)) break;
       sq.pop_front();
-      --pending_;
+      retire(x);
     }
     auto& rq = recvQ_[p];
     while (!rq.empty()) {
@@ -372,7 +379,7 @@ bool Comm::progressPass() {
       moved |= advanceRecv(x);
       if (!finished(x)) break;
       rq.pop_front();
-      --pending_;
+      retire(x);
     }
   }
   return moved;
@@ -429,21 +436,50 @@ void Comm::slowWait(uint32_t ticket, bool anyShm, bool anyTcp) {
   else if (!anyTcp) std::this_thread::sleep_for(std::chrono::microseconds(200));
 }
 
+void Comm::checkP2PDeadlines(Clock::time_point now) {
+  for (auto* qs : {&sendQ_, &recvQ_})
+    for (int p = 0; p < size_; ++p) {
+      auto& q = (*qs)[p];
+      if (q.empty() || !q.front()->onDone || now < q.front()->deadline) continue;
+      const Xfer* x = q.front();
+      throw Error(cat("plait: rank ", rank_, ": timed out after ", timeout_.count(), " ms in ",
+                      x->kind == Xfer::kSend ? "send to" : "recv from", " rank ", p, " (tag ", x->hdr.root, ", ",
+                      x->done, "/", x->len, " bytes done)"));
+    }
+}
+
 bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
-  if (pending_ == 0) return true;
-  bool anyShm = false, anyTcp = false;
-  for (int p = 0; p < size_; ++p) {
-    if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
-    (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
-  }
+  bool ok = pendingColl_ == 0 || drive(Clock::now() + timeout, false, throwOnTimeout, timeout);
+  if (ok) trimXfers();
+  return ok;
+}
+
+void Comm::interrupt() {
+  interrupt_.store(true, std::memory_order_release);
+  if (shm_) shm_->poke();
+}
+
+bool Comm::progressP2P(std::chrono::microseconds budget) {
+  if (pending_ > pendingColl_) drive(Clock::now() + budget, true, false, timeout_);
+  trimXfers();
+  return pending_ > 0;
+}
+
+bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, std::chrono::milliseconds timeout) {
   const auto start = Clock::now();
-  const auto deadline = start + timeout;
   auto idleSince = start, lastCheck = start;
   bool idle = false;
-  const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : 50);
-  const auto yieldFor = std::chrono::microseconds(oversubscribed_ ? 100 : 300);
+  // Spin while the ranks have a core each; yield, then sleep on the doorbell. Never spin forever.
+  const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : 200);
+  const auto yieldFor = std::chrono::microseconds(oversubscribed_ ? 100 : 1000);
   try {
-    while (pending_ > 0) {
+    while (p2pOnly ? pending_ > pendingColl_ : pendingColl_ > 0) {
+      if (p2pOnly && interrupt_.exchange(false, std::memory_order_acq_rel)) return false;
+      bool anyShm = false, anyTcp = false;
+      for (int p = 0; p < size_; ++p) {
+        if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
+        (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
+      }
       uint32_t ticket = anyShm ? shm_->ticket() : 0;
       if (progressPass()) {
         idle = false;
@@ -463,6 +499,7 @@ bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
         sched_yield();
         continue;
       }
+      if (pending_ > pendingColl_) checkP2PDeadlines(now);
       if (now >= deadline) {
         if (!throwOnTimeout) return false;
         throw Error(cat("plait: rank ", rank_, ": timed out after ", timeout.count(), " ms in ", where(),
@@ -477,7 +514,6 @@ bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
   } catch (const Error& e) {
     fail(e.what());
   }
-  xfers_.clear();
   return true;
 }
 

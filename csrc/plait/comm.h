@@ -4,8 +4,10 @@
 // that ranks which disagree about a collective fail loudly instead of corrupting data.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -83,13 +85,34 @@ class Comm {
   void alltoall(const void* in, const std::vector<size_t>& sendBytes, void* out, const std::vector<size_t>& recvBytes);
   void gather(const void* in, size_t bytes, void* out, int root);
   void scatter(const void* in, void* out, size_t bytes, int root);
-  void send(const void* buf, size_t bytes, int peer, int tag);
-  void recv(void* buf, size_t bytes, int peer, int tag);
+  // Point-to-point transfers are posted and return at once; `done` runs (with nullptr, or the error message) when
+  // the transfer finishes, from whichever thread drives the engine (a collective's wait, or progressP2P).
+  // Sends and receives to one peer are matched in the order they are posted; tags must agree.
+  using Done = std::function<void(const std::string* error)>;
+  void isend(const void* buf, size_t bytes, int peer, int tag, Done done);
+  void irecv(void* buf, size_t bytes, int peer, int tag, Done done);
+  bool hasPendingP2P() const { return pending_ > pendingColl_; }
+  // Drives pending point-to-point transfers for at most `budget`; returns whether some are still pending.
+  bool progressP2P(std::chrono::microseconds budget);
+  // Thread-safe: makes a progressP2P running on another thread return early (new work has arrived).
+  void interrupt();
   void barrier();
   void monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks);
 
   // ---- engine verbs the algorithms use ----
-  struct Xfer;
+  struct Xfer {
+    enum Kind : uint8_t { kSend, kRecv, kRecvReduce } kind;
+    int peer;
+    char* buf;
+    size_t len;
+    const Xfer* dep;
+    size_t done = 0;
+    size_t hdrDone = 0;
+    WireHeader hdr{};  // sent, or expected
+    WireHeader got{};  // received
+    Done onDone;       // point-to-point only
+    Clock::time_point deadline{};
+  };
   struct CollCtx {
     Coll coll;
     DType dtype;
@@ -105,6 +128,8 @@ class Comm {
   // Drives every posted transfer to completion. On the deadline: throws naming the peers still pending,
   // or, with throwOnTimeout false, returns false leaving the unfinished transfers to be inspected.
   bool waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout = true);
+  // Drives the engine until `pendingColl_` is 0 (collective) or, with p2pOnly, until no point-to-point transfer
+  // is pending or `budget` has passed.
   void waitAll() { waitAll(timeout_); }
   static bool finished(const Xfer* x);
   // Scratch memory owned by the communicator (grows, reused across collectives).
@@ -119,10 +144,15 @@ class Comm {
   struct Peer;
   void rendezvous(Store& store, const Options& opts);
   bool progressPass();
+  void retire(Xfer* x);
+  void trimXfers();
   bool advanceSend(Xfer* x);
   bool advanceRecv(Xfer* x);
   void checkHeader(const Xfer* x, const WireHeader& got) const;
+  bool drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, std::chrono::milliseconds timeout);
   void slowWait(uint32_t ticket, bool anyShm, bool anyTcp);
+  Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
+  void checkP2PDeadlines(Clock::time_point now);
   void checkPeersAlive();
   std::string describePending() const;
 
@@ -142,12 +172,14 @@ class Comm {
   std::vector<uint32_t> p2pSendSeq_, p2pRecvSeq_;
   std::deque<Xfer> xfers_;
   std::vector<std::deque<Xfer*>> sendQ_, recvQ_;
-  size_t pending_ = 0;
+  size_t pending_ = 0;      // every posted transfer not yet finished
+  size_t pendingColl_ = 0;  // those of them that belong to the current collective
   ReduceFn reduceFn_ = nullptr;
   size_t elemBytes_ = 1;
   std::vector<char> scratch_;
   std::string failure_;
   bool oversubscribed_ = false;
+  std::atomic<bool> interrupt_{false};
 };
 
 }  // namespace plait

@@ -132,13 +132,38 @@ std::exception_ptr asDistError(const std::string& msg) {
 }  // namespace
 
 PlaitWork::PlaitWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs)
-    : c10d::Work(rank, type), outputs_(std::move(outputs)),
-      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {}
+    : c10d::Work(rank, type), outputs_(std::move(outputs)) {}
+
+void PlaitWork::markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f) {
+  if (error_) f->setError(error_);
+  else f->markCompleted(c10::IValue(outputs_));
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> PlaitWork::getFuture() {
+  c10::intrusive_ptr<c10::ivalue::Future> f;
+  bool markNow = false;
+  {
+    std::lock_guard<std::mutex> lk(futureMu_);
+    if (!future_) {
+      future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()));
+      markNow = done_;
+    }
+    f = future_;
+  }
+  if (markNow) markFuture(f);
+  return f;
+}
 
 void PlaitWork::complete(std::exception_ptr error) {
+  c10::intrusive_ptr<c10::ivalue::Future> f;
+  {
+    std::lock_guard<std::mutex> lk(futureMu_);
+    error_ = error;
+    done_ = true;
+    f = future_;
+  }
   finish(error);
-  if (error) future_->setError(error);
-  else future_->markCompleted(c10::IValue(outputs_));
+  if (f) markFuture(f);
 }
 
 PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
@@ -166,6 +191,11 @@ PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int ran
 
 PlaitBackend::~PlaitBackend() {
   {
+    std::unique_lock<std::mutex> lk(mu_);
+    // Let queued collectives and transfers in flight finish (each is bounded by the group's timeout).
+    idleCv_.wait(lk, [&] { return queue_.empty() && !busy_ && p2pPending_ == 0; });
+  }
+  {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
   }
@@ -178,8 +208,9 @@ void PlaitBackend::setTimeout(std::chrono::milliseconds timeout) {
   comm_->setTimeout(timeout);
 }
 
-void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn) {
+void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn, bool deferred) {
   std::exception_ptr err;
+  current_ = work;
   try {
     fn();
   } catch (const plait::Error& e) {
@@ -187,48 +218,76 @@ void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn
   } catch (...) {
     err = std::current_exception();
   }
-  work->complete(err);
+  current_.reset();
+  if (!deferred || err) work->complete(err);
+}
+
+plait::Comm::Done PlaitBackend::completer(c10::intrusive_ptr<PlaitWork> work, at::Tensor keep, at::Tensor copyBackTo) {
+  ++p2pPending_;
+  return [this, work, keep, copyBackTo](const std::string* error) mutable {
+    if (!error && copyBackTo.defined() && !copyBackTo.is_same(keep)) copyBackTo.copy_(keep);
+    work->complete(error ? asDistError(*error) : nullptr);
+    if (--p2pPending_ == 0) idleCv_.notify_all();
+  };
 }
 
 void PlaitBackend::loop() {
   std::unique_lock<std::mutex> lk(mu_);
   while (true) {
-    cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !busy_); });
-    if (queue_.empty()) return;  // stop_ with nothing left
-    auto item = std::move(queue_.front());
-    queue_.pop_front();
-    busy_ = true;
-    lk.unlock();
-    run(item.first, item.second);
-    lk.lock();
-    busy_ = false;
-    idleCv_.notify_all();
+    if (!queue_.empty() && !busy_) {
+      Item item = std::move(queue_.front());
+      queue_.pop_front();
+      busy_ = true;
+      lk.unlock();
+      run(item.work, item.fn, item.deferred);
+      lk.lock();
+      busy_ = false;
+      idleCv_.notify_all();
+      continue;
+    }
+    if (p2pPending_ > 0 && !busy_ && !stop_) {
+      // Drive point-to-point transfers in flight; new work interrupts this (see submit).
+      busy_ = true;
+      lk.unlock();
+      try {
+        comm_->progressP2P(std::chrono::milliseconds(20));
+      } catch (...) {
+        // the failure reached every pending transfer's Work through its completion callback
+      }
+      lk.lock();
+      busy_ = false;
+      idleCv_.notify_all();
+      continue;
+    }
+    if (stop_) return;
+    cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !busy_) || (p2pPending_ > 0 && !busy_); });
   }
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes,
-                                                    Task fn) {
+                                                    Task fn, bool deferred) {
   auto work = c10::make_intrusive<PlaitWork>(getRank(), type, std::move(outputs));
   std::unique_lock<std::mutex> lk(mu_);
   if (queue_.empty() && !busy_ && bytes <= plait::knobs().inlineBytes) {
     // Nothing ahead of it: run on the caller's thread, which keeps issue order and skips a thread hand-off.
     busy_ = true;
     lk.unlock();
-    run(work, fn);
+    run(work, fn, deferred);
     lk.lock();
     busy_ = false;
     idleCv_.notify_all();
-    if (!queue_.empty()) cv_.notify_one();
-  } else {
-    queue_.emplace_back(work, std::move(fn));
     cv_.notify_one();
+  } else {
+    queue_.push_back(Item{work, std::move(fn), deferred});
+    cv_.notify_one();
+    if (busy_) comm_->interrupt();
   }
   return work;
 }
 
 void PlaitBackend::waitForPendingWorks() {
   std::unique_lock<std::mutex> lk(mu_);
-  idleCv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+  idleCv_.wait(lk, [&] { return queue_.empty() && !busy_ && p2pPending_ == 0; });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -596,10 +655,13 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::send(std::vector<at::Tensor>& tenso
   toDType(tensors[0], "send", "tensor");
   TORCH_CHECK(dstRank >= 0 && dstRank < getSize() && dstRank != getRank(), "plait: send: invalid destination rank ",
               dstRank, " from rank ", getRank(), " (group size ", getSize(), ")");
-  return submit(c10d::OpType::SEND, tensors, nbytes(tensors[0]), [this, tensors, dstRank, tag]() {
-    at::Tensor c = tensors[0].contiguous();
-    comm_->send(c.data_ptr(), nbytes(c), dstRank, tag);
-  });
+  return submit(
+      c10d::OpType::SEND, tensors, nbytes(tensors[0]),
+      [this, tensors, dstRank, tag]() {
+        at::Tensor c = tensors[0].contiguous();
+        comm_->isend(c.data_ptr(), nbytes(c), dstRank, tag, completer(current_, c, at::Tensor()));
+      },
+      true);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) {
@@ -608,9 +670,13 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::recv(std::vector<at::Tensor>& tenso
   toDType(tensors[0], "recv", "tensor");
   TORCH_CHECK(srcRank >= 0 && srcRank < getSize() && srcRank != getRank(), "plait: recv: invalid source rank ",
               srcRank, " at rank ", getRank(), " (group size ", getSize(), ")");
-  return submit(c10d::OpType::RECV, tensors, nbytes(tensors[0]), [this, tensors, srcRank, tag]() mutable {
-    onContiguous(tensors[0], [&](at::Tensor& c) { comm_->recv(c.data_ptr(), nbytes(c), srcRank, tag); });
-  });
+  return submit(
+      c10d::OpType::RECV, tensors, nbytes(tensors[0]),
+      [this, tensors, srcRank, tag]() {
+        at::Tensor c = tensors[0].contiguous();
+        comm_->irecv(c.data_ptr(), nbytes(c), srcRank, tag, completer(current_, c, tensors[0]));
+      },
+      true);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::recvAnysource(std::vector<at::Tensor>&, int) {

@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -21,12 +22,17 @@ namespace plait_torch {
 class PlaitWork : public c10d::Work {
  public:
   PlaitWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs);
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  // The future is made on first request (most synchronous calls never ask), and completes with the outputs.
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   std::vector<at::Tensor> result() override { return outputs_; }
   void complete(std::exception_ptr error);
 
  private:
+  void markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f);
   std::vector<at::Tensor> outputs_;
+  std::mutex futureMu_;
+  bool done_ = false;
+  std::exception_ptr error_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
 };
 
@@ -90,14 +96,25 @@ class PlaitBackend : public c10d::Backend {
 
  private:
   using Task = std::function<void()>;
-  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, Task fn);
-  void run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn);
+  // Runs fn in issue order (inline when nothing is queued and bytes is small). With `deferred`, fn posts a
+  // point-to-point transfer whose completion callback completes the Work later.
+  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, Task fn,
+                                        bool deferred = false);
+  void run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn, bool deferred);
+  plait::Comm::Done completer(c10::intrusive_ptr<PlaitWork> work, at::Tensor keep, at::Tensor copyBackTo);
   void loop();
 
   std::unique_ptr<plait::Comm> comm_;
   std::mutex mu_;  // guards queue_, busy_
   std::condition_variable cv_, idleCv_;
-  std::deque<std::pair<c10::intrusive_ptr<PlaitWork>, Task>> queue_;
+  struct Item {
+    c10::intrusive_ptr<PlaitWork> work;
+    Task fn;
+    bool deferred;
+  };
+  std::deque<Item> queue_;
+  std::atomic<int> p2pPending_{0};
+  c10::intrusive_ptr<PlaitWork> current_;  // the Work a deferred task is posting
   bool busy_ = false;
   bool stop_ = false;
   std::thread worker_;

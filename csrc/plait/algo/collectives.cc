@@ -185,20 +185,22 @@ void Comm::scatter(const void* in, void* out, size_t bytes, int root) {
   waitAll();
 }
 
-void Comm::send(const void* buf, size_t bytes, int peer, int tag) {
+void Comm::isend(const void* buf, size_t bytes, int peer, int tag, Done done) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_, ": send to invalid peer rank ", peer,
               " (group size ", size_, ")");
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
-  postSend(peer, buf, bytes);
-  waitAll();
+  Xfer* x = postSend(peer, buf, bytes);
+  x->onDone = std::move(done);
+  x->deadline = Clock::now() + timeout_;
 }
 
-void Comm::recv(void* buf, size_t bytes, int peer, int tag) {
+void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_,
               ": recv from invalid peer rank ", peer, " (group size ", size_, ")");
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
-  postRecv(peer, buf, bytes);
-  waitAll();
+  Xfer* x = postRecv(peer, buf, bytes);
+  x->onDone = std::move(done);
+  x->deadline = Clock::now() + timeout_;
 }
 
 void Comm::barrier() {

@@ -23,7 +23,7 @@ struct OpBxor { template <typename T> static T f(T a, T b) { return a ^ b; } };
 
 template <typename T, typename Op>
 void plain(void* dst, const void* a, const void* b, size_t n) {
-  T* __restrict d = static_cast<T*>(dst);
+  T* d = static_cast<T*>(dst);
   const T* x = static_cast<const T*>(a);
   const T* y = static_cast<const T*>(b);
   // d may alias x or y exactly (in-place), which is safe element by element.

@@ -131,6 +131,8 @@ void ShmDomain::waitBell(uint32_t ticket, int64_t micros) {
   h->waiters.fetch_sub(1, std::memory_order_seq_cst);
 }
 
+void ShmDomain::poke() { ringBell(header(own_.base)); }
+
 void ShmDomain::abortPeers() {
   for (auto* h : peers_) {
     if (!h) continue;

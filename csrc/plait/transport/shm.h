@@ -29,6 +29,8 @@ class ShmDomain {
   // Eventcount on this rank's doorbell.
   uint32_t ticket() const;
   void waitBell(uint32_t ticket, int64_t micros);
+  // Rings this rank's own doorbell (wakes a thread of this process sleeping in waitBell).
+  void poke();
   // Marks every attached peer's segment as aborted by this rank and wakes it.
   void abortPeers();
   // Rank that aborted this rank's communicator, or -1.
