@@ -179,7 +179,9 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   }
   topo_.allShm = tcpPeers.empty() && size_ > 1 && shm_ != nullptr;
   if (mode == "tcp") topo_.allShm = false;
-  oversubscribed_ = localRanks > int(std::max(1u, std::thread::hardware_concurrency()));
+  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  oversubscribed_ = localRanks > cores;
+  reduceThreads_ = knobs().threads > 0 ? knobs().threads : std::max(1, std::min(8, cores / localRanks));
 
   for (int p : shmPeers) {
     PLAIT_CHECK(shmNames[p] != "-", "plait: rank ", rank_, ": peer rank ", p, " has no shared memory segment");

@@ -139,6 +139,8 @@ class Comm {
   std::string where() const;  // "rank R, all_reduce seq S"
 
   size_t chunkBytes() const { return chunkBytes_; }
+  // Threads for whole-buffer reductions: PLAIT_THREADS, else the cores this host has per local rank.
+  int reduceThreads() const { return reduceThreads_; }
 
  private:
   struct Peer;
@@ -179,6 +181,7 @@ class Comm {
   std::vector<char> scratch_;
   std::string failure_;
   bool oversubscribed_ = false;
+  int reduceThreads_ = 1;
   std::atomic<bool> interrupt_{false};
 };
 

@@ -55,8 +55,8 @@ void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) 
         }
         waitAll();
         std::memcpy(s + size_t(rank_) * bytes, b, bytes);
-        plait::reduce(op, dtype, b, s, s + bytes, count);
-        for (int p = 2; p < size_; ++p) plait::reduce(op, dtype, b, b, s + size_t(p) * bytes, count);
+        plait::reduce(op, dtype, b, s, s + bytes, count, reduceThreads());
+        for (int p = 2; p < size_; ++p) plait::reduce(op, dtype, b, b, s + size_t(p) * bytes, count, reduceThreads());
       }
       break;
   }

@@ -37,12 +37,11 @@ ReduceFn reduceFn(RedOp op, DType dtype) {
 
 const char* kernelIsa() { return table().isa; }
 
-void reduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t n) {
+void reduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t n, int threads) {
   ReduceFn f = reduceFn(op, dtype);
   const size_t es = dtypeSize(dtype);
-  int threads = knobs().threads > 0 ? knobs().threads : 1;
   const size_t kMinPerThread = size_t(1) << 20;  // bytes
-  threads = int(std::min<size_t>(size_t(threads), std::max<size_t>(1, n * es / kMinPerThread)));
+  threads = int(std::min<size_t>(size_t(std::max(threads, 1)), std::max<size_t>(1, n * es / kMinPerThread)));
   if (threads <= 1) {
     f(dst, a, b, n);
     return;

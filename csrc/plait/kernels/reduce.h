@@ -14,8 +14,8 @@ using ReduceFn = void (*)(void* dst, const void* a, const void* b, size_t n);
 // Throws plait::Error naming the op and dtype when the combination is meaningless (e.g. band on float32).
 ReduceFn reduceFn(RedOp op, DType dtype);
 
-// Whole-buffer reduction that splits large buffers across PLAIT_THREADS threads.
-void reduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t n);
+// Whole-buffer reduction that splits buffers of 1 MiB and more across up to `threads` threads.
+void reduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t n, int threads = 1);
 
 // Which implementation reduceFn() hands out: "avx2" or "scalar".
 const char* kernelIsa();
