@@ -41,6 +41,7 @@ class DirStore : public plait::Store {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
   }
+  bool check(const std::string& k) override { return access(path(k).c_str(), F_OK) == 0; }
   int64_t add(const std::string& k, int64_t d) override {
     // Only used once per rank at start-up; a lock file serializes it.
     std::string lock = path(k) + ".lock";

@@ -118,6 +118,7 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   channels_.resize(size);
   hostOf_.assign(size, 0);
   pids_.assign(size, -1);
+  store_ = store;
   rendezvous(*store, opts);
 }
 
@@ -130,6 +131,7 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   // Every rank adds once per incarnation, so re-initialising over the same store gets fresh keys.
   int64_t epoch = (store.add("plait/epoch", 1) - 1) / size_;
   std::string prefix = cat("plait/", epoch, "/");
+  prefix_ = prefix;
   std::string uuid;
   if (rank_ == 0) {
     std::random_device rd;
@@ -253,8 +255,29 @@ char* Comm::scratch(size_t bytes) {
   return scratch_.data();
 }
 
-void Comm::fail(const std::string& msg) {
-  if (failure_.empty()) failure_ = msg;
+std::string Comm::originOfFailure() {
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    try {
+      std::string key = cat(prefix_, "failed/", p);
+      if (store_->check(key)) return cat(" (first failure in the group, at rank ", p, ": ", store_->get(key), ")");
+    } catch (...) {
+      return "";  // the store may be gone with the failed rank: report what this rank saw
+    }
+  }
+  return "";
+}
+
+void Comm::fail(const std::string& what) {
+  // A rank that learns of a failure second-hand (abort flag, a peer hanging up) adds what the first one saw.
+  std::string msg = failure_.empty() ? what + originOfFailure() : what;
+  if (failure_.empty()) {
+    failure_ = msg;
+    try {
+      store_->set(cat(prefix_, "failed/", rank_), msg);
+    } catch (...) {
+    }
+  }
   std::vector<Done> toNotify;
   for (auto* qs : {&sendQ_, &recvQ_})
     for (auto& q : *qs) {

@@ -145,6 +145,8 @@ class Comm {
  private:
   struct Peer;
   void rendezvous(Store& store, const Options& opts);
+  // The first failure another rank of the group published, as " (first failure in the group: ...)", or "".
+  std::string originOfFailure();
   bool progressPass();
   void retire(Xfer* x);
   void trimXfers();
@@ -163,6 +165,8 @@ class Comm {
   Algo algo_ = Algo::kAuto;
   size_t chunkBytes_;
   Topology topo_;
+  std::shared_ptr<Store> store_;
+  std::string prefix_;  // this incarnation's store keys
   std::unique_ptr<ShmDomain> shm_;
   std::unique_ptr<TcpDomain> tcp_;
   std::vector<std::unique_ptr<Channel>> channels_;

@@ -13,6 +13,8 @@ class Store {
   // Blocks until the key exists (up to the store's own timeout), then returns its value.
   virtual std::string get(const std::string& key) = 0;
   virtual int64_t add(const std::string& key, int64_t delta) = 0;
+  // Whether the key exists, without waiting.
+  virtual bool check(const std::string& key) = 0;
 };
 
 }  // namespace plait

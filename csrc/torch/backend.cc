@@ -180,6 +180,7 @@ PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int ran
       return std::string(v.begin(), v.end());
     }
     int64_t add(const std::string& k, int64_t d) override { return s->add(k, d); }
+    bool check(const std::string& k) override { return s->check({k}); }
   };
   try {
     comm_ = std::make_unique<plait::Comm>(std::make_shared<StoreAdapter>(store), rank, size, timeout, opts);
@@ -415,16 +416,22 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output,
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputLists,
                                                                  std::vector<at::Tensor>& inputs,
                                                                  const c10d::AllgatherOptions& opts) {
-  TORCH_CHECK(outputLists.size() == inputs.size(), "plait: all_gather_coalesced: ", outputLists.size(),
-              " output lists for ", inputs.size(), " inputs");
+  // output_tensor_lists[r][i] receives input i of rank r (torch's and gloo's layout).
+  TORCH_CHECK(int(outputLists.size()) == getSize(), "plait: all_gather_coalesced: ", outputLists.size(),
+              " output lists for a group of ", getSize(), " ranks (one list per rank)");
+  for (size_t r = 0; r < outputLists.size(); ++r)
+    TORCH_CHECK(outputLists[r].size() == inputs.size(), "plait: all_gather_coalesced: output list ", r, " has ",
+                outputLists[r].size(), " tensors for ", inputs.size(), " inputs");
   c10::intrusive_ptr<c10d::Work> last;
   std::vector<at::Tensor> all;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    std::vector<std::vector<at::Tensor>> o{outputLists[i]};
+    std::vector<std::vector<at::Tensor>> o(1);
+    for (auto& list : outputLists) o[0].push_back(list[i]);
     std::vector<at::Tensor> in{inputs[i]};
     last = allgather(o, in, opts);
-    for (auto& t : outputLists[i]) all.push_back(t);
   }
+  for (auto& list : outputLists)
+    for (auto& t : list) all.push_back(t);
   // Collectives complete in issue order, so the last one completing means all did.
   return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, [last]() { last->wait(); });
 }

@@ -231,7 +231,7 @@ void Comm::monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks
       missing += cat(missing.empty() ? "" : ", ", p);
       if (!waitAllRanks) break;
     }
-    fail(cat("plait: monitored_barrier: rank ", waitAllRanks ? "(s) " : "", missing,
+    fail(cat("plait: monitored_barrier: rank", waitAllRanks ? "(s) " : " ", missing,
              " failed to pass the barrier within ", timeout.count(), " ms (seen by rank 0, seq ", seq_, ")"));
   }
   for (int p = 1; p < size_; ++p) postSend(p, nullptr, 0);

@@ -1,0 +1,342 @@
+"""Error paths: every failure is a Python exception (RuntimeError or a subclass), raised on every rank within the
+group timeout, with a message that says what went wrong; nothing hangs and no shared memory is left behind.
+
+The group timeout in these tests is PG_TIMEOUT_S; a rank "raised in bounded time" when fn ended with an exception
+within PG_TIMEOUT_S + SLACK_S (generous: 8 processes share 2 cores). This bounds hangs; it is not a perf check.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import _harness as H
+
+PG_TIMEOUT_S = 10
+SLACK_S = 25
+
+
+def _is_runtime_error(res) -> bool:
+    return "RuntimeError" in res.exc_mro
+
+
+def _explain(results) -> str:
+    out = []
+    for r in results:
+        out.append(r.describe() + (f" after {r.elapsed_s:.1f}s" if r.elapsed_s is not None else ""))
+        if r.tb and not r.ok:
+            out.append("    " + r.tb.strip().splitlines()[-1][:500])
+    return "\n".join(out)
+
+
+def _assert_raised_in_bound(results, ranks):
+    for r in results:
+        if r.rank not in ranks:
+            continue
+        assert r.reported, f"rank {r.rank} did not report:\n{_explain(results)}\n{r.log[-3000:]}"
+        assert not r.ok, f"rank {r.rank} did not raise:\n{_explain(results)}"
+        assert _is_runtime_error(r), f"rank {r.rank} raised {r.exc_type}, not a RuntimeError:\n{r.tb}"
+        assert r.elapsed_s < PG_TIMEOUT_S + SLACK_S, f"rank {r.rank} took {r.elapsed_s:.1f}s to raise"
+
+
+def _run_error_world(fn, ws, *args, **kw):
+    kw.setdefault("pg_timeout_s", PG_TIMEOUT_S)
+    kw.setdefault("timeout_s", PG_TIMEOUT_S + SLACK_S + 60)
+    kw.setdefault("shutdown_grace_s", 20)
+    return H.run_world(fn, ws, *args, expect_fail=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# local argument errors (every rank passes the same bad argument): raise, and the group stays usable
+
+
+def _expect_raise(fn, *needles):
+    try:
+        w = fn()
+        if w is not None and hasattr(w, "wait"):
+            w.wait()
+    except RuntimeError as e:  # includes DistBackendError etc.
+        msg = str(e)
+        for n in needles:
+            assert n.lower() in msg.lower(), f"error message lacks {n!r}: {msg!r}"
+        return msg
+    raise AssertionError(f"no exception (expected one mentioning {needles})")
+
+
+def worker_bad_args(rank, ws):
+    msgs = {}
+    pg = dist.distributed_c10d._get_default_group()
+    for dt in [torch.float8_e4m3fn, torch.float8_e5m2]:
+        t = torch.zeros(8, dtype=dt)
+        msgs[f"all_reduce {dt}"] = _expect_raise(lambda: dist.all_reduce(t), "dtype")
+        msgs[f"broadcast {dt}"] = _expect_raise(lambda: dist.broadcast(t, src=0), "dtype")
+    # complex tensors are viewed as real by torch.distributed's Python layer; call the backend directly
+    c = torch.zeros(8, dtype=torch.complex64)
+    msgs["pg.allreduce complex64"] = _expect_raise(lambda: pg.allreduce([c]), "dtype")
+    msgs["pg.broadcast complex128"] = _expect_raise(
+        lambda: pg.broadcast([torch.zeros(4, dtype=torch.complex128)], dist.BroadcastOptions()), "dtype")
+    # sparse
+    sp = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([1.0, 2.0]), (8,))
+    msgs["all_reduce sparse"] = _expect_raise(lambda: dist.all_reduce(sp), "sparse")
+    # wrong output sizes
+    msgs["all_gather_into_tensor size"] = _expect_raise(
+        lambda: dist.all_gather_into_tensor(torch.empty(ws * 8 + 1), torch.ones(8)), "size")
+    msgs["reduce_scatter_tensor size"] = _expect_raise(
+        lambda: dist.reduce_scatter_tensor(torch.empty(9), torch.ones(ws * 8)), "size")
+    # the group still works after rejected calls
+    x = torch.full((7,), float(rank))
+    dist.all_reduce(x)
+    assert torch.equal(x, torch.full((7,), float(sum(range(ws))))), f"group unusable after rejected calls: {x}"
+    return msgs
+
+
+@pytest.mark.plait_only
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ws", [1, 2])
+def test_invalid_arguments(ws):
+    res = _run_error_world(worker_bad_args, ws)
+    bad = [r for r in res if not r.ok]
+    assert not bad, "\n".join(f"{r.describe()}\n{r.tb}" for r in bad)
+
+
+def worker_cuda(rank, ws):
+    t = torch.ones(4, device="cuda")
+    _expect_raise(lambda: dist.all_reduce(t), "not supported")
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.plait_only
+@pytest.mark.timeout(120)
+def test_cuda_tensor_not_supported():
+    res = _run_error_world(worker_cuda, 2)
+    assert all(r.ok for r in res), _explain(res)
+
+
+def worker_bad_options(rank, ws):
+    import plait
+
+    for bad in [dict(algo="bogus"), dict(transport="carrier-pigeon")]:
+        try:
+            o = plait.Options(**bad)
+            g = dist.new_group(backend="plait", pg_options=o)
+            x = torch.ones(4)
+            dist.all_reduce(x, group=g)
+        except (RuntimeError, ValueError, TypeError) as e:
+            assert str(e), "empty error message"
+            continue
+        raise AssertionError(f"plait.Options({bad}) was accepted")
+    return True
+
+
+@pytest.mark.plait_only
+@pytest.mark.timeout(120)
+def test_invalid_options_rejected():
+    res = _run_error_world(worker_bad_options, 1)
+    assert all(r.ok for r in res), _explain(res) + "\n" + "\n".join(r.tb or "" for r in res)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ranks disagreeing on a collective
+
+
+def worker_mismatch(rank, ws, kind, opts):
+    g = None
+    if opts is not None:
+        g = dist.new_group(backend="plait", pg_options=H.make_options(opts))
+    warm = torch.ones(4)
+    dist.all_reduce(warm, group=g)  # connections up, then disagree
+    odd = rank == 1
+    if kind == "count":
+        dist.all_reduce(torch.ones(16 if odd else 8), group=g)
+    elif kind == "dtype":
+        dist.all_reduce(torch.ones(8, dtype=torch.float64 if odd else torch.float32), group=g)
+    elif kind == "op":
+        dist.all_reduce(torch.ones(8), op=dist.ReduceOp.MAX if odd else dist.ReduceOp.SUM, group=g)
+    elif kind == "collective":
+        if odd:
+            dist.broadcast(torch.ones(8), src=0, group=g)
+        else:
+            dist.all_reduce(torch.ones(8), group=g)
+    elif kind == "root":
+        dist.broadcast(torch.ones(8), src=1 if odd else 0, group=g)
+    # if the disagreement went unnoticed, a follow-up collective must not succeed silently either
+    x = torch.ones(4)
+    dist.all_reduce(x, group=g)
+    return x.tolist()
+
+
+@pytest.mark.plait_only  # gloo aborts the process (std::terminate) on a size mismatch
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("ws", [2, 3])
+@pytest.mark.parametrize("kind", ["count", "dtype", "op", "collective", "root"])
+def test_mismatch(kind, ws):
+    res = _run_error_world(worker_mismatch, ws, kind, None)
+    _assert_raised_in_bound(res, range(ws))
+    if H.IS_PLAIT:
+        msgs = [r.exc_msg for r in res]
+        hits = [m for m in msgs if "mismatch" in m.lower() and "rank 1" in m
+                and any(f"rank {o}" in m for o in range(ws) if o != 1)]
+        assert hits, f"no rank reported a mismatch naming rank 1 and another rank:\n{_explain(res)}"
+
+
+@pytest.mark.plait_only
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("algo,transport", [("ring", "tcp"), ("tree", "shm"), ("direct", "shm")])
+def test_mismatch_forced_config(algo, transport):
+    res = _run_error_world(worker_mismatch, 3, "count", dict(algo=algo, transport=transport, chunk_bytes=64))
+    _assert_raised_in_bound(res, range(3))
+    assert any("mismatch" in r.exc_msg.lower() for r in res), _explain(res)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a peer that dies, a peer that never shows up
+
+
+def _mark_raised(rank):
+    open(os.path.join(H.CTX.workdir, f"raised{rank}"), "w").close()
+
+
+def _wait_raised(ranks, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(H.CTX.workdir, f"raised{r}")) for r in ranks):
+        time.sleep(0.05)
+
+
+def _absent_until_others_raised(others):
+    """Stay away from the next collective until every rank in `others` has raised (bounded), then leave."""
+    _wait_raised(others, PG_TIMEOUT_S + SLACK_S + 10)
+    os._exit(0)
+
+
+def _hold_error_until_survivors_raised(rank, survivors, fn):
+    """Run fn; if it raises, keep this process alive until every survivor has raised too (or a deadline), so
+    that one survivor exiting does not become another survivor's error; then re-raise."""
+    try:
+        return fn()
+    except BaseException:
+        _mark_raised(rank)
+        _wait_raised(survivors, PG_TIMEOUT_S + SLACK_S)
+        raise
+
+
+def worker_peer_dies(rank, ws, when, opts):
+    g = None
+    if opts is not None:
+        g = dist.new_group(backend="plait", pg_options=H.make_options(opts))
+    survivors = [r for r in range(ws) if r != 1]
+
+    def job():
+        if when == "before-first":
+            if rank == 1:
+                os._exit(1)
+            dist.all_reduce(torch.ones(1003), group=g)
+        elif when == "mid-job":
+            for i in range(5):
+                x = torch.ones(1003)
+                dist.all_reduce(x, group=g)
+            if rank == 1:
+                os._exit(1)
+            for i in range(5):
+                dist.all_reduce(torch.ones(1 << 18), group=g)
+        elif when == "mid-collective":
+            dist.all_reduce(torch.ones(8), group=g)
+            w = dist.all_reduce(torch.ones(1 << 20), group=g, async_op=True)
+            if rank == 1:
+                os._exit(1)
+            w.wait()
+            dist.all_reduce(torch.ones(1 << 20), group=g)
+        return "survived"
+
+    return _hold_error_until_survivors_raised(rank, survivors, job)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    "ws,when,opts",
+    [
+        (2, "before-first", None),
+        (3, "mid-job", None),
+        (4, "mid-collective", None),
+        (3, "mid-job", dict(algo="ring", transport="tcp", chunk_bytes=4096)),
+        (3, "mid-job", dict(algo="tree", transport="shm", chunk_bytes=4096)),
+        (3, "mid-collective", dict(algo="direct", transport="shm")),
+    ],
+)
+def test_peer_dies(ws, when, opts):
+    if opts is not None and not H.IS_PLAIT:
+        pytest.skip("plait-only options")
+    before = H.shm_files()
+    res = _run_error_world(worker_peer_dies, ws, when, opts)
+    dead = res[1]
+    assert not dead.reported and dead.returncode == 1, _explain(res)
+    survivors = [r for r in range(ws) if r != 1]
+    _assert_raised_in_bound(res, survivors)
+    if H.IS_PLAIT:
+        for r in survivors:
+            assert "rank 1" in res[r].exc_msg, f"rank {r}'s error does not name the dead peer:\n{_explain(res)}"
+    for r in res:
+        assert not r.hung, _explain(res)
+    time.sleep(0.5)
+    leaked = H.shm_files() - before
+    assert not leaked, f"/dev/shm files left after a peer died: {sorted(leaked)}"
+
+
+def worker_absent_peer(rank, ws):
+    dist.all_reduce(torch.ones(4))
+    if rank == 1:
+        _absent_until_others_raised([0])  # never joins the next collective
+    try:
+        dist.all_reduce(torch.ones(4))
+    finally:
+        _mark_raised(rank)
+    return "no error"
+
+
+@pytest.mark.timeout(150)
+def test_absent_peer_times_out():
+    res = _run_error_world(worker_absent_peer, 2)
+    _assert_raised_in_bound(res, [0])
+    # raised by the deadline, not because rank 1 eventually left
+    assert res[0].elapsed_s < PG_TIMEOUT_S + 15, _explain(res)
+    if H.IS_PLAIT:
+        assert "rank 1" in res[0].exc_msg, f"timeout error does not name the peer waited for:\n{_explain(res)}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# plait.monitored_barrier (torch's dist.monitored_barrier is gloo-only): names the ranks that did not arrive
+
+
+def worker_monitored_barrier_missing(rank, ws, absent, wait_all):
+    import datetime
+
+    import plait
+
+    plait.monitored_barrier(timeout=datetime.timedelta(seconds=30))  # everyone arrives
+    if rank in absent:
+        _absent_until_others_raised([r for r in range(ws) if r not in absent])
+    try:
+        plait.monitored_barrier(timeout=datetime.timedelta(seconds=5), wait_all_ranks=wait_all)
+    finally:
+        _mark_raised(rank)
+    return "no error"
+
+
+@pytest.mark.plait_only
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("ws,absent,wait_all", [(3, [2], False), (4, [1, 3], True)])
+def test_monitored_barrier_names_missing_ranks(ws, absent, wait_all):
+    res = _run_error_world(worker_monitored_barrier_missing, ws, absent, wait_all)
+    present = [r for r in range(ws) if r not in absent]
+    _assert_raised_in_bound(res, present)
+    msg = res[0].exc_msg
+    assert "rank" in msg.lower(), msg
+    for a in absent:  # e.g. "rank 2 failed to pass ..." / "ranks 1, 3 failed ..."
+        assert re.search(rf"\b{a}\b", msg.split("rank", 1)[-1]), \
+            f"rank 0's monitored_barrier error does not name absent rank {a}:\n{_explain(res)}"
