@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
       std::vector<double> ts;
       for (int i = 0; i < it + 3; ++i) {
         std::fill(buf.begin(), buf.begin() + std::min<size_t>(count, 16), 1.0f);
-        comm.barrier();
+        if (!std::getenv("NOBARRIER")) comm.barrier();
         auto t0 = std::chrono::steady_clock::now();
         comm.allreduce(buf.data(), count, plait::DType::kFloat32, plait::RedOp::kSum);
         if (i >= 3) ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

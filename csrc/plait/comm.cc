@@ -122,7 +122,11 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   rendezvous(*store, opts);
 }
 
-Comm::~Comm() = default;
+Comm::~Comm() {
+  if (knobs().debug >= 2)
+    logInfo(cat("rank ", rank_, " stats: ", stats_.collectives, " collectives, ", stats_.spinsIdle, " idle spins, ",
+                stats_.yields, " yields, ", stats_.sleeps, " sleeps"));
+}
 
 void Comm::rendezvous(Store& store, const Options& opts) {
   std::string mode = opts.transport.empty() ? knobs().transport : opts.transport;
@@ -149,15 +153,17 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   if (mode != "tcp" && size_ > 1) shm_ = std::make_unique<ShmDomain>(shmName, rank_, size_, ringBytes);
   if (size_ > 1) tcp_ = std::make_unique<TcpDomain>(rank_, size_);
   std::string addr = tcp_ ? tcp_->listenAddress(opts.addressHint) : "-";
-  store.set(cat(prefix, "info/", rank_), cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr));
+  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
+  std::string myInfo = cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr, "\n", cores);
+  store.set(cat(prefix, "info/", rank_), myInfo);
 
   std::vector<std::string> hosts(size_), shmNames(size_), addrs(size_);
   std::map<std::string, int> hostIndex;
+  std::vector<int> coresOf(size_, 1);
   for (int p = 0; p < size_; ++p) {
-    auto f = split(p == rank_ ? cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr)
-                              : store.get(cat(prefix, "info/", p)),
-                   '\n');
-    PLAIT_CHECK(f.size() == 4, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
+    auto f = split(p == rank_ ? myInfo : store.get(cat(prefix, "info/", p)), '\n');
+    PLAIT_CHECK(f.size() == 5, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
+    coresOf[p] = std::atoi(f[4].c_str());
     hosts[p] = f[0];
     pids_[p] = std::atoi(f[1].c_str());
     shmNames[p] = f[2];
@@ -181,8 +187,11 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   }
   topo_.allShm = tcpPeers.empty() && size_ > 1 && shm_ != nullptr;
   if (mode == "tcp") topo_.allShm = false;
-  const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
   oversubscribed_ = localRanks > cores;
+  // The same on every rank: the cost model must not see different inputs on different ranks.
+  std::vector<int> ranksOnHost(hostIndex.size(), 0);
+  for (int p = 0; p < size_; ++p) ++ranksOnHost[hostOf_[p]];
+  for (int p = 0; p < size_; ++p) topo_.oversubscribed |= ranksOnHost[hostOf_[p]] > coresOf[p];
   reduceThreads_ = knobs().threads > 0 ? knobs().threads : std::max(1, std::min(8, cores / localRanks));
 
   for (int p : shmPeers) {
@@ -217,6 +226,7 @@ void Comm::begin(const CollCtx& ctx) {
   trimXfers();
   ctx_ = ctx;
   if (ctx.coll != Coll::kSendRecv) ++seq_;
+  ++stats_.collectives;
   elemBytes_ = dtypeSize(ctx.dtype);
   reduceFn_ = nullptr;
   if (ctx.coll == Coll::kAllreduce || ctx.coll == Coll::kReduce || ctx.coll == Coll::kReduceScatter)
@@ -317,6 +327,16 @@ void Comm::checkHeader(const Xfer* x, const WireHeader& got) const {
 bool Comm::advanceSend(Xfer* x) {
   Channel* ch = channels_[x->peer].get();
   bool moved = false;
+  constexpr size_t kSmall = 224;  // header and a small payload go out as one write
+  if (x->hdrDone == 0 && x->len <= kSmall && (!x->dep || x->dep->done >= x->len)) {
+    alignas(16) char msg[sizeof(WireHeader) + kSmall];
+    std::memcpy(msg, &x->hdr, sizeof(WireHeader));
+    if (x->len) std::memcpy(msg + sizeof(WireHeader), x->buf, x->len);
+    size_t w = ch->write(msg, sizeof(WireHeader) + x->len);
+    x->hdrDone = std::min(w, sizeof(WireHeader));
+    x->done = w - x->hdrDone;
+    return w > 0;
+  }
   if (x->hdrDone < sizeof(WireHeader)) {
     size_t w = ch->write(reinterpret_cast<char*>(&x->hdr) + x->hdrDone, sizeof(WireHeader) - x->hdrDone);
     x->hdrDone += w;
@@ -441,7 +461,7 @@ void Comm::checkPeersAlive() {
   }
 }
 
-void Comm::slowWait(uint32_t ticket, bool anyShm, bool anyTcp) {
+bool Comm::slowWait(bool anyShm, bool anyTcp) {
   if (anyTcp) {
     std::vector<pollfd> fds;
     for (int p = 0; p < size_; ++p) {
@@ -457,8 +477,17 @@ void Comm::slowWait(uint32_t ticket, bool anyShm, bool anyTcp) {
     }
     if (!fds.empty()) poll(fds.data(), fds.size(), anyShm ? 0 : 2);
   }
-  if (anyShm) shm_->waitBell(ticket, anyTcp ? 200 : 2000);
-  else if (!anyTcp) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  if (anyShm) {
+    uint32_t ticket = shm_->announce();
+    if (progressPass()) {  // something arrived while announcing: no sleep
+      shm_->retract();
+      return true;
+    }
+    shm_->sleep(ticket, anyTcp ? 200 : 2000);
+  } else if (!anyTcp) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return false;
 }
 
 void Comm::checkP2PDeadlines(Clock::time_point now) {
@@ -495,8 +524,8 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
   auto idleSince = start, lastCheck = start;
   bool idle = false;
   // Spin while the ranks have a core each; yield, then sleep on the doorbell. Never spin forever.
-  const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : 200);
-  const auto yieldFor = std::chrono::microseconds(oversubscribed_ ? 100 : 1000);
+  const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : knobs().spinUs);
+  const auto yieldFor = std::chrono::microseconds(oversubscribed_ ? 100 : std::max(knobs().yieldUs, knobs().spinUs));
   try {
     while (p2pOnly ? pending_ > pendingColl_ : pendingColl_ > 0) {
       if (p2pOnly && interrupt_.exchange(false, std::memory_order_acq_rel)) return false;
@@ -505,7 +534,6 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
         if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
         (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
       }
-      uint32_t ticket = anyShm ? shm_->ticket() : 0;
       if (progressPass()) {
         idle = false;
         continue;
@@ -517,10 +545,12 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
       }
       auto idleFor = now - idleSince;
       if (idleFor < spinFor) {
+        ++stats_.spinsIdle;
         cpuRelax();
         continue;
       }
       if (idleFor < yieldFor) {
+        ++stats_.yields;
         sched_yield();
         continue;
       }
@@ -534,7 +564,8 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
         lastCheck = now;
         checkPeersAlive();
       }
-      slowWait(ticket, anyShm, anyTcp);
+      ++stats_.sleeps;
+      if (slowWait(anyShm, anyTcp)) idle = false;
     }
   } catch (const Error& e) {
     fail(e.what());

@@ -55,7 +55,8 @@ static_assert(sizeof(WireHeader) == 32, "wire header is 32 bytes");
 struct Topology {
   int nranks = 1;
   int nhosts = 1;
-  bool allShm = true;  // every peer pair uses shared memory
+  bool allShm = true;           // every peer pair uses shared memory
+  bool oversubscribed = false;  // some host runs more ranks of this group than it has cores
 };
 
 class Comm {
@@ -154,7 +155,8 @@ class Comm {
   bool advanceRecv(Xfer* x);
   void checkHeader(const Xfer* x, const WireHeader& got) const;
   bool drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, std::chrono::milliseconds timeout);
-  void slowWait(uint32_t ticket, bool anyShm, bool anyTcp);
+  // Sleeps until a peer may have changed something (doorbell or poll); true if it found work instead.
+  bool slowWait(bool anyShm, bool anyTcp);
   Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
   void checkP2PDeadlines(Clock::time_point now);
   void checkPeersAlive();
@@ -186,6 +188,9 @@ class Comm {
   std::string failure_;
   bool oversubscribed_ = false;
   int reduceThreads_ = 1;
+  struct Stats {
+    uint64_t collectives = 0, yields = 0, sleeps = 0, spinsIdle = 0;
+  } stats_;  // printed at destruction with PLAIT_DEBUG=TRACE
   std::atomic<bool> interrupt_{false};
 };
 

@@ -66,6 +66,8 @@ const Knobs& knobs() {
     k.threads = int(envSize("PLAIT_THREADS", 0));
     k.hostId = envStr("PLAIT_HOST_ID", "");
     k.socketAddr = envStr("PLAIT_SOCKET_ADDR", "");
+    k.spinUs = int64_t(envSize("PLAIT_SPIN_US", 200));
+    k.yieldUs = int64_t(envSize("PLAIT_YIELD_US", 1000));
     return k;
   }();
   return k;

@@ -55,6 +55,8 @@ struct Knobs {
   int threads;             // PLAIT_THREADS: reduction threads for large buffers (0 = auto)
   std::string hostId;      // PLAIT_HOST_ID: override host identity
   std::string socketAddr;  // PLAIT_SOCKET_ADDR: address advertised for TCP
+  int64_t spinUs;          // PLAIT_SPIN_US: busy-poll this long before yielding (when each local rank has a core)
+  int64_t yieldUs;         // PLAIT_YIELD_US: then yield until this long before sleeping
 };
 const Knobs& knobs();
 

@@ -23,6 +23,7 @@ void register_backend(py::module_& m) {
                                d["nranks"] = t.nranks;
                                d["nhosts"] = t.nhosts;
                                d["all_shm"] = t.allShm;
+                               d["oversubscribed"] = t.oversubscribed;
                                return d;
                              })
       .def("plan_allreduce",

@@ -11,7 +11,8 @@ namespace plait_torch {
 
 py::tuple planTuple(const plait::Comm& c, size_t bytes) {
   auto p = plait::planAllreduce(c.topology(), bytes, c.forcedAlgo());
-  return py::make_tuple(std::string(plait::algoName(p.algo)), p.oneShot, p.predictedUs, p.why);
+  return py::make_tuple(std::string(plait::algoName(p.algo)), p.oneShot, p.predictedUs,
+                        plait::explain(p, c.topology(), bytes));
 }
 
 namespace {

@@ -21,7 +21,9 @@ void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) 
   AllreducePlan plan = planAllreduce(topo_, bytes, algo != Algo::kAuto ? algo : algo_);
   if (infoEnabled()) {
     static thread_local std::string last;
-    std::string line = cat("rank ", rank_, ": all_reduce of ", bytes, " B: ", algoName(plan.algo), ", ", plan.why);
+    std::string line = cat("rank ", rank_, ": all_reduce of ", bytes, " B: ", algoName(plan.algo),
+                           plan.algo == Algo::kDirect ? (plan.oneShot ? " one-shot" : " two-shot") : "", ", ",
+                           explain(plan, topo_, bytes));
     std::string key = cat(algoName(plan.algo), plan.oneShot, size_);
     if (key != last) logInfo(line);
     last = key;

@@ -18,9 +18,12 @@ LinkCost linkCost(const Topology& t);
 struct AllreducePlan {
   Algo algo;
   bool oneShot;  // direct: every rank reduces the whole buffer itself
+  bool forced;
   double predictedUs;
-  std::string why;
+  double ringUs, treeUs, oneShotUs, twoShotUs;  // the model's prediction for each schedule
 };
+// Cheap enough for every call (no allocation); explain() formats the reasoning for PLAIT_DEBUG=INFO.
 AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced);
+std::string explain(const AllreducePlan& p, const Topology& t, size_t bytes);
 
 }  // namespace plait

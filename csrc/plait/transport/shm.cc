@@ -49,9 +49,13 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts
 }
 }  // namespace
 
+// The writer (or reader) changed a ring, then checks for an announced waiter. The waiter announces, then
+// re-checks the rings. With both sides sequentially consistent, one of them sees the other: no lost wake-up.
 void ringBell(ShmSegHeader* h) {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (h->waiters.load(std::memory_order_seq_cst) == 0) return;
   h->bell.fetch_add(1, std::memory_order_seq_cst);
-  if (h->waiters.load(std::memory_order_seq_cst) != 0) futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
+  futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
 }
 
 ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringBytes)
@@ -121,17 +125,27 @@ void ShmDomain::unlinkOwn() {
   }
 }
 
-uint32_t ShmDomain::ticket() const { return header(own_.base)->bell.load(std::memory_order_seq_cst); }
+uint32_t ShmDomain::announce() {
+  auto* h = header(own_.base);
+  uint32_t t = h->bell.load(std::memory_order_seq_cst);
+  h->waiters.fetch_add(1, std::memory_order_seq_cst);
+  return t;
+}
 
-void ShmDomain::waitBell(uint32_t ticket, int64_t micros) {
+void ShmDomain::sleep(uint32_t ticket, int64_t micros) {
   auto* h = header(own_.base);
   timespec ts{time_t(micros / 1000000), long((micros % 1000000) * 1000)};
-  h->waiters.fetch_add(1, std::memory_order_seq_cst);
-  if (h->bell.load(std::memory_order_seq_cst) == ticket) futex(&h->bell, FUTEX_WAIT, ticket, &ts);
+  futex(&h->bell, FUTEX_WAIT, ticket, &ts);
   h->waiters.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-void ShmDomain::poke() { ringBell(header(own_.base)); }
+void ShmDomain::retract() { header(own_.base)->waiters.fetch_sub(1, std::memory_order_seq_cst); }
+
+void ShmDomain::poke() {
+  auto* h = header(own_.base);
+  h->bell.fetch_add(1, std::memory_order_seq_cst);
+  futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
+}
 
 void ShmDomain::abortPeers() {
   for (auto* h : peers_) {
@@ -154,8 +168,13 @@ class ShmChannel : public Channel {
 
   size_t write(const void* src, size_t n) override {
     uint64_t tail = out_->tail.load(std::memory_order_relaxed);
-    uint64_t head = out_->head.load(std::memory_order_acquire);
-    size_t space = cap_ - size_t(tail - head);
+    // The reader's position is re-read only when the cached one leaves too little room: one shared line less
+    // per message on the busy path.
+    size_t space = cap_ - size_t(tail - headCache_);
+    if (space < n) {
+      headCache_ = out_->head.load(std::memory_order_acquire);
+      space = cap_ - size_t(tail - headCache_);
+    }
     if (n > space) n = space;
     if (n == 0) return 0;
     size_t pos = size_t(tail % cap_), first = std::min(n, cap_ - pos);
@@ -205,6 +224,7 @@ class ShmChannel : public Channel {
   ShmSegHeader* ownHdr_;
   RingHdr* in_;
   size_t cap_;
+  uint64_t headCache_ = 0;
 };
 
 std::unique_ptr<Channel> ShmDomain::channel(int peer) {

@@ -27,9 +27,12 @@ class ShmDomain {
   std::unique_ptr<Channel> channel(int peer);
 
   // Eventcount on this rank's doorbell.
-  uint32_t ticket() const;
-  void waitBell(uint32_t ticket, int64_t micros);
-  // Rings this rank's own doorbell (wakes a thread of this process sleeping in waitBell).
+  // Sleeping on the doorbell: announce(), re-check for work, then sleep(ticket) or retract(). Peers bump the
+  // doorbell only when a waiter has announced itself, so the busy path costs no shared-line writes.
+  uint32_t announce();
+  void sleep(uint32_t ticket, int64_t micros);
+  void retract();
+  // Rings this rank's own doorbell (wakes a thread of this process sleeping in sleep()).
   void poke();
   // Marks every attached peer's segment as aborted by this rank and wakes it.
   void abortPeers();
