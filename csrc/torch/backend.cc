@@ -266,11 +266,12 @@ void PlaitBackend::loop() {
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes,
-                                                    Task fn, bool deferred) {
+                                                    bool sync, Task fn, bool deferred) {
   auto work = c10::make_intrusive<PlaitWork>(getRank(), type, std::move(outputs));
   std::unique_lock<std::mutex> lk(mu_);
-  if (queue_.empty() && !busy_ && bytes <= plait::knobs().inlineBytes) {
-    // Nothing ahead of it: run on the caller's thread, which keeps issue order and skips a thread hand-off.
+  if (queue_.empty() && !busy_ && (sync || bytes <= plait::knobs().inlineBytes)) {
+    // Nothing ahead of it, and the caller waits for it anyway (or it is small): run on the caller's thread,
+    // which keeps issue order and skips two thread hand-offs.
     busy_ = true;
     lk.unlock();
     run(work, fn, deferred);
@@ -301,7 +302,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce(std::vector<at::Tensor>& 
   DType dt = toDType(tensors[0], "all_reduce", "tensor");
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);
-  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, [this, tensors, red, dt]() mutable {
+  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, !opts.asyncOp, [this, tensors, red, dt]() mutable {
     for (auto& t : tensors) {
       onContiguous(t, [&](at::Tensor& c) {
         preReduce(red, c);
@@ -320,7 +321,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce_coalesced(std::vector<at:
   DType dt = toDType(tensors[0], "all_reduce_coalesced", "tensor");
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);
-  return submit(c10d::OpType::ALLREDUCE_COALESCED, tensors, bytes, [this, tensors, red, dt]() mutable {
+  return submit(c10d::OpType::ALLREDUCE_COALESCED, tensors, bytes, !opts.asyncOp, [this, tensors, red, dt]() mutable {
     std::vector<at::Tensor> flat;
     for (auto& t : tensors) flat.push_back(t.reshape({-1}));
     at::Tensor buf = at::cat(flat);
@@ -343,7 +344,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::broadcast(std::vector<at::Tensor>& 
   TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: broadcast: root rank ", opts.rootRank,
               " is outside the group of size ", getSize());
   int root = int(opts.rootRank);
-  return submit(c10d::OpType::BROADCAST, tensors, nbytes(tensors[0]), [this, tensors, root]() mutable {
+  return submit(c10d::OpType::BROADCAST, tensors, nbytes(tensors[0]), !opts.asyncOp, [this, tensors, root]() mutable {
     onContiguous(tensors[0], [&](at::Tensor& c) { comm_->broadcast(c.data_ptr(), nbytes(c), root); });
   });
 }
@@ -356,7 +357,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce(std::vector<at::Tensor>& ten
   TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: reduce: root rank ", opts.rootRank,
               " is outside the group of size ", getSize());
   int root = int(opts.rootRank);
-  return submit(c10d::OpType::REDUCE, tensors, nbytes(tensors[0]), [this, tensors, red, dt, root]() mutable {
+  return submit(c10d::OpType::REDUCE, tensors, nbytes(tensors[0]), !opts.asyncOp, [this, tensors, red, dt, root]() mutable {
     onContiguous(tensors[0], [&](at::Tensor& c) {
       at::Tensor work = c;
       if (red.premul && getRank() != root) work = c.clone();  // non-root inputs stay as they were
@@ -369,7 +370,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce(std::vector<at::Tensor>& ten
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                                        std::vector<at::Tensor>& inputs,
-                                                       const c10d::AllgatherOptions&) {
+                                                       const c10d::AllgatherOptions& opts) {
   checkSingle(inputs, "all_gather");
   TORCH_CHECK(outputs.size() == 1, "plait: all_gather takes one output list per rank, got ", outputs.size());
   checkTensor(inputs[0], "all_gather", "input");
@@ -385,7 +386,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<a
   TORCH_CHECK(outs[getRank()].numel() == inputs[0].numel(), "plait: all_gather: output tensor ", getRank(),
               " has ", outs[getRank()].numel(), " elements but the input has ", inputs[0].numel(), " (size mismatch)");
   size_t total = std::accumulate(bytes.begin(), bytes.end(), size_t(0));
-  return submit(c10d::OpType::ALLGATHER, outs, total, [this, outs, inputs, bytes, total]() mutable {
+  return submit(c10d::OpType::ALLGATHER, outs, total, !opts.asyncOp, [this, outs, inputs, bytes, total]() mutable {
     at::Tensor in = inputs[0].contiguous();
     at::Tensor flat = at::empty({int64_t(total)}, in.options().dtype(at::kByte));
     comm_->allgather(in.data_ptr(), flat.data_ptr(), bytes);
@@ -399,14 +400,14 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<a
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
-                                                             const c10d::AllgatherOptions&) {
+                                                             const c10d::AllgatherOptions& opts) {
   checkTensor(input, "all_gather_into_tensor", "input");
   checkSameKind(output, input, "all_gather_into_tensor", "output");
   toDType(input, "all_gather_into_tensor", "input");
   TORCH_CHECK(output.numel() == input.numel() * getSize(), "plait: all_gather_into_tensor: output size ",
               output.numel(), " must be world size (", getSize(), ") times input size ", input.numel());
   std::vector<size_t> bytes(getSize(), nbytes(input));
-  return submit(c10d::OpType::_ALLGATHER_BASE, {output}, nbytes(output),
+  return submit(c10d::OpType::_ALLGATHER_BASE, {output}, nbytes(output), !opts.asyncOp,
                 [this, output, input, bytes]() mutable {
                   at::Tensor in = input.contiguous();
                   onContiguous(output, [&](at::Tensor& c) { comm_->allgather(in.data_ptr(), c.data_ptr(), bytes); });
@@ -433,7 +434,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std
   for (auto& list : outputLists)
     for (auto& t : list) all.push_back(t);
   // Collectives complete in issue order, so the last one completing means all did.
-  return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, [last]() { last->wait(); });
+  return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, !opts.asyncOp, [last]() { last->wait(); });
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
@@ -443,7 +444,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_into_tensor_coalesced(std
               " outputs for ", inputs.size(), " inputs");
   c10::intrusive_ptr<c10d::Work> last;
   for (size_t i = 0; i < inputs.size(); ++i) last = _allgather_base(outputs[i], inputs[i], opts);
-  return submit(c10d::OpType::COALESCED, outputs, 0, [last]() {
+  return submit(c10d::OpType::COALESCED, outputs, 0, !opts.asyncOp, [last]() {
     if (last) last->wait();
   });
 }
@@ -470,7 +471,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::gather(std::vector<std::vector<at::
     TORCH_CHECK(outputs.empty() || outputs[0].empty(), "plait: gather: non-root rank ", getRank(),
                 " must not pass output tensors");
   }
-  return submit(c10d::OpType::GATHER, outs, nbytes(inputs[0]), [this, outs, inputs, root]() mutable {
+  return submit(c10d::OpType::GATHER, outs, nbytes(inputs[0]), !opts.asyncOp, [this, outs, inputs, root]() mutable {
     at::Tensor in = inputs[0].contiguous();
     size_t b = nbytes(in);
     if (getRank() != root) {
@@ -504,7 +505,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::scatter(std::vector<at::Tensor>& ou
                   " elements but the output has ", outputs[0].numel(), " (size mismatch)");
     }
   }
-  return submit(c10d::OpType::SCATTER, outputs, nbytes(outputs[0]), [this, outputs, ins, root]() mutable {
+  return submit(c10d::OpType::SCATTER, outputs, nbytes(outputs[0]), !opts.asyncOp, [this, outputs, ins, root]() mutable {
     onContiguous(outputs[0], [&](at::Tensor& c) {
       if (getRank() != root) {
         comm_->scatter(nullptr, c.data_ptr(), nbytes(c), root);
@@ -537,7 +538,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter(std::vector<at::Tens
               " (size mismatch)");
   auto ins = inputs[0];
   size_t total = std::accumulate(counts.begin(), counts.end(), size_t(0)) * outputs[0].element_size();
-  return submit(c10d::OpType::REDUCE_SCATTER, outputs, total, [this, outputs, ins, counts, red, dt]() mutable {
+  return submit(c10d::OpType::REDUCE_SCATTER, outputs, total, !opts.asyncOp, [this, outputs, ins, counts, red, dt]() mutable {
     std::vector<at::Tensor> flat;
     for (auto& i : ins) flat.push_back(i.reshape({-1}));
     at::Tensor all = at::cat(flat);
@@ -558,7 +559,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_reduce_scatter_base(at::Tensor& ou
   TORCH_CHECK(input.numel() == output.numel() * getSize(), "plait: reduce_scatter_tensor: input size ", input.numel(),
               " must be world size (", getSize(), ") times output size ", output.numel());
   std::vector<size_t> counts(getSize(), size_t(output.numel()));
-  return submit(c10d::OpType::_REDUCE_SCATTER_BASE, {output}, nbytes(input),
+  return submit(c10d::OpType::_REDUCE_SCATTER_BASE, {output}, nbytes(input), !opts.asyncOp,
                 [this, output, input, counts, red, dt]() mutable {
                   at::Tensor in = input.contiguous();
                   if (red.premul) {
@@ -579,7 +580,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter_tensor_coalesced(std
               " outputs for ", inputs.size(), " inputs");
   c10::intrusive_ptr<c10d::Work> last;
   for (size_t i = 0; i < inputs.size(); ++i) last = _reduce_scatter_base(outputs[i], inputs[i], opts);
-  return submit(c10d::OpType::COALESCED, outputs, 0, [last]() {
+  return submit(c10d::OpType::COALESCED, outputs, 0, !opts.asyncOp, [last]() {
     if (last) last->wait();
   });
 }
@@ -587,7 +588,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter_tensor_coalesced(std
 c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, at::Tensor& input,
                                                            std::vector<int64_t>& outputSplitSizes,
                                                            std::vector<int64_t>& inputSplitSizes,
-                                                           const c10d::AllToAllOptions&) {
+                                                           const c10d::AllToAllOptions& opts) {
   checkTensor(input, "all_to_all_single", "input");
   checkSameKind(output, input, "all_to_all_single", "output");
   toDType(input, "all_to_all_single", "input");
@@ -616,7 +617,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, a
   };
   std::vector<size_t> sendBytes = splits(input, inputSplitSizes, "input");
   std::vector<size_t> recvBytes = splits(output, outputSplitSizes, "output");
-  return submit(c10d::OpType::ALLTOALL_BASE, {output}, nbytes(input),
+  return submit(c10d::OpType::ALLTOALL_BASE, {output}, nbytes(input), !opts.asyncOp,
                 [this, output, input, sendBytes, recvBytes]() mutable {
                   at::Tensor in = input.contiguous();
                   onContiguous(output, [&](at::Tensor& c) {
@@ -626,7 +627,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, a
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
-                                                      const c10d::AllToAllOptions&) {
+                                                      const c10d::AllToAllOptions& opts) {
   const int n = getSize();
   TORCH_CHECK(int(inputs.size()) == n && int(outputs.size()) == n, "plait: all_to_all needs ", n,
               " input and output tensors, got ", inputs.size(), " and ", outputs.size());
@@ -639,7 +640,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& o
     recvBytes.push_back(nbytes(outputs[i]));
   }
   size_t total = std::accumulate(sendBytes.begin(), sendBytes.end(), size_t(0));
-  return submit(c10d::OpType::ALLTOALL, outputs, total, [this, outputs, inputs, sendBytes, recvBytes]() mutable {
+  return submit(c10d::OpType::ALLTOALL, outputs, total, !opts.asyncOp, [this, outputs, inputs, sendBytes, recvBytes]() mutable {
     std::vector<at::Tensor> flat;
     for (auto& i : inputs) flat.push_back(i.reshape({-1}).view(at::kByte));
     at::Tensor in = at::cat(flat);
@@ -663,7 +664,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::send(std::vector<at::Tensor>& tenso
   TORCH_CHECK(dstRank >= 0 && dstRank < getSize() && dstRank != getRank(), "plait: send: invalid destination rank ",
               dstRank, " from rank ", getRank(), " (group size ", getSize(), ")");
   return submit(
-      c10d::OpType::SEND, tensors, nbytes(tensors[0]),
+      c10d::OpType::SEND, tensors, nbytes(tensors[0]), false,
       [this, tensors, dstRank, tag]() {
         at::Tensor c = tensors[0].contiguous();
         comm_->isend(c.data_ptr(), nbytes(c), dstRank, tag, completer(current_, c, at::Tensor()));
@@ -678,7 +679,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::recv(std::vector<at::Tensor>& tenso
   TORCH_CHECK(srcRank >= 0 && srcRank < getSize() && srcRank != getRank(), "plait: recv: invalid source rank ",
               srcRank, " at rank ", getRank(), " (group size ", getSize(), ")");
   return submit(
-      c10d::OpType::RECV, tensors, nbytes(tensors[0]),
+      c10d::OpType::RECV, tensors, nbytes(tensors[0]), false,
       [this, tensors, srcRank, tag]() {
         at::Tensor c = tensors[0].contiguous();
         comm_->irecv(c.data_ptr(), nbytes(c), srcRank, tag, completer(current_, c, tensors[0]));
@@ -690,13 +691,13 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::recvAnysource(std::vector<at::Tenso
   TORCH_CHECK(false, "plait: recv from any source is not supported; pass src=");
 }
 
-c10::intrusive_ptr<c10d::Work> PlaitBackend::barrier(const c10d::BarrierOptions&) {
-  return submit(c10d::OpType::BARRIER, {}, 0, [this]() { comm_->barrier(); });
+c10::intrusive_ptr<c10d::Work> PlaitBackend::barrier(const c10d::BarrierOptions& opts) {
+  return submit(c10d::OpType::BARRIER, {}, 0, !opts.asyncOp, [this]() { comm_->barrier(); });
 }
 
 void PlaitBackend::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {
   auto timeout = opts.timeout.count() > 0 ? opts.timeout : comm_->timeout();
-  auto work = submit(c10d::OpType::BARRIER, {}, 0, [this, timeout, waitAllRanks]() {
+  auto work = submit(c10d::OpType::BARRIER, {}, 0, !opts.asyncOp, [this, timeout, waitAllRanks]() {
     comm_->monitoredBarrier(timeout, waitAllRanks);
   });
   work->wait();

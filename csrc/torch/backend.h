@@ -98,8 +98,9 @@ class PlaitBackend : public c10d::Backend {
   using Task = std::function<void()>;
   // Runs fn in issue order (inline when nothing is queued and bytes is small). With `deferred`, fn posts a
   // point-to-point transfer whose completion callback completes the Work later.
-  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, Task fn,
-                                        bool deferred = false);
+  // `sync`: the caller will wait at once (opts.asyncOp false), so it may as well run the collective itself.
+  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, bool sync,
+                                        Task fn, bool deferred = false);
   void run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn, bool deferred);
   plait::Comm::Done completer(c10::intrusive_ptr<PlaitWork> work, at::Tensor keep, at::Tensor copyBackTo);
   void loop();
