@@ -6,11 +6,11 @@ namespace plait {
 
 namespace {
 // Per-byte cost (us/B) of each schedule in three size regimes: the buffer in cache (<= 1 MiB), in the last-level
-// cache (<= 32 MiB), in DRAM. Fitted to bench/core/core_bench on the project's 2-core machine (see README, "Cost
+// cache (<= 16 MiB), in DRAM. Fitted to bench/core/core_bench on the project's 2-core machine (see README, "Cost
 // model"); "busy" is the same machine with more local ranks than cores.
 struct Beta {
   double cache, llc, dram;
-  double at(size_t bytes) const { return bytes <= (1u << 20) ? cache : bytes <= (32u << 20) ? llc : dram; }
+  double at(size_t bytes) const { return bytes <= (1u << 20) ? cache : bytes <= (16u << 20) ? llc : dram; }
 };
 struct Table {
   double alphaUs;
