@@ -31,26 +31,16 @@ import time
 import torch
 import torch.distributed as dist
 
-DEFAULT_SIZES = "4,1K,64K,1M,16M,64M,256M"
+from _sizes import DEFAULT_SIZES, fmt_bw, human, parse_size  # bench/_sizes.py
+
 SCRIPT_KNOBS = ("PLAIT_SKIP_", "PLAIT_BENCH_", "PLAIT_SETUP_", "PLAIT_FORCE_")  # scripts/*.sh, not the library
 ALGOS = ("auto", "ring", "tree", "direct")
 TRANSPORTS = ("auto", "shm", "tcp")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def parse_size(s):
-    s = s.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if s and s[-1] in mult:
-        return int(float(s[:-1]) * mult[s[-1]])
-    return int(s)
 
 
-def human(nbytes):
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
-            return f"{nbytes >> shift} {unit}"
-    return f"{nbytes} B"
 
 
 def default_iters(nbytes):
@@ -199,8 +189,6 @@ def run(args):
         raise SystemExit(1)
 
 
-def fmt_bw(v):
-    return f"{v:.2f}" if v >= 0.1 else f"{v:.4f}"
 
 
 def print_table(results, plait_labels, ref, world):
