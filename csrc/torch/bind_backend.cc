@@ -1,11 +1,18 @@
 #include <pybind11/chrono.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "plait/algo/cost_model.h"
 #include "torch/backend.h"
 
 namespace py = pybind11;
 
 namespace plait_torch {
+
+static py::tuple planTuple(const plait::Comm& c, size_t bytes) {
+  auto p = plait::planAllreduce(c.topology(), bytes, c.forcedAlgo());
+  return py::make_tuple(std::string(plait::algoName(p.algo)), p.oneShot, p.predictedUs,
+                        plait::explain(p, c.topology(), bytes));
+}
 
 void register_backend(py::module_& m) {
   py::class_<PlaitBackend, c10d::Backend, c10::intrusive_ptr<PlaitBackend>>(m, "PlaitBackend")
@@ -27,11 +34,7 @@ void register_backend(py::module_& m) {
                                return d;
                              })
       .def("plan_allreduce",
-           [](PlaitBackend& self, size_t bytes) {
-             auto& c = self.comm();
-             extern py::tuple planTuple(const plait::Comm&, size_t);
-             return planTuple(c, bytes);
-           });
+           [](PlaitBackend& self, size_t bytes) { return planTuple(self.comm(), bytes); });
 
   m.def(
       "create_backend",

@@ -1,7 +1,6 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include "plait/algo/cost_model.h"
 #include "plait/kernels/reduce.h"
 #include "plait/kernels/cuda_info.h"
 
@@ -9,11 +8,6 @@ namespace py = pybind11;
 
 namespace plait_torch {
 
-py::tuple planTuple(const plait::Comm& c, size_t bytes) {
-  auto p = plait::planAllreduce(c.topology(), bytes, c.forcedAlgo());
-  return py::make_tuple(std::string(plait::algoName(p.algo)), p.oneShot, p.predictedUs,
-                        plait::explain(p, c.topology(), bytes));
-}
 
 namespace {
 plait::RedOp parseOp(const std::string& s) {
