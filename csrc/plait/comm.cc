@@ -526,14 +526,15 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
   // Spin while the ranks have a core each; yield, then sleep on the doorbell. Never spin forever.
   const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : knobs().spinUs);
   const auto yieldFor = std::chrono::microseconds(oversubscribed_ ? 100 : std::max(knobs().yieldUs, knobs().spinUs));
+  // Nothing is posted while the engine is driven, so which transports are involved is fixed for this call.
+  bool anyShm = false, anyTcp = false;
+  for (int p = 0; p < size_; ++p) {
+    if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
+    (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
+  }
   try {
     while (p2pOnly ? pending_ > pendingColl_ : pendingColl_ > 0) {
       if (p2pOnly && interrupt_.exchange(false, std::memory_order_acq_rel)) return false;
-      bool anyShm = false, anyTcp = false;
-      for (int p = 0; p < size_; ++p) {
-        if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
-        (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
-      }
       if (progressPass()) {
         idle = false;
         continue;
