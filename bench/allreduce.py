@@ -39,25 +39,8 @@ TRANSPORTS = ("auto", "shm", "tcp")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-
-
-def default_iters(nbytes):
-    """Short by design: the whole default sweep (plait + gloo, 2 ranks, 2 cores) takes well under a minute."""
-    if nbytes <= 1 << 16:
-        return 200
-    if nbytes <= 1 << 20:
-        return 40
-    if nbytes <= 1 << 24:
-        return 10
-    if nbytes <= 1 << 26:
-        return 5
-    return 3
-
-
-def default_warmup(nbytes):
-    return 5 if nbytes <= 1 << 20 else 1
+# Iteration counts by size are plait-bench's (short by design: the default sweep takes well under a minute).
+from plait.bench.cli import default_iters, default_warmup  # noqa: E402
 
 
 def plait_env():

@@ -1,0 +1,1 @@
+"""plait-bench: an nccl-tests style microbenchmark for torch.distributed backends (``python -m plait.bench``)."""
