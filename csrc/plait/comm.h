@@ -92,7 +92,6 @@ class Comm {
   using Done = std::function<void(const std::string* error)>;
   void isend(const void* buf, size_t bytes, int peer, int tag, Done done);
   void irecv(void* buf, size_t bytes, int peer, int tag, Done done);
-  bool hasPendingP2P() const { return pending_ > pendingColl_; }
   // Drives pending point-to-point transfers for at most `budget`; returns whether some are still pending.
   bool progressP2P(std::chrono::microseconds budget);
   // Thread-safe: makes a progressP2P running on another thread return early (new work has arrived).
@@ -129,8 +128,6 @@ class Comm {
   // Drives every posted transfer to completion. On the deadline: throws naming the peers still pending,
   // or, with throwOnTimeout false, returns false leaving the unfinished transfers to be inspected.
   bool waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout = true);
-  // Drives the engine until `pendingColl_` is 0 (collective) or, with p2pOnly, until no point-to-point transfer
-  // is pending or `budget` has passed.
   void waitAll() { waitAll(timeout_); }
   static bool finished(const Xfer* x);
   // Scratch memory owned by the communicator (grows, reused across collectives).
@@ -139,7 +136,6 @@ class Comm {
   [[noreturn]] void fail(const std::string& msg);
   std::string where() const;  // "rank R, all_reduce seq S"
 
-  size_t chunkBytes() const { return chunkBytes_; }
   // Threads for whole-buffer reductions: PLAIT_THREADS, else the cores this host has per local rank.
   int reduceThreads() const { return reduceThreads_; }
 
@@ -154,6 +150,8 @@ class Comm {
   bool advanceSend(Xfer* x);
   bool advanceRecv(Xfer* x);
   void checkHeader(const Xfer* x, const WireHeader& got) const;
+  // Drives the engine until `pendingColl_` is 0 or, with p2pOnly, until no point-to-point transfer is pending,
+  // the deadline passes, or interrupt() is called.
   bool drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, std::chrono::milliseconds timeout);
   // Sleeps until a peer may have changed something (doorbell or poll); true if it found work instead.
   bool slowWait(bool anyShm, bool anyTcp);

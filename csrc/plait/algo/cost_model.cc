@@ -28,11 +28,6 @@ constexpr Table kTcp{30.0, {1 / 1500.0, 1 / 1500.0, 1 / 1500.0}, {1 / 2000.0, 1 
 const Table& table(const Topology& t) { return !t.allShm ? kTcp : t.oversubscribed ? kShmBusy : kShm; }
 }  // namespace
 
-LinkCost linkCost(const Topology& t) {
-  const Table& c = table(t);
-  return LinkCost{c.alphaUs, c.ring.dram, 0.0};
-}
-
 AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced) {
   const Table& c = table(t);
   const int n = t.nranks;

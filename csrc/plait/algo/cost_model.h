@@ -8,13 +8,6 @@
 
 namespace plait {
 
-struct LinkCost {
-  double alphaUs;     // latency of one message step
-  double betaUsPerB;  // inverse bandwidth of moving one byte through the transport (copy in + copy out)
-  double gammaUsPerB; // reducing one byte
-};
-LinkCost linkCost(const Topology& t);
-
 struct AllreducePlan {
   Algo algo;
   bool oneShot;  // direct: every rank reduces the whole buffer itself

@@ -158,12 +158,10 @@ void ShmDomain::abortPeers() {
 
 int ShmDomain::abortedBy() const { return header(own_.base)->abortBy.load(std::memory_order_acquire) - 1; }
 
-int ShmDomain::peerPid(int peer) const { return peers_[peer] ? peers_[peer]->pid : -1; }
-
 class ShmChannel : public Channel {
  public:
-  ShmChannel(ShmSegHeader* peerHdr, RingHdr* out, ShmSegHeader* ownHdr, RingHdr* in, size_t cap)
-      : peerHdr_(peerHdr), out_(out), ownHdr_(ownHdr), in_(in), cap_(cap) {}
+  ShmChannel(ShmSegHeader* peerHdr, RingHdr* out, RingHdr* in, size_t cap)
+      : peerHdr_(peerHdr), out_(out), in_(in), cap_(cap) {}
   TransportKind kind() const override { return TransportKind::kShm; }
 
   size_t write(const void* src, size_t n) override {
@@ -221,7 +219,6 @@ class ShmChannel : public Channel {
  private:
   ShmSegHeader* peerHdr_;
   RingHdr* out_;
-  ShmSegHeader* ownHdr_;
   RingHdr* in_;
   size_t cap_;
   uint64_t headCache_ = 0;
@@ -229,7 +226,7 @@ class ShmChannel : public Channel {
 
 std::unique_ptr<Channel> ShmDomain::channel(int peer) {
   PLAIT_CHECK(peers_[peer] != nullptr, "plait: rank ", rank_, ": no shared memory mapped for peer rank ", peer);
-  return std::make_unique<ShmChannel>(peers_[peer], ringAt(peers_[peer], rank_, ringBytes_), header(own_.base),
+  return std::make_unique<ShmChannel>(peers_[peer], ringAt(peers_[peer], rank_, ringBytes_),
                                       ringAt(own_.base, peer, ringBytes_), ringBytes_);
 }
 

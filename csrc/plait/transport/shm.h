@@ -38,8 +38,6 @@ class ShmDomain {
   void abortPeers();
   // Rank that aborted this rank's communicator, or -1.
   int abortedBy() const;
-  int peerPid(int peer) const;
-  bool peerAttached(int peer) const { return peer < int(peers_.size()) && peers_[peer] != nullptr; }
 
  private:
   friend class ShmChannel;
