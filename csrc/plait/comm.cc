@@ -15,6 +15,8 @@
 #include <random>
 #include <thread>
 
+#include "plait/algo/cost_model.h"
+#include "plait/transport/auth.h"
 #include "plait/transport/shm.h"
 #include "plait/transport/tcp.h"
 
@@ -92,6 +94,9 @@ const char* algoName(Algo a) {
     case Algo::kRing: return "ring";
     case Algo::kTree: return "tree";
     case Algo::kDirect: return "direct";
+    case Algo::kHier: return "hier";
+    case Algo::kHierRing: return "hier_ring";
+    case Algo::kHierTree: return "hier_tree";
   }
   return "?";
 }
@@ -101,7 +106,11 @@ Algo parseAlgo(const std::string& s) {
   if (s == "ring") return Algo::kRing;
   if (s == "tree") return Algo::kTree;
   if (s == "direct") return Algo::kDirect;
-  throw Error(cat("plait: unknown algorithm '", s, "' (PLAIT_ALGO / Options.algo take auto, ring, tree, direct)"));
+  if (s == "hier" || s == "hierarchical") return Algo::kHier;
+  if (s == "hier_ring" || s == "hier-ring") return Algo::kHierRing;
+  if (s == "hier_tree" || s == "hier-tree") return Algo::kHierTree;
+  throw Error(cat("plait: unknown algorithm '", s,
+                  "' (PLAIT_ALGO / Options.algo take auto, ring, tree, direct, hier, hier_ring, hier_tree)"));
 }
 
 bool Comm::finished(const Xfer* x) { return x->hdrDone == sizeof(WireHeader) && x->done == x->len; }
@@ -136,22 +145,24 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   int64_t epoch = (store.add("plait/epoch", 1) - 1) / size_;
   std::string prefix = cat("plait/", epoch, "/");
   prefix_ = prefix;
-  std::string uuid;
+  // Rank 0 draws the incarnation's id and the job secret that authenticates every TCP connection (tcp.h).
+  std::string uuid, secret;
   if (rank_ == 0) {
-    std::random_device rd;
-    uint64_t r = (uint64_t(rd()) << 32) ^ rd() ^ uint64_t(getpid()) << 16;
-    char buf[32];
-    std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(r));
-    uuid = buf;
+    uint8_t r[8 + 32];
+    randomBytes(r, sizeof(r));
+    uuid = toHex(r, 8);
+    secret = toHex(r + 8, 32);
+    store.set(prefix + "secret", secret);
     store.set(prefix + "uuid", uuid);
   } else {
     uuid = store.get(prefix + "uuid");
+    secret = store.get(prefix + "secret");
   }
   std::string hostId = detectHostId();
   size_t ringBytes = opts.shmRingBytes ? opts.shmRingBytes : knobs().shmRingBytes;
   std::string shmName = cat("/plait-", uuid, "-", rank_);
   if (mode != "tcp" && size_ > 1) shm_ = std::make_unique<ShmDomain>(shmName, rank_, size_, ringBytes);
-  if (size_ > 1) tcp_ = std::make_unique<TcpDomain>(rank_, size_);
+  if (size_ > 1) tcp_ = std::make_unique<TcpDomain>(rank_, size_, knobs().tcpStreams);
   std::string addr = tcp_ ? tcp_->listenAddress(opts.addressHint) : "-";
   const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
   std::string myInfo = cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr, "\n", cores);
@@ -173,6 +184,9 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   }
   topo_.nranks = size_;
   topo_.nhosts = int(hostIndex.size());
+  hostRanks_.assign(hostIndex.size(), {});
+  for (int p = 0; p < size_; ++p) hostRanks_[hostOf_[p]].push_back(p);
+  for (const auto& h : hostRanks_) topo_.maxLocal = std::max(topo_.maxLocal, int(h.size()));
   int localRanks = 0;
   std::vector<int> shmPeers, tcpPeers;
   for (int p = 0; p < size_; ++p) {
@@ -205,16 +219,117 @@ void Comm::rendezvous(Store& store, const Options& opts) {
     shm_->unlinkOwn();
   }
   if (tcp_) {
-    tcp_->connectAll(tcpPeers, addrs, uuid, timeout_.count());
+    tcp_->connectAll(tcpPeers, addrs, fromHex(secret), prefix + uuid, timeout_.count());
     tcp_->closeListener();
   }
   for (int p : shmPeers) channels_[p] = shm_->channel(p);
-  for (int p : tcpPeers) channels_[p] = tcp_->channel(p);
+  for (int p : tcpPeers) {
+    // Errors on this link name the peer's host and every rank on it: losing a host loses all of them.
+    std::string onHost;
+    for (int q = 0; q < size_; ++q)
+      if (hostOf_[q] == hostOf_[p]) onHost += cat(onHost.empty() ? "" : ", ", q);
+    std::string where = addrs[p].substr(0, addrs[p].rfind(':'));
+    channels_[p] = tcp_->channel(p, cat("peer rank ", p, " on host ", where, " (ranks ", onHost, ")"));
+  }
   if (tcpPeers.empty()) tcp_.reset();
+  computeLinkLoads(topo_, hostOf_);
+  if (topo_.nhosts > 1) probeLink(store);
   if (infoEnabled())
     logInfo(cat("rank ", rank_, "/", size_, " group '", opts.groupName, "': ", topo_.nhosts, " host(s), ",
                 shmPeers.size(), " shm peer(s), ", tcpPeers.size(), " tcp peer(s), kernels ", kernelIsa(),
-                ", algo ", algoName(algo_), ", chunk ", chunkBytes_, " B"));
+                ", algo ", algoName(algo_), ", chunk ", chunkBytes_, " B",
+                topo_.nhosts > 1 ? cat(", inter-host link ", topo_.linkAlphaUs, " us + ",
+                                       1e-3 / topo_.linkUsPerByte, " GB/s (", topo_.linkSource, ")")
+                                 : std::string()));
+}
+
+void Comm::rawWrite(int peer, const void* buf, size_t n, Clock::time_point deadline) {
+  const char* p = static_cast<const char*>(buf);
+  Channel* ch = channels_[peer].get();
+  while (n > 0) {
+    size_t w = ch->write(p, n);
+    p += w, n -= w;
+    if (w == 0) {
+      PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": timed out measuring the link to rank ", peer);
+      pollfd pfd{ch->pollFd(true), POLLOUT, 0};
+      poll(&pfd, 1, 1);
+    }
+  }
+}
+
+void Comm::rawRead(int peer, void* buf, size_t n, Clock::time_point deadline) {
+  char* p = static_cast<char*>(buf);
+  Channel* ch = channels_[peer].get();
+  while (n > 0) {
+    size_t r = ch->read(p, n);
+    p += r, n -= r;
+    if (r == 0) {
+      PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": timed out measuring the link to rank ", peer);
+      pollfd pfd{ch->pollFd(false), POLLIN, 0};
+      poll(&pfd, 1, 1);
+    }
+  }
+}
+
+void Comm::probeLink(Store& store) {
+  const std::string key = prefix_ + "link";
+  const int a = hostRanks_[0][0], b = hostRanks_[1][0];
+  if (knobs().linkGbps > 0 || !knobs().linkProbe) {
+    // Set by hand (or probing is off): every rank reads the same environment, no exchange needed.
+    topo_.linkAlphaUs = knobs().linkAlphaUs > 0 ? knobs().linkAlphaUs : 30.0;
+    topo_.linkUsPerByte = knobs().linkGbps > 0 ? 8e-3 / knobs().linkGbps : 1.0 / 1000.0;
+    topo_.linkSource = knobs().linkGbps > 0 ? "PLAIT_LINK_GBPS" : "default, PLAIT_LINK_PROBE=0";
+    return;
+  }
+  if (rank_ == a || rank_ == b) {
+    const int peer = rank_ == a ? b : a;
+    const auto deadline = Clock::now() + timeout_;
+    // Latency: ping-pong of 8 bytes; half the median round trip.
+    std::vector<double> rtt;
+    uint64_t token = 0;
+    for (int i = 0; i < 21; ++i) {
+      auto t0 = Clock::now();
+      if (rank_ == a) {
+        rawWrite(peer, &token, 8, deadline);
+        rawRead(peer, &token, 8, deadline);
+      } else {
+        rawRead(peer, &token, 8, deadline);
+        rawWrite(peer, &token, 8, deadline);
+      }
+      rtt.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    std::sort(rtt.begin(), rtt.end());
+    double alpha = rtt[rtt.size() / 2] / 2;
+    // Bandwidth: a streams `size` bytes to b; b times the last three quarters (a token-bucket shaper lets the
+    // first bytes through at line rate) and answers with the time; double until that takes at least 30 ms.
+    size_t size = 1 << 20;
+    double usPerByte = 0;
+    std::vector<char> buf;
+    while (true) {
+      buf.resize(size);
+      double dt = 0;
+      if (rank_ == a) {
+        rawWrite(peer, buf.data(), size, deadline);
+        rawRead(peer, &dt, sizeof(dt), deadline);
+      } else {
+        rawRead(peer, buf.data(), size / 4, deadline);
+        auto t0 = Clock::now();
+        rawRead(peer, buf.data() + size / 4, size - size / 4, deadline);
+        dt = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+        rawWrite(peer, &dt, sizeof(dt), deadline);
+      }
+      usPerByte = dt / double(size - size / 4);
+      if (dt >= 30000 || size >= (size_t(256) << 20)) break;
+      size *= 2;
+    }
+    if (knobs().linkAlphaUs > 0) alpha = knobs().linkAlphaUs;
+    if (rank_ == a) store.set(key, cat(alpha, " ", usPerByte));
+  }
+  auto f = split(store.get(key), ' ');
+  PLAIT_CHECK(f.size() == 2, "plait: rank ", rank_, ": malformed link measurement in the store");
+  topo_.linkAlphaUs = std::atof(f[0].c_str());
+  topo_.linkUsPerByte = std::atof(f[1].c_str());
+  topo_.linkSource = cat("measured between ranks ", a, " and ", b);
 }
 
 std::string Comm::where() const { return cat("rank ", rank_, ", ", collName(ctx_.coll), " seq ", seq_); }
@@ -473,7 +588,8 @@ bool Comm::slowWait(bool anyShm, bool anyTcp) {
         size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
         if (x->hdrDone < sizeof(WireHeader) || x->done < limit) ev |= POLLOUT;
       }
-      if (ev) fds.push_back(pollfd{tcp_->fd(p), ev, 0});
+      if (ev & POLLIN) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
+      if (ev & POLLOUT) fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
     }
     if (!fds.empty()) poll(fds.data(), fds.size(), anyShm ? 0 : 2);
   }

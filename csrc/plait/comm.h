@@ -28,7 +28,8 @@ enum class Coll : uint8_t {
 };
 const char* collName(Coll c);
 
-enum class Algo : uint8_t { kAuto, kRing, kTree, kDirect };
+// kHier: hierarchical, the cost model picks ring or tree across hosts; kHierRing / kHierTree force that choice.
+enum class Algo : uint8_t { kAuto, kRing, kTree, kDirect, kHier, kHierRing, kHierTree };
 const char* algoName(Algo a);
 Algo parseAlgo(const std::string& s);
 
@@ -57,6 +58,13 @@ struct Topology {
   int nhosts = 1;
   bool allShm = true;           // every peer pair uses shared memory
   bool oversubscribed = false;  // some host runs more ranks of this group than it has cores
+  int maxLocal = 1;             // the most ranks of this group on one host
+  // The link between hosts (nhosts > 1): one-way latency and inverse bandwidth, measured once at group creation
+  // between the leaders of hosts 0 and 1 (or set by PLAIT_LINK_ALPHA_US / PLAIT_LINK_GBPS), the same on every rank.
+  double linkAlphaUs = 0, linkUsPerByte = 0;
+  std::string linkSource;
+  // Bytes each all-reduce schedule moves through the busiest host's link (in or out), per byte of the buffer.
+  double crossRing = 0, crossTree = 0, crossOneShot = 0, crossTwoShot = 0, crossHierRing = 0, crossHierTree = 0;
 };
 
 class Comm {
@@ -158,6 +166,11 @@ class Comm {
   Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
   void checkP2PDeadlines(Clock::time_point now);
   void checkPeersAlive();
+  // Measures the inter-host link (latency by ping-pong, bandwidth by a stream long enough to drain any token
+  // bucket) between the leaders of hosts 0 and 1 and shares the result through the store.
+  void probeLink(Store& store);
+  void rawWrite(int peer, const void* buf, size_t n, Clock::time_point deadline);
+  void rawRead(int peer, void* buf, size_t n, Clock::time_point deadline);
   std::string describePending() const;
 
   int rank_, size_;
@@ -171,6 +184,7 @@ class Comm {
   std::unique_ptr<TcpDomain> tcp_;
   std::vector<std::unique_ptr<Channel>> channels_;
   std::vector<int> hostOf_;
+  std::vector<std::vector<int>> hostRanks_;  // host index -> its ranks, increasing; the leader is the first
   std::vector<int> pids_;
   // engine state
   CollCtx ctx_{};

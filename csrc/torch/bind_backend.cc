@@ -2,6 +2,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "plait/algo/cost_model.h"
+#include "plait/transport/auth.h"
 #include "torch/backend.h"
 
 namespace py = pybind11;
@@ -31,11 +32,23 @@ void register_backend(py::module_& m) {
                                d["nhosts"] = t.nhosts;
                                d["all_shm"] = t.allShm;
                                d["oversubscribed"] = t.oversubscribed;
+                               d["max_local"] = t.maxLocal;
+                               d["link_alpha_us"] = t.linkAlphaUs;
+                               d["link_gbps"] = t.linkUsPerByte > 0 ? 8e-3 / t.linkUsPerByte : 0.0;
+                               d["link_source"] = t.linkSource;
                                return d;
                              })
       .def("plan_allreduce",
            [](PlaitBackend& self, size_t bytes) { return planTuple(self.comm(), bytes); });
 
+  m.def(
+      "_hmac_sha256",
+      [](const py::bytes& key, const py::bytes& msg) {
+        std::string k = key, m2 = msg;
+        auto d = plait::hmacSha256(k, m2.data(), m2.size());
+        return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
+      },
+      "HMAC-SHA256 as the TCP handshake computes it (exposed for tests).");
   m.def(
       "create_backend",
       [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, std::chrono::milliseconds timeout,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from . import _C
 
-_ALGOS = ("auto", "ring", "tree", "direct")
+_ALGOS = ("auto", "ring", "tree", "direct", "hier", "hier_ring", "hier_tree")
 _TRANSPORTS = ("auto", "shm", "tcp")
 
 

@@ -31,7 +31,8 @@ void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) 
   char* b = static_cast<char*>(buf);
   switch (plan.algo) {
     case Algo::kRing:
-      ringAllreduce(*this, b, evenBlocks(count, size_, es));
+      ringAllreduce(*this, allRanks(*this), b, evenBlocks(count, size_, es));
+      waitAll();
       break;
     case Algo::kTree: {
       // Double binary tree: each tree carries half of the elements.
@@ -41,6 +42,11 @@ void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) 
       waitAll();
       break;
     }
+    case Algo::kHier:
+    case Algo::kHierRing:
+    case Algo::kHierTree:
+      hierAllreduce(*this, b, count, es, hostRanks_, hostOf_[rank_], plan.algo == Algo::kHierTree);
+      break;
     case Algo::kDirect:
     case Algo::kAuto:
       if (!plan.oneShot) {

@@ -1,6 +1,10 @@
 #include "plait/algo/cost_model.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+
+#include "plait/algo/schedules.h"
 
 namespace plait {
 
@@ -20,48 +24,158 @@ constexpr Table kShm{1.0, {1 / 10000.0, 1 / 5000.0, 1 / 4000.0}, {1 / 20000.0, 1
                      {1 / 19000.0, 1 / 6400.0, 1 / 5700.0}, {1 / 14500.0, 1 / 9500.0, 1 / 9700.0}};
 constexpr Table kShmBusy{3.0, {1 / 6000.0, 1 / 3000.0, 1 / 2500.0}, {1 / 11000.0, 1 / 2900.0, 1 / 2900.0},
                          {1 / 11000.0, 1 / 2900.0, 1 / 2900.0}, {1 / 11000.0, 1 / 5000.0, 1 / 4800.0}};
-// TCP over loopback on the same machine; a real network link is slower and is measured per link in the
-// multi-host issue.
+// TCP between ranks of one host (PLAIT_TRANSPORT=tcp) over loopback.
 constexpr Table kTcp{30.0, {1 / 1500.0, 1 / 1500.0, 1 / 1500.0}, {1 / 2000.0, 1 / 2000.0, 1 / 2000.0},
                      {1 / 2000.0, 1 / 2000.0, 1 / 2000.0}, {1 / 1800.0, 1 / 1800.0, 1 / 1800.0}};
 
+// Several hosts: the cost of one step inside a host (shared memory), and of the engine's per-message work on
+// top of the link's own latency.
+constexpr double kLocalAlphaUs = 2.0;
+constexpr double kLocalUsPerByte = 1 / 4000.0;  // reduce one buffer into another out of a peer's ring
+constexpr double kMsgUs = 3.0;                  // engine + syscalls per message sent over TCP
+
 const Table& table(const Topology& t) { return !t.allShm ? kTcp : t.oversubscribed ? kShmBusy : kShm; }
+
+double log2ceil(int n) { return n <= 1 ? 0.0 : std::ceil(std::log2(double(n))); }
+
+// Adds each direction of each edge's traffic to its hosts' egress and ingress.
+struct Load {
+  std::vector<double> out, in;
+  explicit Load(int nhosts) : out(nhosts, 0.0), in(nhosts, 0.0) {}
+  void edge(int hostFrom, int hostTo, double share) {
+    if (hostFrom == hostTo) return;
+    out[hostFrom] += share;
+    in[hostTo] += share;
+  }
+  double busiest() const {
+    double m = 0;
+    for (size_t h = 0; h < out.size(); ++h) m = std::max(m, std::max(out[h], in[h]));
+    return m;
+  }
+};
+
+// Double binary tree over `ranks` (indices into hostOf): each tree carries half the buffer up and down every edge.
+double treeLoad(const std::vector<int>& ranks, const std::vector<int>& hostOf, int nhosts) {
+  Load l(nhosts);
+  const int n = int(ranks.size());
+  for (int mirror = 0; mirror < 2; ++mirror)
+    for (int v = 0; v < n; ++v) {
+      TreeLinks t = heapTree(v, n, 0, mirror != 0);
+      if (t.parent < 0) continue;
+      int hv = hostOf[ranks[v]], hp = hostOf[ranks[t.parent]];
+      l.edge(hv, hp, 0.5);
+      l.edge(hp, hv, 0.5);
+    }
+  return l.busiest();
+}
 }  // namespace
 
+void computeLinkLoads(Topology& t, const std::vector<int>& hostOf) {
+  const int n = int(hostOf.size()), nh = t.nhosts;
+  if (nh <= 1) return;
+  std::vector<int> all(n), leaders;
+  std::vector<bool> seen(nh, false);
+  for (int r = 0; r < n; ++r) {
+    all[r] = r;
+    if (!seen[hostOf[r]]) seen[hostOf[r]] = true, leaders.push_back(r);
+  }
+  Load ring(nh), one(nh), two(nh);
+  for (int r = 0; r < n; ++r) {
+    ring.edge(hostOf[r], hostOf[(r + 1) % n], 2.0 * (n - 1) / n);
+    for (int p = 0; p < n; ++p) {
+      if (p == r) continue;
+      one.edge(hostOf[r], hostOf[p], 1.0);
+      two.edge(hostOf[r], hostOf[p], 2.0 / n);
+    }
+  }
+  t.crossRing = ring.busiest();
+  t.crossOneShot = one.busiest();
+  t.crossTwoShot = two.busiest();
+  t.crossTree = treeLoad(all, hostOf, nh);
+  t.crossHierRing = 2.0 * (nh - 1) / nh;
+  t.crossHierTree = treeLoad(leaders, hostOf, nh);
+}
+
 AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced) {
-  const Table& c = table(t);
   const int n = t.nranks;
-  const double N = double(bytes), a = c.alphaUs;
-  const double frac = double(n - 1) / n;
+  const double N = double(bytes);
   AllreducePlan p{};
-  // ring: 2(n-1) steps, 2(n-1)/n of the data through every rank
-  p.ringUs = 2.0 * (n - 1) * a + 2.0 * frac * N * c.ring.at(bytes);
-  // double binary tree: 2 log2(n) steps; a rank moves the whole buffer (half per tree, interior in one tree)
-  p.treeUs = 2.0 * std::ceil(std::log2(double(n))) * a + (n > 2 ? 1.5 : 1.0) * N * c.tree.at(bytes);
-  // one-shot: one step; every rank takes in and folds n-1 whole buffers
-  p.oneShotUs = a + (n - 1) * N * c.oneShot.at(bytes);
-  // two-shot: reduce-scatter and all-gather with all peers at once
-  p.twoShotUs = 2.0 * a + 0.2 * (n - 1) * a + 2.0 * frac * N * c.twoShot.at(bytes);
+  const double inf = std::numeric_limits<double>::infinity();
+  if (t.nhosts <= 1) {
+    const Table& c = table(t);
+    const double a = c.alphaUs;
+    const double frac = double(n - 1) / n;
+    // ring: 2(n-1) steps, 2(n-1)/n of the data through every rank
+    p.ringUs = 2.0 * (n - 1) * a + 2.0 * frac * N * c.ring.at(bytes);
+    // double binary tree: 2 log2(n) steps; a rank moves the whole buffer (half per tree, interior in one tree)
+    p.treeUs = 2.0 * log2ceil(n) * a + (n > 2 ? 1.5 : 1.0) * N * c.tree.at(bytes);
+    // one-shot: one step; every rank takes in and folds n-1 whole buffers
+    p.oneShotUs = a + (n - 1) * N * c.oneShot.at(bytes);
+    // two-shot: reduce-scatter and all-gather with all peers at once
+    p.twoShotUs = 2.0 * a + 0.2 * (n - 1) * a + 2.0 * frac * N * c.twoShot.at(bytes);
+    p.hierRingUs = p.hierTreeUs = inf;
+  } else {
+    const double a = t.linkAlphaUs + kMsgUs, beta = t.linkUsPerByte;
+    const int L = t.nhosts, k = t.maxLocal;
+    // Work inside a host that cannot hide behind the link: reducing what arrives (once per byte received) and,
+    // for hierarchical schedules, the host's own reduce and broadcast, pipelined with the link phase.
+    const double fold = N * kLocalUsPerByte;
+    p.ringUs = 2.0 * (n - 1) * a + t.crossRing * N * beta + fold;
+    p.treeUs = 2.0 * log2ceil(n) * a + t.crossTree * N * beta + fold;
+    p.oneShotUs = a + (n - 2) * kMsgUs + t.crossOneShot * N * beta + (n - 1) * fold;
+    p.twoShotUs = 2.0 * a + 2.0 * (n - 2) * kMsgUs + t.crossTwoShot * N * beta + fold;
+    const double local = k > 1 ? 2.0 * kLocalAlphaUs + 2.0 * (k - 1) * N * kLocalUsPerByte : 0.0;
+    auto hier = [&](double cross, double steps, int blocks) {
+      const double link = steps * a + cross * N * beta + fold;
+      // The local phases overlap the link phase block by block: one block's worth shows, or all of the local
+      // work if it is the slower of the two.
+      return std::max(link, local) + local / blocks;
+    };
+    p.hierRingUs = k > 1 ? hier(t.crossHierRing, 2.0 * (L - 1), L) : inf;
+    p.hierTreeUs = k > 1 ? hier(t.crossHierTree, 2.0 * log2ceil(L), 2) : inf;
+    if (k == 1) {  // one rank per host: hierarchical is the flat schedule over the same ranks
+      if (forced == Algo::kHierRing) forced = Algo::kRing;
+      if (forced == Algo::kHierTree) forced = Algo::kTree;
+      if (forced == Algo::kHier) forced = Algo::kAuto;
+    }
+  }
   const double direct = std::min(p.oneShotUs, p.twoShotUs);
   p.oneShot = p.oneShotUs <= p.twoShotUs;
-  p.forced = forced != Algo::kAuto;
-  if (p.forced) {
-    p.algo = forced;
-    p.predictedUs = forced == Algo::kRing ? p.ringUs : forced == Algo::kTree ? p.treeUs : direct;
-  } else {
-    p.algo = Algo::kDirect;
-    p.predictedUs = direct;
-    if (p.ringUs < p.predictedUs) p.algo = Algo::kRing, p.predictedUs = p.ringUs;
-    if (p.treeUs < p.predictedUs) p.algo = Algo::kTree, p.predictedUs = p.treeUs;
+  p.forced = forced != Algo::kAuto && forced != Algo::kHier;
+  struct Option {
+    Algo algo;
+    double us;
+  };
+  const Option options[] = {{Algo::kDirect, direct},
+                            {Algo::kRing, p.ringUs},
+                            {Algo::kTree, p.treeUs},
+                            {Algo::kHierRing, p.hierRingUs},
+                            {Algo::kHierTree, p.hierTreeUs}};
+  p.algo = Algo::kDirect;
+  p.predictedUs = inf;
+  for (const Option& o : options) {
+    bool allowed = forced == Algo::kAuto || o.algo == forced ||
+                   (forced == Algo::kHier && (o.algo == Algo::kHierRing || o.algo == Algo::kHierTree));
+    if (allowed && o.us < p.predictedUs) p.algo = o.algo, p.predictedUs = o.us;
+  }
+  if (p.predictedUs == inf) {  // a hierarchical schedule forced on one host: reduce to the leader and back
+    p.algo = forced == Algo::kHierTree ? Algo::kHierTree : Algo::kHierRing;
+    p.predictedUs = p.ringUs;
   }
   return p;
 }
 
 std::string explain(const AllreducePlan& p, const Topology& t, size_t bytes) {
+  std::string where =
+      t.nhosts > 1
+          ? cat(t.nhosts, " hosts, link alpha ", t.linkAlphaUs, " us, ", 1e-3 / t.linkUsPerByte, " GB/s (",
+                t.linkSource, ")")
+          : cat(!t.allShm ? "tcp" : t.oversubscribed ? "shm, more ranks than cores" : "shm", ", alpha ",
+                table(t).alphaUs, " us");
   return cat(p.forced ? "forced by PLAIT_ALGO/Options.algo" : "lowest predicted time", " (predicted us: ring ",
-             p.ringUs, ", tree ", p.treeUs, ", direct one-shot ", p.oneShotUs, ", two-shot ", p.twoShotUs, "; ",
-             !t.allShm ? "tcp" : t.oversubscribed ? "shm, more ranks than cores" : "shm", ", alpha ",
-             table(t).alphaUs, " us, ", t.nranks, " ranks, ", bytes, " B)");
+             p.ringUs, ", tree ", p.treeUs, ", direct one-shot ", p.oneShotUs, ", two-shot ", p.twoShotUs,
+             t.nhosts > 1 ? cat(", hier_ring ", p.hierRingUs, ", hier_tree ", p.hierTreeUs) : std::string(), "; ",
+             where, ", ", t.nranks, " ranks, ", bytes, " B)");
 }
 
 }  // namespace plait

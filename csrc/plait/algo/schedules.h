@@ -28,13 +28,36 @@ struct TreeLinks {
 // the interior nodes of one tree leaves of the other (double binary tree).
 TreeLinks heapTree(int rank, int n, int root, bool mirror);
 
-using Xfer = Comm::Xfer;
+// The ranks a schedule runs over, in schedule order (all of the group, or one leader per host), and this rank's
+// index among them (-1: not a member).
+struct Group {
+  std::vector<int> ranks;
+  int me = -1;
+  int size() const { return int(ranks.size()); }
+};
+Group allRanks(const Comm& c);
+// heapTree over a group: `rootIdx` and the returned links are group indices mapped to ranks.
+TreeLinks heapTree(const Group& g, int rootIdx, bool mirror);
 
-// Ring reduce-scatter then all-gather over blocks, fully posted with dependencies.
-void ringAllreduce(Comm& c, char* buf, const Blocks& b);
-// Pipelined tree: reduce towards the root (up) and/or broadcast from it (down) over buf[0, len).
-void treeUpDown(Comm& c, char* buf, size_t len, const TreeLinks& t, bool up, bool down);
-// Two-shot direct: every rank reduces its own block from all peers, then sends it to all.
+using Xfer = Comm::Xfer;
+// One entry per block: the transfer whose progress gates (or completes) that block; nullptr means "already there".
+using Deps = std::vector<const Xfer*>;
+
+// Ring reduce-scatter then all-gather over blocks among g, fully posted with dependencies; does not wait.
+// ready (optional): this rank's input in block b is complete only as far as ready[b] has progressed (a reduction
+// that feeds the ring, e.g. inside a host). Returns, per block, the transfer after which it holds the result here.
+Deps ringAllreduce(Comm& c, const Group& g, char* buf, const Blocks& b, const Deps* ready = nullptr);
+// Pipelined tree: reduce towards the root (up) and/or broadcast from it (down) over buf[0, len); does not wait.
+// `ready` gates this rank's own input as above. Returns the transfer after which buf holds the result here.
+const Xfer* treeUpDown(Comm& c, char* buf, size_t len, const TreeLinks& t, bool up, bool down,
+                       const Xfer* ready = nullptr);
+// Two-shot direct: every rank reduces its own block from all peers, then sends it to all; waits.
 void directTwoShot(Comm& c, char* buf, const Blocks& b);
+// Hierarchical: the ranks of each host reduce into the host's leader (its lowest rank) over the local transport,
+// the leaders all-reduce across hosts (ring over per-leader blocks, or a double binary tree over two halves), and
+// each leader broadcasts the result to its host. Every phase is posted at once with per-block dependencies, so
+// the three overlap segment by segment. hosts[h] lists host h's ranks in increasing order; waits.
+void hierAllreduce(Comm& c, char* buf, size_t count, size_t elemBytes, const std::vector<std::vector<int>>& hosts,
+                   int myHost, bool treeAcross);
 
 }  // namespace plait

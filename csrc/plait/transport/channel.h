@@ -24,6 +24,8 @@ class Channel {
   virtual size_t read(void* dst, size_t n) = 0;
   // Total readable bytes now (may exceed what peek shows contiguously).
   virtual size_t available() = 0;
+  // A descriptor to poll(2) for readability (forWrite false) or writability of the next bytes; -1 if none.
+  virtual int pollFd(bool forWrite) const { return -1; }
 };
 
 }  // namespace plait
