@@ -273,7 +273,7 @@ void Comm::rawRead(int peer, void* buf, size_t n, Clock::time_point deadline) {
 
 void Comm::probeLink(Store& store) {
   const std::string key = prefix_ + "link";
-  const int a = hostRanks_[0][0], b = hostRanks_[1][0];
+  const int nh = int(hostRanks_.size());
   if (knobs().linkGbps > 0 || !knobs().linkProbe) {
     // Set by hand (or probing is off): every rank reads the same environment, no exchange needed.
     topo_.linkAlphaUs = knobs().linkAlphaUs > 0 ? knobs().linkAlphaUs : 30.0;
@@ -281,55 +281,80 @@ void Comm::probeLink(Store& store) {
     topo_.linkSource = knobs().linkGbps > 0 ? "PLAIT_LINK_GBPS" : "default, PLAIT_LINK_PROBE=0";
     return;
   }
-  if (rank_ == a || rank_ == b) {
-    const int peer = rank_ == a ? b : a;
+  int me = -1;  // this rank's index among the host leaders
+  for (int h = 0; h < nh; ++h)
+    if (hostRanks_[h][0] == rank_) me = h;
+  if (me >= 0) {
     const auto deadline = Clock::now() + timeout_;
-    // Latency: ping-pong of 8 bytes; half the median round trip.
-    std::vector<double> rtt;
-    uint64_t token = 0;
-    for (int i = 0; i < 21; ++i) {
-      auto t0 = Clock::now();
-      if (rank_ == a) {
-        rawWrite(peer, &token, 8, deadline);
-        rawRead(peer, &token, 8, deadline);
-      } else {
-        rawRead(peer, &token, 8, deadline);
-        rawWrite(peer, &token, 8, deadline);
-      }
-      rtt.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-    }
-    std::sort(rtt.begin(), rtt.end());
-    double alpha = rtt[rtt.size() / 2] / 2;
-    // Bandwidth: a streams `size` bytes to b; b times the last three quarters (a token-bucket shaper lets the
-    // first bytes through at line rate) and answers with the time; double until that takes at least 30 ms.
-    size_t size = 1 << 20;
-    double usPerByte = 0;
-    std::vector<char> buf;
-    while (true) {
-      buf.resize(size);
-      double dt = 0;
-      if (rank_ == a) {
-        rawWrite(peer, buf.data(), size, deadline);
-        rawRead(peer, &dt, sizeof(dt), deadline);
-      } else {
-        rawRead(peer, buf.data(), size / 4, deadline);
+    double alpha = 0;
+    if (me <= 1) {
+      // Latency: ping-pong of 8 bytes between the leaders of hosts 0 and 1; half the median round trip.
+      const int peer = hostRanks_[1 - me][0];
+      std::vector<double> rtt;
+      uint64_t token = 0;
+      for (int i = 0; i < 21; ++i) {
         auto t0 = Clock::now();
-        rawRead(peer, buf.data() + size / 4, size - size / 4, deadline);
-        dt = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-        rawWrite(peer, &dt, sizeof(dt), deadline);
+        if (me == 0) {
+          rawWrite(peer, &token, 8, deadline);
+          rawRead(peer, &token, 8, deadline);
+        } else {
+          rawRead(peer, &token, 8, deadline);
+          rawWrite(peer, &token, 8, deadline);
+        }
+        rtt.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       }
-      usPerByte = dt / double(size - size / 4);
-      if (dt >= 30000 || size >= (size_t(256) << 20)) break;
+      std::sort(rtt.begin(), rtt.end());
+      alpha = rtt[rtt.size() / 2] / 2;
+    }
+    // Bandwidth, under the load a collective puts on the hosts: every leader streams `size` bytes to the next
+    // leader while receiving as much from the previous one, and times the last three quarters of what it receives
+    // (a token-bucket shaper lets the first bytes through at line rate). The slowest leader's rate counts; the size
+    // doubles until that takes at least 30 ms. Leaders agree on each round's result through the store.
+    const int next = hostRanks_[(me + 1) % nh][0], prev = hostRanks_[(me + nh - 1) % nh][0];
+    size_t size = 1 << 20;
+    std::vector<char> out, in;
+    double usPerByte = 0;
+    for (int round = 0;; ++round) {
+      out.resize(size);
+      in.resize(size);
+      size_t sent = 0, got = 0;
+      Clock::time_point quarter{};
+      Channel* tx = channels_[next].get();
+      Channel* rx = channels_[prev].get();
+      while (sent < size || got < size) {
+        size_t w = sent < size ? tx->write(out.data() + sent, size - sent) : 0;
+        size_t r = got < size ? rx->read(in.data() + got, size - got) : 0;
+        sent += w;
+        if (got < size / 4 && got + r >= size / 4) quarter = Clock::now();
+        got += r;
+        if (w == 0 && r == 0) {
+          PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": timed out measuring the link to ranks ",
+                      prev, " and ", next);
+          pollfd pfd[2] = {{tx->pollFd(true), short(sent < size ? POLLOUT : 0), 0},
+                           {rx->pollFd(false), short(got < size ? POLLIN : 0), 0}};
+          poll(pfd, 2, 1);
+        }
+      }
+      double dt = std::chrono::duration<double, std::micro>(Clock::now() - quarter).count();
+      store.set(cat(prefix_, "probe/", round, "/", me), cat(dt));
+      double worst = 0;
+      for (int h = 0; h < nh; ++h)
+        worst = std::max(worst, std::atof(store.get(cat(prefix_, "probe/", round, "/", h)).c_str()));
+      usPerByte = worst / double(size - size / 4);
+      if (worst >= 30000 || size >= (size_t(256) << 20)) break;
       size *= 2;
     }
     if (knobs().linkAlphaUs > 0) alpha = knobs().linkAlphaUs;
-    if (rank_ == a) store.set(key, cat(alpha, " ", usPerByte));
+    if (me == 0) {
+      // The latency was measured on the other side of the pair too; host 0's leader publishes both numbers.
+      store.set(key, cat(alpha, " ", usPerByte));
+    }
   }
   auto f = split(store.get(key), ' ');
   PLAIT_CHECK(f.size() == 2, "plait: rank ", rank_, ": malformed link measurement in the store");
   topo_.linkAlphaUs = std::atof(f[0].c_str());
   topo_.linkUsPerByte = std::atof(f[1].c_str());
-  topo_.linkSource = cat("measured between ranks ", a, " and ", b);
+  topo_.linkSource = cat("measured across ", nh, " host leaders");
 }
 
 std::string Comm::where() const { return cat("rank ", rank_, ", ", collName(ctx_.coll), " seq ", seq_); }

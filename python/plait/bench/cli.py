@@ -398,10 +398,16 @@ def worker(args):
                 if op == "sendrecv":
                     t /= 2  # one way
                 algbw = case.nbytes / t / 1e9 if t > 0 else 0.0
-                results.append({"op": op, "backend": label, "algo": algo, "bytes": case.nbytes,
-                                "count": case.count, "dtype": args.dtype, "redop": args.redop if op in REDUCING
-                                else None, "time_us": t * 1e6, "algbw": algbw,
-                                "busbw": algbw * bus_factor(op, world), "wrong": wrong[label], "iters": iters})
+                row = {"op": op, "backend": label, "algo": algo, "bytes": case.nbytes,
+                       "count": case.count, "dtype": args.dtype, "redop": args.redop if op in REDUCING
+                       else None, "time_us": t * 1e6, "algbw": algbw,
+                       "busbw": algbw * bus_factor(op, world), "wrong": wrong[label], "iters": iters}
+                if backend == "plait" and op == "all_reduce" and args.device == "cpu":
+                    # What plait's cost model chose for this size and the time it predicted.
+                    ran, one_shot, predicted, _ = plait.plan_allreduce(case.nbytes, group=group)
+                    row.update(plan=ran + (" one-shot" if ran == "direct" and one_shot else ""),
+                               predicted_us=predicted)
+                results.append(row)
                 prog.step(f"{op} {human(case.nbytes)} {label}")
             del case
     prog.close()

@@ -1,0 +1,132 @@
+"""All-reduce across emulated hosts: plait beside Gloo, with the cost model's predictions.
+
+Brings up an emulated cluster (network namespaces on a bridge, every host's link shaped with tc tbf; see
+``plait.testing.cluster``), runs ``plait-bench`` under ``torchrun`` on every host (plait and gloo interleaved size
+by size in the same processes), and prints per size: plait's time, the algorithm the cost model chose and the time
+it predicted, Gloo's time, both busbw as a fraction of the link rate, and Gloo/plait latency. Needs root.
+
+    python bench/cluster.py --hosts 4 --nproc-per-host 1 --rate 1gbit
+    python bench/cluster.py --matrix --json docs/cluster-bench.json     # 4x1 and 2x2 at 1 and 10 Gbit/s
+
+Targets (issue 4): large-message busbw >= 90% of the link rate, small-message latency at least 5x below Gloo's,
+predicted time within 15% of measured at every size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+from plait.bench.sizes import human  # noqa: E402
+from plait.testing.cluster import Cluster, available  # noqa: E402
+
+
+def rate_gbytes(rate: str) -> float:
+    m = re.fullmatch(r"([\d.]+)\s*([kmg]?)bit", rate.lower())
+    if not m:
+        raise SystemExit(f"cannot parse rate {rate!r} (e.g. 1gbit, 100mbit)")
+    return float(m.group(1)) * {"": 1e-9, "k": 1e-6, "m": 1e-3, "g": 1.0}[m.group(2)] / 8
+
+
+def run_config(hosts, nproc, rate, sizes, backends, iters, port, timeout):
+    with tempfile.TemporaryDirectory(prefix="plait_cluster_bench_") as tmp:
+        out = os.path.join(tmp, "r.json")
+        argv = ["-m", "plait.bench", "--op", "all_reduce", "-b", sizes[0], "-e", sizes[1], "-f", sizes[2],
+                "--backend", backends, "--json", out, "--progress", "off"]
+        if iters:
+            argv += ["-n", str(iters)]
+        env = {"OMP_NUM_THREADS": "1"}
+        t0 = time.time()
+        with Cluster(hosts=hosts, rate=rate) as c:
+            procs = c.torchrun(nproc, argv, env=env, port=port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+            logs = []
+            try:
+                for p in procs:
+                    logs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"{hosts}x{nproc} at {rate}: timed out after {timeout} s")
+            if any(p.returncode for p in procs) or not os.path.exists(out):
+                sys.stderr.write("\n".join(logs[-2:])[-6000:])
+                raise SystemExit(f"{hosts}x{nproc} at {rate}: plait-bench failed")
+        with open(out) as f:
+            data = json.load(f)
+        data["config"] = {"hosts": hosts, "nproc_per_host": nproc, "rate": rate, "link_GBps": rate_gbytes(rate),
+                          "wall_s": time.time() - t0}
+        return data
+
+
+def table(data) -> str:
+    cfg = data["config"]
+    link = cfg["link_GBps"]
+    rows = {}
+    for r in data["results"]:
+        rows.setdefault(r["bytes"], {})[r["backend"]] = r
+    lines = [f"### {cfg['hosts']} hosts x {cfg['nproc_per_host']} rank(s), {cfg['rate']} links "
+             f"(world {data['meta']['world_size']})", "",
+             "| size | plait algo | plait µs | model µs | model err | Gloo µs | plait busbw | Gloo busbw | "
+             "Gloo/plait time |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for nbytes in sorted(rows):
+        p, g = rows[nbytes].get("plait"), rows[nbytes].get("gloo")
+        if not p:
+            continue
+        err = (p["predicted_us"] - p["time_us"]) / p["time_us"] * 100 if p.get("predicted_us") else float("nan")
+        pb = f"{p['busbw']:.3f} GB/s ({p['busbw'] / link * 100:.0f}%)" if nbytes >= 1 << 20 else "–"
+        gb = f"{g['busbw']:.3f} GB/s ({g['busbw'] / link * 100:.0f}%)" if g and nbytes >= 1 << 20 else "–"
+        lines.append(f"| {human(nbytes)} | {p.get('plan', '?')} | {p['time_us']:.1f} | "
+                     f"{p.get('predicted_us', float('nan')):.1f} | {err:+.0f}% | "
+                     f"{g['time_us']:.1f} | {pb} | {gb} | {g['time_us'] / p['time_us']:.1f}x |"
+                     if g else
+                     f"| {human(nbytes)} | {p.get('plan', '?')} | {p['time_us']:.1f} | "
+                     f"{p.get('predicted_us', float('nan')):.1f} | {err:+.0f}% | – | {pb} | – | – |")
+    if any(r.get("wrong") for r in data["results"]):
+        lines.append("\n**WRONG RESULTS**: " + ", ".join(f"{r['backend']} {human(r['bytes'])}"
+                                                         for r in data["results"] if r.get("wrong")))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--nproc-per-host", type=int, default=1)
+    ap.add_argument("--rate", default="1gbit", help="tc rate of every host's link (e.g. 1gbit, 10gbit)")
+    ap.add_argument("--matrix", action="store_true", help="4x1 and 2x2 at 1gbit and 10gbit")
+    ap.add_argument("-b", default="4")
+    ap.add_argument("-e", default="256M")
+    ap.add_argument("-f", default="4")
+    ap.add_argument("-n", type=int, default=0, help="timed iterations per size (0: plait-bench's default)")
+    ap.add_argument("--backend", default="plait,gloo")
+    ap.add_argument("--port", type=int, default=29411)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--json", default=None, help="write every configuration's results here")
+    a = ap.parse_args(argv)
+    ok, why = available()
+    if not ok:
+        raise SystemExit(f"the emulated cluster is not available here: {why}")
+    configs = ([(4, 1, "1gbit"), (2, 2, "1gbit"), (4, 1, "10gbit"), (2, 2, "10gbit")] if a.matrix
+               else [(a.hosts, a.nproc_per_host, a.rate)])
+    every = []
+    for hosts, nproc, rate in configs:
+        d = run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout)
+        every.append(d)
+        print(table(d), flush=True)
+        print(flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(every, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
