@@ -146,11 +146,15 @@ def _recv_exact(s, n):
     return buf
 
 
-def attack(store, report):
-    """Rogue clients against rank 0's listener while the group forms. Fills report[name] = what happened."""
+def attack(store, report, last_rank=2):
+    """Rogue clients against rank 0's listener while the group forms. Fills report[name] = what happened.
+
+    Waits until `last_rank` has published its address (every rank has then, and rank 0 is accepting while
+    last_rank holds back its dial with PLAIT_TEST_DIAL_DELAY_MS).
+    """
     info_key = _find(store, "plait/0/info/0")
     base = info_key[: -len("info/0")]  # ".../plait/<epoch>/"
-    _find(store, "plait/0/info/2")  # every rank has published: rank 0 is accepting (rank 2 waits to dial)
+    _find(store, f"plait/0/info/{last_rank}")
     host, port = store.get(info_key).decode().split("\n")[3].rsplit(":", 1)
     port = int(port)
     secret = bytes.fromhex(store.get(base + "secret").decode())
@@ -169,7 +173,7 @@ def attack(store, report):
             return "refused"
 
     silent = conn()  # connects and says nothing: must not hold up the real peer
-    hello = HELLO.pack(HELLO_MAGIC, 1, 0, 1, 0, os.urandom(16))
+    hello = HELLO.pack(HELLO_MAGIC, 1, 0, last_rank, 0, os.urandom(16))  # claims to be the missing rank
 
     # garbage bytes
     s = conn()

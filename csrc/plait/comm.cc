@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -23,7 +24,8 @@
 namespace plait {
 
 namespace {
-constexpr uint32_t kWireMagic = 0x504c5431;  // "PLT1"
+constexpr uint32_t kWireMagic = 0x504c5431;   // "PLT1"
+constexpr uint32_t kAbortMagic = 0x504c5458;  // "PLTX": a failing rank's last words to a TCP peer
 
 std::string readFirstLine(const char* path) {
   std::ifstream f(path);
@@ -419,8 +421,14 @@ std::string Comm::originOfFailure() {
 }
 
 void Comm::fail(const std::string& what) {
-  // A rank that learns of a failure second-hand (abort flag, a peer hanging up) adds what the first one saw.
-  std::string msg = failure_.empty() ? what + originOfFailure() : what;
+  // A rank that learns of a failure second-hand (abort flag, a peer hanging up) adds what the first one saw: from
+  // the failed peer's control connection if it said anything, else from the store.
+  std::string msg = what;
+  const bool toldByPeer = what.find(" aborted because peer rank ") != std::string::npos;  // already says why
+  if (failure_.empty() && !toldByPeer) {
+    std::string heard = tcp_ ? heardFromTcpPeers(std::chrono::milliseconds(50)) : "";
+    msg = heard.empty() ? what + originOfFailure() : cat(what, " (", heard, ")");
+  }
   if (failure_.empty()) {
     failure_ = msg;
     try {
@@ -428,6 +436,7 @@ void Comm::fail(const std::string& what) {
     } catch (...) {
     }
   }
+  if (tcp_) tellTcpPeers(msg);
   std::vector<Done> toNotify;
   for (auto* qs : {&sendQ_, &recvQ_})
     for (auto& q : *qs) {
@@ -436,10 +445,53 @@ void Comm::fail(const std::string& what) {
       q.clear();
     }
   pending_ = pendingColl_ = 0;
-  if (shm_) shm_->abortPeers();
+  if (shm_) shm_->abortPeers(msg);
   if (tcp_) tcp_->abortAll();
   for (auto& d : toNotify) d(&msg);
   throw Error(msg);
+}
+
+void Comm::tellTcpPeers(const std::string& msg) {
+  // Each TCP peer pair has a control connection beside the data streams, idle until a rank fails: then the
+  // failing rank writes its error there (a few hundred bytes, always fits the socket buffer), so the cause
+  // travels with the failure even when the data stream stopped mid-message and the rendezvous store died with
+  // the failed rank.
+  const size_t n = std::min<size_t>(msg.size(), 1024);
+  std::vector<char> frame(sizeof(WireHeader) + n);
+  WireHeader h{kAbortMagic, 0, 0, 0, 0, 0, rank_, 0, n};
+  std::memcpy(frame.data(), &h, sizeof(h));
+  std::memcpy(frame.data() + sizeof(h), msg.data(), n);
+  for (int p = 0; p < size_; ++p)
+    if (channels_[p] && channels_[p]->kind() == TransportKind::kTcp)
+      send(tcp_->controlFd(p), frame.data(), frame.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+std::string Comm::heardFromTcpPeers(std::chrono::milliseconds wait) {
+  const auto until = Clock::now() + wait;
+  while (true) {
+    std::vector<pollfd> fds;
+    std::vector<int> who;
+    for (int p = 0; p < size_; ++p)
+      if (channels_[p] && channels_[p]->kind() == TransportKind::kTcp) {
+        fds.push_back(pollfd{tcp_->controlFd(p), POLLIN, 0});
+        who.push_back(p);
+      }
+    if (fds.empty()) return "";
+    int ms = int(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count()));
+    if (poll(fds.data(), fds.size(), ms) <= 0) return "";
+    for (size_t i = 0; i < fds.size(); ++i) {
+      if (!(fds[i].revents & POLLIN)) continue;
+      char buf[sizeof(WireHeader) + 1024];
+      // The frame was written in one send before the peer closed: it is all there or not at all.
+      ssize_t r = recv(fds[i].fd, buf, sizeof(buf), MSG_DONTWAIT);
+      WireHeader h{};
+      if (r >= ssize_t(sizeof(h))) std::memcpy(&h, buf, sizeof(h));
+      if (r >= ssize_t(sizeof(h)) && h.magic == kAbortMagic)
+        return cat("peer rank ", who[i], " failed first: ",
+                   std::string(buf + sizeof(h), std::min<size_t>(h.bytes, size_t(r) - sizeof(h))));
+    }
+    if (Clock::now() >= until) return "";
+  }
 }
 
 static std::string describeHeader(const WireHeader& h) {
@@ -587,17 +639,19 @@ std::string Comm::describePending() const {
 }
 
 void Comm::checkPeersAlive() {
+  // A local peer that failed leaves its error in this rank's segment before it exits: check that first, so the
+  // error names the original failure even when the rendezvous store went away with the failed rank.
+  if (shm_) {
+    std::string why;
+    int by = shm_->abortedBy(&why);
+    if (by >= 0)
+      throw Error(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by, " failed: ", why));
+  }
   for (int p = 0; p < size_; ++p) {
     if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty())) continue;
     if (!channels_[p] || channels_[p]->kind() != TransportKind::kShm) continue;
     if (processGone(pids_[p]))
       throw Error(cat("plait: rank ", rank_, ": peer rank ", p, " (pid ", pids_[p], ") died during ", where()));
-  }
-  if (shm_) {
-    int by = shm_->abortedBy();
-    if (by >= 0)
-      throw Error(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by,
-                      " failed (its own error says why)"));
   }
 }
 

@@ -166,6 +166,9 @@ class Comm {
   Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
   void checkP2PDeadlines(Clock::time_point now);
   void checkPeersAlive();
+  void tellTcpPeers(const std::string& msg);
+  // A failed TCP peer's last words from its control connection ("peer rank P failed first: ..."), or "".
+  std::string heardFromTcpPeers(std::chrono::milliseconds wait);
   // Measures the inter-host link (latency by ping-pong, bandwidth by a stream long enough to drain any token
   // bucket) between the leaders of hosts 0 and 1 and shares the result through the store.
   void probeLink(Store& store);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <ctime>
@@ -28,6 +29,8 @@ struct alignas(64) ShmSegHeader {
   alignas(64) std::atomic<uint32_t> bell;
   std::atomic<uint32_t> waiters;
   alignas(64) std::atomic<int32_t> abortBy;  // rank + 1 of the rank that aborted, 0 if none
+  std::atomic<int32_t> abortClaim;           // the first aborter claims abortMsg, fills it, then sets abortBy
+  char abortMsg[1024];                       // the aborting rank's error, NUL-terminated
 };
 
 struct RingHdr {
@@ -86,6 +89,8 @@ ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringB
   h->bell.store(0);
   h->waiters.store(0);
   h->abortBy.store(0);
+  h->abortClaim.store(0);
+  h->abortMsg[0] = '\0';
   for (int i = 0; i < nranks; ++i) new (ringAt(p, i, ringBytes_)) RingHdr();
   std::atomic_thread_fence(std::memory_order_seq_cst);
   h->magic = kMagic;
@@ -147,16 +152,26 @@ void ShmDomain::poke() {
   futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
 }
 
-void ShmDomain::abortPeers() {
+void ShmDomain::abortPeers(const std::string& why) {
   for (auto* h : peers_) {
     if (!h) continue;
     int32_t expected = 0;
-    h->abortBy.compare_exchange_strong(expected, rank_ + 1);
+    if (h->abortClaim.compare_exchange_strong(expected, rank_ + 1)) {
+      size_t n = std::min(why.size(), sizeof(h->abortMsg) - 1);
+      std::memcpy(h->abortMsg, why.data(), n);
+      h->abortMsg[n] = '\0';
+      h->abortBy.store(rank_ + 1, std::memory_order_release);
+    }
     ringBell(h);
   }
 }
 
-int ShmDomain::abortedBy() const { return header(own_.base)->abortBy.load(std::memory_order_acquire) - 1; }
+int ShmDomain::abortedBy(std::string* why) const {
+  auto* h = header(own_.base);
+  int by = h->abortBy.load(std::memory_order_acquire) - 1;
+  if (by >= 0 && why) *why = std::string(h->abortMsg, strnlen(h->abortMsg, sizeof(h->abortMsg)));
+  return by;
+}
 
 class ShmChannel : public Channel {
  public:

@@ -34,10 +34,10 @@ class ShmDomain {
   void retract();
   // Rings this rank's own doorbell (wakes a thread of this process sleeping in sleep()).
   void poke();
-  // Marks every attached peer's segment as aborted by this rank and wakes it.
-  void abortPeers();
-  // Rank that aborted this rank's communicator, or -1.
-  int abortedBy() const;
+  // Marks every attached peer's segment as aborted by this rank, with its error, and wakes it.
+  void abortPeers(const std::string& why);
+  // Rank that aborted this rank's communicator, or -1; *why gets its error.
+  int abortedBy(std::string* why = nullptr) const;
 
  private:
   friend class ShmChannel;

@@ -106,7 +106,7 @@ struct Pending {
 
 TcpDomain::TcpDomain(int rank, int nranks, int streams)
     : rank_(rank), nranks_(nranks), streams_(std::max(1, streams)), fds_(nranks) {
-  for (auto& v : fds_) v.assign(streams_, -1);
+  for (auto& v : fds_) v.assign(streams_ + 1, -1);
   listenFd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   PLAIT_CHECK(listenFd_ >= 0, "plait: rank ", rank, ": socket() failed: ", std::strerror(errno));
   int one = 1;
@@ -217,10 +217,10 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
   if (knobs().testDialDelayMs > 0) std::this_thread::sleep_for(std::chrono::milliseconds(knobs().testDialDelayMs));
   for (int p : peers) {
     if (p > rank_) {
-      expect += streams_;
+      expect += streams_ + 1;
       continue;
     }
-    for (int s = 0; s < streams_; ++s) dial(p, s, addrs[p], secret, jobId, deadlineMs);
+    for (int s = 0; s <= streams_; ++s) dial(p, s, addrs[p], secret, jobId, deadlineMs);
   }
   std::vector<Pending> pend;
   auto refuse = [&](size_t i, const std::string& why) {
@@ -270,7 +270,7 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
             refuse(i, "not a plait handshake (garbage or another program)");
             continue;
           }
-          if (h.to != rank_ || h.from <= rank_ || h.from >= nranks_ || h.stream >= streams_) {
+          if (h.to != rank_ || h.from <= rank_ || h.from >= nranks_ || h.stream > streams_) {
             refuse(i, cat("claims to be rank ", h.from, " stream ", h.stream, " calling rank ", h.to,
                           ", which is not a connection this rank expects"));
             continue;
@@ -411,7 +411,8 @@ class TcpChannel : public Channel {
 std::unique_ptr<Channel> TcpDomain::channel(int peer, const std::string& peerDesc) {
   for (int fd : fds_[peer])
     PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": no TCP connection to peer rank ", peer);
-  return std::make_unique<TcpChannel>(fds_[peer], rank_, peerDesc);
+  return std::make_unique<TcpChannel>(std::vector<int>(fds_[peer].begin(), fds_[peer].begin() + streams_), rank_,
+                                      peerDesc);
 }
 
 }  // namespace plait

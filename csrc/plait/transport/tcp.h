@@ -28,6 +28,8 @@ class TcpDomain {
   // `peerDesc` names the peer in errors ("peer rank 3 on host 10.0.0.2 (ranks 2, 3)").
   std::unique_ptr<Channel> channel(int peer, const std::string& peerDesc);
   int streams() const { return streams_; }
+  // The pair's control connection (beside the data streams): carries only a failing rank's error.
+  int controlFd(int peer) const { return fds_[peer][streams_]; }
   // Shuts every connection down so peers see the failure at once.
   void abortAll();
 
@@ -37,7 +39,7 @@ class TcpDomain {
   int rank_, nranks_, streams_;
   int listenFd_ = -1;
   int port_ = 0;
-  std::vector<std::vector<int>> fds_;  // [peer][stream]
+  std::vector<std::vector<int>> fds_;  // [peer][stream]; stream `streams_` is the control connection
 };
 
 }  // namespace plait

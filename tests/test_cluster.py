@@ -1,0 +1,128 @@
+"""Across real (emulated) hosts: network namespaces on a bridge, one address each, links shaped with tc tbf
+(plait.testing.cluster). torchrun spans the hosts; plait uses shared memory inside a host and authenticated TCP
+between hosts. Needs root and iproute2; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import _harness as H
+
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(not H.IS_PLAIT, reason="plait-only: multi-host runs")]
+
+WORKER = os.path.join(H.TESTS_DIR, "_cluster_worker.py")
+
+
+def _read(out, pattern):
+    res = {}
+    for p in sorted(glob.glob(os.path.join(out, pattern))):
+        with open(p) as f:
+            res[os.path.basename(p)] = json.load(f)
+    return res
+
+
+def _wait(procs, timeout):
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0] or "")
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a host's processes hung:\n" + "\n".join(q.communicate()[0][-3000:] for q in procs))
+    return logs
+
+
+def _env_rank(c, rank, ws, port, **extra):
+    e = {"RANK": str(rank), "WORLD_SIZE": str(ws), "LOCAL_RANK": "0", "MASTER_ADDR": c.addr(0),
+         "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    e.update(extra)
+    return e
+
+
+@pytest.mark.parametrize("hosts,nproc", [(2, 2), (4, 1)], ids=["2hostsx2", "4hostsx1"])
+def test_torchrun_across_hosts_ddp_parity_with_gloo(cluster_factory, tmp_path, hosts, nproc):
+    c = cluster_factory(hosts, rate="1gbit")
+    procs = c.torchrun(nproc, [WORKER, "ddp", str(tmp_path)], env={"OMP_NUM_THREADS": "1"},
+                       port=H.free_port(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = _wait(procs, 240)
+    assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+    res = _read(str(tmp_path), "rank*.json")
+    ws = hosts * nproc
+    assert len(res) == ws, (sorted(res), logs)
+    for r in res.values():
+        assert r["ws"] == ws
+        assert not r["coll_errors"], r["coll_errors"]
+        assert r["identical_across_ranks"], f"rank {r['rank']}: plait DDP replicas diverged"
+        assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), f"rank {r['rank']}: plait vs gloo {r['max_diff']}"
+        t = r["topo"]
+        assert t["nhosts"] == hosts and t["max_local"] == nproc and not t["all_shm"]
+        assert t["link_gbps"] > 0 and "measured" in t["link_source"]
+        # Several ranks per host: bulk all-reduce goes hierarchical (the link is the bottleneck).
+        if nproc > 1:
+            assert r["plan"].startswith("hier"), r["plan"]
+    assert len({json.dumps(r["topo"], sort_keys=True) for r in res.values()}) == 1, "ranks disagree on the topology"
+
+
+def test_rogue_client_from_another_host_is_refused_and_the_job_goes_on(cluster_factory, tmp_path):
+    c = cluster_factory(3)
+    port = H.free_port()
+    out = str(tmp_path)
+    job = [c.popen(h, [sys.executable, WORKER, "job", out],
+                   env=_env_rank(c, h, 2, port, **({"PLAIT_TEST_DIAL_DELAY_MS": "4000"} if h == 1 else {})),
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for h in (0, 1)]
+    rogue = c.popen(2, [sys.executable, WORKER, "rogue", out], env=_env_rank(c, 99, 2, port),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = _wait(job + [rogue], 120)
+    assert all(p.returncode == 0 for p in job + [rogue]), "\n".join(l[-3000:] for l in logs)
+    report = _read(out, "rogue.json")["rogue.json"]
+    assert report == {"garbage": "refused", "no_secret": "refused", "wrong_secret": "refused",
+                      "listener_proof_valid": True, "fresh_nonce": True, "replay": "refused"}, report
+    ranks = _read(out, "rank*.json")
+    assert len(ranks) == 2 and all(r["ok"] for r in ranks.values()), ranks
+    assert ranks["rank0.json"]["topo"]["nhosts"] == 2
+    assert logs[0].count("refused a TCP connection from " + c.addr(2)) >= 5, logs[0][-3000:]
+
+
+def test_killing_a_host_fails_every_other_host_naming_the_lost_ranks(cluster_factory, tmp_path):
+    hosts, nproc = 3, 2
+    ws = hosts * nproc
+    c = cluster_factory(hosts, rate="1gbit")
+    port = H.free_port()
+    out = str(tmp_path)
+    procs = {}
+    for r in range(ws):
+        e = _env_rank(c, r, ws, port, LOCAL_RANK=str(r % nproc))
+        procs[r] = c.popen(r // nproc, [sys.executable, WORKER, "fault", out], env=e, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    end = time.time() + 120
+    while len(_read(out, "started*.json")) < ws:
+        dead = [r for r, p in procs.items() if p.poll() is not None]
+        if dead or time.time() > end:
+            pytest.fail(f"ranks {dead} exited before the kill: " + procs[dead[0]].communicate()[0][-3000:]
+                        if dead else "ranks did not start")
+        time.sleep(0.1)
+    time.sleep(0.5)
+    victim = 2  # host 2 runs ranks 4 and 5 (host 0 holds the rendezvous store)
+    c.kill_host(victim)
+    with open(os.path.join(out, "killed"), "w"):
+        pass
+    survivors = [r for r in range(ws) if r // nproc != victim]
+    t_kill = time.time()
+    for r in survivors:
+        procs[r].communicate(timeout=90)
+    errors = _read(out, "error*.json")
+    assert sorted(errors) == [f"error{r}.json" for r in survivors], errors
+    for name, e in errors.items():
+        assert "ranks 4, 5" in e["msg"], f"{name}: {e['msg']}"
+        assert e["at"] - t_kill < 30, f"{name}: took {e['at'] - t_kill:.1f} s to notice"
+        print(f"{name}: {e['at'] - t_kill:.2f} s: {e['msg']}")
