@@ -167,16 +167,25 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   if (size_ > 1) tcp_ = std::make_unique<TcpDomain>(rank_, size_, knobs().tcpStreams);
   std::string addr = tcp_ ? tcp_->listenAddress(opts.addressHint) : "-";
   const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
-  std::string myInfo = cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr, "\n", cores);
+  // The machine (hostname + boot id, without the network namespace): ranks on one machine share its cores even
+  // when they are different hosts for the transports (emulated hosts, containers), which decides whether spinning
+  // while waiting is affordable.
+  char hn[256] = {0};
+  gethostname(hn, sizeof(hn) - 1);
+  std::string machine = cat(hn, "/", readFirstLine("/proc/sys/kernel/random/boot_id"));
+  std::string myInfo =
+      cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr, "\n", cores, "\n", machine);
   store.set(cat(prefix, "info/", rank_), myInfo);
 
   std::vector<std::string> hosts(size_), shmNames(size_), addrs(size_);
   std::map<std::string, int> hostIndex;
   std::vector<int> coresOf(size_, 1);
+  int onMachine = 0;
   for (int p = 0; p < size_; ++p) {
     auto f = split(p == rank_ ? myInfo : store.get(cat(prefix, "info/", p)), '\n');
-    PLAIT_CHECK(f.size() == 5, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
+    PLAIT_CHECK(f.size() == 6, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
     coresOf[p] = std::atoi(f[4].c_str());
+    if (f[5] == machine) ++onMachine;
     hosts[p] = f[0];
     pids_[p] = std::atoi(f[1].c_str());
     shmNames[p] = f[2];
@@ -203,7 +212,7 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   }
   topo_.allShm = tcpPeers.empty() && size_ > 1 && shm_ != nullptr;
   if (mode == "tcp") topo_.allShm = false;
-  oversubscribed_ = localRanks > cores;
+  oversubscribed_ = onMachine > cores;
   // The same on every rank: the cost model must not see different inputs on different ranks.
   std::vector<int> ranksOnHost(hostIndex.size(), 0);
   for (int p = 0; p < size_; ++p) ++ranksOnHost[hostOf_[p]];
@@ -656,6 +665,29 @@ void Comm::checkPeersAlive() {
 }
 
 bool Comm::slowWait(bool anyShm, bool anyTcp) {
+  if (anyShm && anyTcp && shm_->bellFd() >= 0) {
+    // Both at once (a host leader in a hierarchical collective): one poll(2) on the TCP sockets and the shared-memory
+    // doorbell socket, so data from either side wakes this rank at once.
+    shm_->announcePoll();
+    if (progressPass()) {
+      shm_->retractPoll();
+      return true;
+    }
+    std::vector<pollfd> fds{pollfd{shm_->bellFd(), POLLIN, 0}};
+    for (int p = 0; p < size_; ++p) {
+      if (!channels_[p] || channels_[p]->kind() != TransportKind::kTcp) continue;
+      if (!recvQ_[p].empty()) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
+      if (!sendQ_[p].empty()) {
+        const Xfer* x = sendQ_[p].front();
+        size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
+        if (x->hdrDone < sizeof(WireHeader) || x->done < limit)
+          fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
+      }
+    }
+    poll(fds.data(), fds.size(), 2);
+    shm_->retractPoll();
+    return false;
+  }
   if (anyTcp) {
     std::vector<pollfd> fds;
     for (int p = 0; p < size_; ++p) {

@@ -4,12 +4,16 @@
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <algorithm>
 #include <climits>
+#include <cstddef>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <new>
@@ -28,6 +32,8 @@ struct alignas(64) ShmSegHeader {
   uint64_t ringBytes;
   alignas(64) std::atomic<uint32_t> bell;
   std::atomic<uint32_t> waiters;
+  std::atomic<uint32_t> pollers;  // threads of the owner sleeping in poll(2) (on TCP and bellFd) instead of the futex
+  char bellName[96];                // abstract UNIX datagram socket that wakes them (without the leading NUL)
   alignas(64) std::atomic<int32_t> abortBy;  // rank + 1 of the rank that aborted, 0 if none
   std::atomic<int32_t> abortClaim;           // the first aborter claims abortMsg, fills it, then sets abortBy
   char abortMsg[1024];                       // the aborting rank's error, NUL-terminated
@@ -54,8 +60,31 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts
 
 // The writer (or reader) changed a ring, then checks for an announced waiter. The waiter announces, then
 // re-checks the rings. With both sides sequentially consistent, one of them sees the other: no lost wake-up.
+namespace {
+sockaddr_un bellAddr(const char* name, socklen_t* len) {
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  size_t n = strnlen(name, sizeof(a.sun_path) - 2);
+  std::memcpy(a.sun_path + 1, name, n);  // abstract namespace: leading NUL, nothing on the file system
+  *len = socklen_t(offsetof(sockaddr_un, sun_path) + 1 + n);
+  return a;
+}
+
+void sendBell(ShmSegHeader* h) {
+  static int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return;
+  socklen_t len;
+  sockaddr_un a = bellAddr(h->bellName, &len);
+  char b = 1;
+  // A full socket queue already holds a wake-up; an unreachable one (another network namespace declared the same
+  // host through PLAIT_HOST_ID) leaves the poller to its timeout.
+  sendto(fd, &b, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&a), len);
+}
+}  // namespace
+
 void ringBell(ShmSegHeader* h) {
   std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (h->pollers.load(std::memory_order_seq_cst) != 0) sendBell(h);
   if (h->waiters.load(std::memory_order_seq_cst) == 0) return;
   h->bell.fetch_add(1, std::memory_order_seq_cst);
   futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
@@ -88,6 +117,15 @@ ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringB
   h->ringBytes = ringBytes_;
   h->bell.store(0);
   h->waiters.store(0);
+  h->pollers.store(0);
+  std::snprintf(h->bellName, sizeof(h->bellName), "plait-bell%s", name_.c_str());
+  bellFd_ = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  socklen_t len;
+  sockaddr_un a = bellAddr(h->bellName, &len);
+  if (bellFd_ >= 0 && bind(bellFd_, reinterpret_cast<sockaddr*>(&a), len) != 0) {
+    close(bellFd_);
+    bellFd_ = -1;  // no socket doorbell: pollers fall back to short timeouts
+  }
   h->abortBy.store(0);
   h->abortClaim.store(0);
   h->abortMsg[0] = '\0';
@@ -100,6 +138,7 @@ ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringB
 
 ShmDomain::~ShmDomain() {
   unlinkOwn();
+  if (bellFd_ >= 0) close(bellFd_);
   for (auto& m : peerMaps_)
     if (m.base) munmap(m.base, m.bytes);
   if (own_.base) munmap(own_.base, own_.bytes);
@@ -146,8 +185,19 @@ void ShmDomain::sleep(uint32_t ticket, int64_t micros) {
 
 void ShmDomain::retract() { header(own_.base)->waiters.fetch_sub(1, std::memory_order_seq_cst); }
 
+void ShmDomain::announcePoll() { header(own_.base)->pollers.fetch_add(1, std::memory_order_seq_cst); }
+
+void ShmDomain::retractPoll() {
+  header(own_.base)->pollers.fetch_sub(1, std::memory_order_seq_cst);
+  char buf[64];
+  if (bellFd_ >= 0)
+    while (recv(bellFd_, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+    }
+}
+
 void ShmDomain::poke() {
   auto* h = header(own_.base);
+  if (h->pollers.load(std::memory_order_seq_cst) != 0) sendBell(h);
   h->bell.fetch_add(1, std::memory_order_seq_cst);
   futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
 }

@@ -32,7 +32,12 @@ class ShmDomain {
   uint32_t announce();
   void sleep(uint32_t ticket, int64_t micros);
   void retract();
-  // Rings this rank's own doorbell (wakes a thread of this process sleeping in sleep()).
+  // Waiting on shared memory and TCP at once: announcePoll(), re-check for work, poll(2) on the TCP sockets and
+  // bellFd() (peers that change a ring send it a datagram while a poller is announced), then retractPoll().
+  void announcePoll();
+  void retractPoll();
+  int bellFd() const { return bellFd_; }
+  // Rings this rank's own doorbell (wakes a thread of this process sleeping in sleep() or in poll on bellFd()).
   void poke();
   // Marks every attached peer's segment as aborted by this rank, with its error, and wakes it.
   void abortPeers(const std::string& why);
@@ -53,6 +58,7 @@ class ShmDomain {
   std::vector<ShmSegHeader*> peers_;
   std::vector<Mapping> peerMaps_;
   bool unlinked_ = false;
+  int bellFd_ = -1;
 };
 
 void ringBell(ShmSegHeader* h);

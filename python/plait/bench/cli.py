@@ -35,7 +35,7 @@ from .sizes import fmt_bw, human, parse_size, size_range
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce", "all_to_all", "sendrecv")
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64", "int8", "uint8")
 REDOPS = ("sum", "prod", "min", "max", "avg")
-ALGOS = ("auto", "ring", "tree", "direct")
+ALGOS = ("auto", "ring", "tree", "direct", "hier", "hier_ring", "hier_tree")
 REDUCING = ("all_reduce", "reduce_scatter", "reduce")
 CORRUPT_ENV = "PLAIT_BENCH_CORRUPT"
 COLUMNS = ("bytes", "count", "type", "redop", "backend", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong",
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--backend", action="append", help="backends, comma list: plait, gloo, nccl (CUDA only); "
                                                       "default plait,gloo")
     p.add_argument("--algo", action="append", help="plait algorithm(s) to force, each in its own group: "
-                                                   "auto, ring, tree, direct (default auto)")
+                                                   "auto, ring, tree, direct, hier, hier_ring, hier_tree (default auto)")
     p.add_argument("--transport", default="auto", choices=("auto", "shm", "tcp"), help="plait transport")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not launched by torchrun")
