@@ -37,11 +37,11 @@ def rate_gbytes(rate: str) -> float:
     return float(m.group(1)) * {"": 1e-9, "k": 1e-6, "m": 1e-3, "g": 1.0}[m.group(2)] / 8
 
 
-def run_config(hosts, nproc, rate, sizes, backends, iters, port, timeout):
+def run_config(hosts, nproc, rate, sizes, backends, iters, port, timeout, timing="loop"):
     with tempfile.TemporaryDirectory(prefix="plait_cluster_bench_") as tmp:
         out = os.path.join(tmp, "r.json")
         argv = ["-m", "plait.bench", "--op", "all_reduce", "-b", sizes[0], "-e", sizes[1], "-f", sizes[2],
-                "--backend", backends, "--json", out, "--progress", "off"]
+                "--backend", backends, "--json", out, "--progress", "off", "--timing", timing]
         if iters:
             argv += ["-n", str(iters)]
         env = {"OMP_NUM_THREADS": "1"}
@@ -108,6 +108,9 @@ def main(argv=None):
     ap.add_argument("-f", default="4")
     ap.add_argument("-n", type=int, default=0, help="timed iterations per size (0: plait-bench's default)")
     ap.add_argument("--backend", default="plait,gloo")
+    ap.add_argument("--timing", default="loop", choices=("loop", "iter"),
+                    help="loop (default): nccl-tests' average over back-to-back iterations; iter: median of "
+                         "per-iteration maxima (plait-bench's default, includes rank skew)")
     ap.add_argument("--port", type=int, default=29411)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None, help="write every configuration's results here")
@@ -119,7 +122,7 @@ def main(argv=None):
                else [(a.hosts, a.nproc_per_host, a.rate)])
     every = []
     for hosts, nproc, rate in configs:
-        d = run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout)
+        d = run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout, a.timing)
         every.append(d)
         print(table(d), flush=True)
         print(flush=True)

@@ -181,11 +181,14 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   std::map<std::string, int> hostIndex;
   std::vector<int> coresOf(size_, 1);
   int onMachine = 0;
+  std::map<std::string, std::pair<int, int>> machines;  // machine -> (ranks, cores)
   for (int p = 0; p < size_; ++p) {
     auto f = split(p == rank_ ? myInfo : store.get(cat(prefix, "info/", p)), '\n');
     PLAIT_CHECK(f.size() == 6, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
     coresOf[p] = std::atoi(f[4].c_str());
     if (f[5] == machine) ++onMachine;
+    machines[f[5]].first += 1;
+    machines[f[5]].second = std::max(1, coresOf[p]);
     hosts[p] = f[0];
     pids_[p] = std::atoi(f[1].c_str());
     shmNames[p] = f[2];
@@ -213,6 +216,7 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   topo_.allShm = tcpPeers.empty() && size_ > 1 && shm_ != nullptr;
   if (mode == "tcp") topo_.allShm = false;
   oversubscribed_ = onMachine > cores;
+  for (const auto& m : machines) topo_.cpuLoad = std::max(topo_.cpuLoad, double(m.second.first) / m.second.second);
   // The same on every rank: the cost model must not see different inputs on different ranks.
   std::vector<int> ranksOnHost(hostIndex.size(), 0);
   for (int p = 0; p < size_; ++p) ++ranksOnHost[hostOf_[p]];
@@ -351,8 +355,17 @@ void Comm::probeLink(Store& store) {
       double worst = 0;
       for (int h = 0; h < nh; ++h)
         worst = std::max(worst, std::atof(store.get(cat(prefix_, "probe/", round, "/", h)).c_str()));
-      usPerByte = worst / double(size - size / 4);
-      if (worst >= 30000 || size >= (size_t(256) << 20)) break;
+      const double rate = worst / double(size - size / 4);
+      // Once a round is long enough, one more at the same size; the better of the two counts (a single round
+      // is at the mercy of whatever else the machine did at that moment).
+      if (usPerByte > 0) {
+        usPerByte = std::min(usPerByte, rate);
+        break;
+      }
+      if (worst >= 30000 || size >= (size_t(256) << 20)) {
+        usPerByte = rate;
+        continue;
+      }
       size *= 2;
     }
     if (knobs().linkAlphaUs > 0) alpha = knobs().linkAlphaUs;

@@ -59,6 +59,7 @@ struct Topology {
   bool allShm = true;           // every peer pair uses shared memory
   bool oversubscribed = false;  // some host runs more ranks of this group than it has cores
   int maxLocal = 1;             // the most ranks of this group on one host
+  double cpuLoad = 1;           // the most ranks of this group per core on one machine (emulated hosts share one)
   // The link between hosts (nhosts > 1): one-way latency and inverse bandwidth, measured once at group creation
   // between the leaders of hosts 0 and 1 (or set by PLAIT_LINK_ALPHA_US / PLAIT_LINK_GBPS), the same on every rank.
   double linkAlphaUs = 0, linkUsPerByte = 0;

@@ -33,6 +33,7 @@ void register_backend(py::module_& m) {
                                d["all_shm"] = t.allShm;
                                d["oversubscribed"] = t.oversubscribed;
                                d["max_local"] = t.maxLocal;
+                               d["cpu_load"] = t.cpuLoad;
                                d["link_alpha_us"] = t.linkAlphaUs;
                                d["link_gbps"] = t.linkUsPerByte > 0 ? 8e-3 / t.linkUsPerByte : 0.0;
                                d["link_source"] = t.linkSource;

@@ -33,6 +33,14 @@ constexpr Table kTcp{30.0, {1 / 1500.0, 1 / 1500.0, 1 / 1500.0}, {1 / 2000.0, 1 
 constexpr double kLocalAlphaUs = 2.0;
 constexpr double kLocalUsPerByte = 1 / 4000.0;  // reduce one buffer into another out of a peer's ring
 constexpr double kMsgUs = 3.0;                  // engine + syscalls per message sent over TCP
+constexpr double kCallUs = 10.0;                // dist.all_reduce's Python, dispatcher and engine entry
+// A machine with more ranks than cores (emulated hosts on one box) pays for context switches: per collective
+// (every rank must be scheduled) and per step (the next rank must be woken). Fitted on the 2-core machine with 4
+// ranks; both vanish on real hosts with a core per rank.
+constexpr double kOversubCallUs = 40.0, kOversubStepUs = 10.0;
+// Concurrent TCP flows per rank cost CPU beyond the bytes (more sockets, wake-ups, smaller writes): the direct
+// schedules talk to every peer at once. Fitted on the emulated 10 Gbit/s links, where the CPU is the bottleneck.
+constexpr double kFlowPenalty = 0.06;
 
 const Table& table(const Topology& t) { return !t.allShm ? kTcp : t.oversubscribed ? kShmBusy : kShm; }
 
@@ -115,18 +123,21 @@ AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced) {
     p.twoShotUs = 2.0 * a + 0.2 * (n - 1) * a + 2.0 * frac * N * c.twoShot.at(bytes);
     p.hierRingUs = p.hierTreeUs = inf;
   } else {
-    const double a = t.linkAlphaUs + kMsgUs, beta = t.linkUsPerByte;
+    const double over = t.cpuLoad > 1 ? t.cpuLoad : 0.0;
+    const double a = t.linkAlphaUs + kMsgUs + over * kOversubStepUs, beta = t.linkUsPerByte;
+    const double call = kCallUs + over * kOversubCallUs;
+    const double flows = 1.0 + kFlowPenalty * std::max(0, n - 2);
     const int L = t.nhosts, k = t.maxLocal;
     // Work inside a host that cannot hide behind the link: reducing what arrives (once per byte received) and,
     // for hierarchical schedules, the host's own reduce and broadcast, pipelined with the link phase.
     const double fold = N * kLocalUsPerByte;
-    p.ringUs = 2.0 * (n - 1) * a + t.crossRing * N * beta + fold;
-    p.treeUs = 2.0 * log2ceil(n) * a + t.crossTree * N * beta + fold;
-    p.oneShotUs = a + (n - 2) * kMsgUs + t.crossOneShot * N * beta + (n - 1) * fold;
-    p.twoShotUs = 2.0 * a + 2.0 * (n - 2) * kMsgUs + t.crossTwoShot * N * beta + fold;
+    p.ringUs = call + 2.0 * (n - 1) * a + t.crossRing * N * beta + fold;
+    p.treeUs = call + 2.0 * log2ceil(n) * a + t.crossTree * N * beta + fold;
+    p.oneShotUs = call + a + (n - 2) * kMsgUs + t.crossOneShot * N * beta * flows + (n - 1) * fold;
+    p.twoShotUs = call + 2.0 * a + 2.0 * (n - 2) * kMsgUs + t.crossTwoShot * N * beta * flows + fold;
     const double local = k > 1 ? 2.0 * kLocalAlphaUs + 2.0 * (k - 1) * N * kLocalUsPerByte : 0.0;
     auto hier = [&](double cross, double steps, int blocks) {
-      const double link = steps * a + cross * N * beta + fold;
+      const double link = call + steps * a + cross * N * beta + fold;
       // The local phases overlap the link phase block by block: one block's worth shows, or all of the local
       // work if it is the slower of the two.
       return std::max(link, local) + local / blocks;

@@ -83,6 +83,9 @@ def parse_args(argv=None):
                                                       "default plait,gloo")
     p.add_argument("--algo", action="append", help="plait algorithm(s) to force, each in its own group: "
                                                    "auto, ring, tree, direct, hier, hier_ring, hier_tree (default auto)")
+    p.add_argument("--timing", default="iter", choices=("iter", "loop"),
+                   help="iter: median over iterations of the per-iteration max across ranks (default); loop: "
+                        "nccl-tests' average over back-to-back iterations, max across ranks")
     p.add_argument("--transport", default="auto", choices=("auto", "shm", "tcp"), help="plait transport")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not launched by torchrun")
@@ -296,7 +299,7 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _timed(case, group, iters, warmup, ctl, sync):
+def _timed(case, group, iters, warmup, ctl, sync, loop=False):
     import torch
     import torch.distributed as dist
 
@@ -304,6 +307,16 @@ def _timed(case, group, iters, warmup, ctl, sync):
     for _ in range(warmup):
         case.run(group)
     sync()
+    if loop:
+        # nccl-tests' method: the iterations back to back, total time / iterations, max across ranks.
+        dist.barrier(group=ctl)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            case.run(group)
+        sync()
+        total = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=ctl)
+        return [total.item() / iters]
     times = torch.zeros(iters, dtype=torch.float64)
     dist.barrier(group=ctl)
     for i in range(iters):
@@ -393,7 +406,7 @@ def worker(args):
                 if (op, label) in unsupported:
                     prog.step(f"{op} {human(case.nbytes)} {label}")
                     continue
-                times = _timed(case, group, iters, warmup, ctl, sync)
+                times = _timed(case, group, iters, warmup, ctl, sync, loop=args.timing == "loop")
                 t = statistics.median(times)
                 if op == "sendrecv":
                     t /= 2  # one way
@@ -450,7 +463,8 @@ def _meta(args, world):
             "world_size": world, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dtype": args.dtype, "redop": args.redop, "device": args.device,
             "argv": list(sys.argv), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "method": "median over iterations of the per-iteration max across ranks"}
+            "method": ("average over back-to-back iterations, max across ranks" if args.timing == "loop" else
+                       "median over iterations of the per-iteration max across ranks")}
 
 
 def write_csv(path, results):
