@@ -245,3 +245,27 @@ def test_rogue_tcp_clients_are_refused_and_the_job_goes_on():
                       "listener_proof_valid": True, "fresh_nonce": True, "replay": "refused"}, report
     refusals = res[0].log.count("refused a TCP connection")
     assert refusals >= 5, res[0].log[-3000:]
+
+
+def worker_streams(rank, ws):
+    import plait
+
+    failures = []
+    for algo in ["ring", "direct", "hier"]:
+        g = dist.new_group(backend="plait", pg_options=plait.Options(algo=algo))
+        for n in [1, 70_001, 1_000_003]:  # up to 8 MB: the byte stream crosses many 128 KiB stripes
+            t = torch.arange(n, dtype=torch.int64) * (rank + 1)
+            dist.all_reduce(t, group=g)
+            if not torch.equal(t, torch.arange(n, dtype=torch.int64) * (ws * (ws + 1) // 2)):
+                failures.append(f"{algo} n={n}")
+    out = [torch.empty(300_001, dtype=torch.int32) for _ in range(ws)]
+    dist.all_gather(out, torch.full((300_001,), rank, dtype=torch.int32))
+    if not all(torch.equal(o, torch.full_like(o, r)) for r, o in enumerate(out)):
+        failures.append("all_gather")
+    return failures
+
+
+def test_several_tcp_streams_per_pair_stripe_exactly():
+    env = {"PLAIT_TCP_STREAMS": "3"}
+    res = H.run_world(worker_streams, 3, rank_env=_host_env((0, 1, 1)), env=env)
+    assert res == [[], [], []], res
