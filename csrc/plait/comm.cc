@@ -258,29 +258,15 @@ void Comm::rendezvous(Store& store, const Options& opts) {
                                  : std::string()));
 }
 
-void Comm::rawWrite(int peer, const void* buf, size_t n, Clock::time_point deadline) {
-  const char* p = static_cast<const char*>(buf);
-  Channel* ch = channels_[peer].get();
-  while (n > 0) {
-    size_t w = ch->write(p, n);
-    p += w, n -= w;
-    if (w == 0) {
-      PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": timed out measuring the link to rank ", peer);
-      pollfd pfd{ch->pollFd(true), POLLOUT, 0};
-      poll(&pfd, 1, 1);
-    }
-  }
-}
-
-void Comm::rawRead(int peer, void* buf, size_t n, Clock::time_point deadline) {
+void Comm::rawIo(int peer, void* buf, size_t n, bool isWrite, Clock::time_point deadline) {
   char* p = static_cast<char*>(buf);
   Channel* ch = channels_[peer].get();
   while (n > 0) {
-    size_t r = ch->read(p, n);
-    p += r, n -= r;
-    if (r == 0) {
+    size_t k = isWrite ? ch->write(p, n) : ch->read(p, n);
+    p += k, n -= k;
+    if (k == 0) {
       PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": timed out measuring the link to rank ", peer);
-      pollfd pfd{ch->pollFd(false), POLLIN, 0};
+      pollfd pfd{ch->pollFd(isWrite), short(isWrite ? POLLOUT : POLLIN), 0};
       poll(&pfd, 1, 1);
     }
   }
@@ -310,11 +296,11 @@ void Comm::probeLink(Store& store) {
       for (int i = 0; i < 21; ++i) {
         auto t0 = Clock::now();
         if (me == 0) {
-          rawWrite(peer, &token, 8, deadline);
-          rawRead(peer, &token, 8, deadline);
+          rawIo(peer, &token, 8, true, deadline);
+          rawIo(peer, &token, 8, false, deadline);
         } else {
-          rawRead(peer, &token, 8, deadline);
-          rawWrite(peer, &token, 8, deadline);
+          rawIo(peer, &token, 8, false, deadline);
+          rawIo(peer, &token, 8, true, deadline);
         }
         rtt.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
       }
@@ -329,6 +315,7 @@ void Comm::probeLink(Store& store) {
     size_t size = 1 << 20;
     std::vector<char> out, in;
     double usPerByte = 0;
+    int extra = 0;
     for (int round = 0;; ++round) {
       out.resize(size);
       in.resize(size);
@@ -356,11 +343,12 @@ void Comm::probeLink(Store& store) {
       for (int h = 0; h < nh; ++h)
         worst = std::max(worst, std::atof(store.get(cat(prefix_, "probe/", round, "/", h)).c_str()));
       const double rate = worst / double(size - size / 4);
-      // Once a round is long enough, one more at the same size; the better of the two counts (a single round
-      // is at the mercy of whatever else the machine did at that moment).
+      // Once a round is long enough, two more at the same size; the best of the three counts (a single round is
+      // at the mercy of whatever else the machine did at that moment, and noise only ever slows a round down).
       if (usPerByte > 0) {
         usPerByte = std::min(usPerByte, rate);
-        break;
+        if (++extra == 2) break;
+        continue;
       }
       if (worst >= 30000 || size >= (size_t(256) << 20)) {
         usPerByte = rate;
@@ -677,6 +665,17 @@ void Comm::checkPeersAlive() {
   }
 }
 
+void Comm::addTcpPollFds(std::vector<pollfd>& fds) const {
+  for (int p = 0; p < size_; ++p) {
+    if (!channels_[p] || channels_[p]->kind() != TransportKind::kTcp) continue;
+    if (!recvQ_[p].empty()) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
+    if (sendQ_[p].empty()) continue;
+    const Xfer* x = sendQ_[p].front();
+    size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
+    if (x->hdrDone < sizeof(WireHeader) || x->done < limit) fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
+  }
+}
+
 bool Comm::slowWait(bool anyShm, bool anyTcp) {
   if (anyShm && anyTcp && shm_->bellFd() >= 0) {
     // Both at once (a host leader in a hierarchical collective): one poll(2) on the TCP sockets and the shared-memory
@@ -687,34 +686,14 @@ bool Comm::slowWait(bool anyShm, bool anyTcp) {
       return true;
     }
     std::vector<pollfd> fds{pollfd{shm_->bellFd(), POLLIN, 0}};
-    for (int p = 0; p < size_; ++p) {
-      if (!channels_[p] || channels_[p]->kind() != TransportKind::kTcp) continue;
-      if (!recvQ_[p].empty()) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
-      if (!sendQ_[p].empty()) {
-        const Xfer* x = sendQ_[p].front();
-        size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
-        if (x->hdrDone < sizeof(WireHeader) || x->done < limit)
-          fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
-      }
-    }
+    addTcpPollFds(fds);
     poll(fds.data(), fds.size(), 2);
     shm_->retractPoll();
     return false;
   }
   if (anyTcp) {
     std::vector<pollfd> fds;
-    for (int p = 0; p < size_; ++p) {
-      if (!channels_[p] || channels_[p]->kind() != TransportKind::kTcp) continue;
-      short ev = 0;
-      if (!recvQ_[p].empty()) ev |= POLLIN;
-      if (!sendQ_[p].empty()) {
-        const Xfer* x = sendQ_[p].front();
-        size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
-        if (x->hdrDone < sizeof(WireHeader) || x->done < limit) ev |= POLLOUT;
-      }
-      if (ev & POLLIN) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
-      if (ev & POLLOUT) fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
-    }
+    addTcpPollFds(fds);
     if (!fds.empty()) poll(fds.data(), fds.size(), anyShm ? 0 : 2);
   }
   if (anyShm) {

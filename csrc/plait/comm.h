@@ -4,6 +4,8 @@
 // that ranks which disagree about a collective fail loudly instead of corrupting data.
 #pragma once
 
+#include <poll.h>
+
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -164,6 +166,7 @@ class Comm {
   bool drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, std::chrono::milliseconds timeout);
   // Sleeps until a peer may have changed something (doorbell or poll); true if it found work instead.
   bool slowWait(bool anyShm, bool anyTcp);
+  void addTcpPollFds(std::vector<struct pollfd>& fds) const;
   Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
   void checkP2PDeadlines(Clock::time_point now);
   void checkPeersAlive();
@@ -173,8 +176,8 @@ class Comm {
   // Measures the inter-host link (latency by ping-pong, bandwidth by a stream long enough to drain any token
   // bucket) between the leaders of hosts 0 and 1 and shares the result through the store.
   void probeLink(Store& store);
-  void rawWrite(int peer, const void* buf, size_t n, Clock::time_point deadline);
-  void rawRead(int peer, void* buf, size_t n, Clock::time_point deadline);
+  void rawIo(int peer, void* buf, size_t n, bool isWrite, Clock::time_point deadline);
+  // The TCP sockets the pending transfers wait on (readable for receives, writable for sends that can move).
   std::string describePending() const;
 
   int rank_, size_;
