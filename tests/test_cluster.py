@@ -126,3 +126,34 @@ def test_killing_a_host_fails_every_other_host_naming_the_lost_ranks(cluster_fac
         assert "ranks 4, 5" in e["msg"], f"{name}: {e['msg']}"
         assert e["at"] - t_kill < 30, f"{name}: took {e['at'] - t_kill:.1f} s to notice"
         print(f"{name}: {e['at'] - t_kill:.2f} s: {e['msg']}")
+
+
+def test_a_host_that_goes_silent_is_declared_lost_without_waiting_for_the_group_timeout(cluster_factory, tmp_path):
+    # "Pull the cable" of host 2: its interface goes down, its processes live on and nothing closes the
+    # connections (no FIN, no RST). Keepalive / TCP_USER_TIMEOUT must declare its rank lost long before the
+    # group's 60 s timeout.
+    hosts = 3
+    c = cluster_factory(hosts, rate="1gbit")
+    port = H.free_port()
+    out = str(tmp_path)
+    procs = [c.popen(r, [sys.executable, WORKER, "fault", out], env=_env_rank(c, r, hosts, port,
+                                                                                 PLAIT_TCP_DEAD_PEER_S="3"),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(hosts)]
+    end = time.time() + 120
+    while len(_read(out, "started*.json")) < hosts:
+        assert time.time() < end and all(p.poll() is None for p in procs), "ranks did not start"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    c.run(2, ["ip", "link", "set", "eth0", "down"], check=True)
+    t_cut = time.time()
+    with open(os.path.join(out, "killed"), "w"):
+        pass
+    for r in (0, 1):
+        procs[r].communicate(timeout=50)
+    errors = _read(out, "error*.json")
+    for r in (0, 1):
+        e = errors.get(f"error{r}.json")
+        assert e, (errors, procs[r].stdout)
+        assert "(ranks 2)" in e["msg"], e["msg"]
+        assert e["at"] - t_cut < 30, f"rank {r} took {e['at'] - t_cut:.1f} s"
+        print(f"rank {r}: {e['at'] - t_cut:.1f} s: {e['msg']}")

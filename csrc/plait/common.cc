@@ -70,6 +70,7 @@ const Knobs& knobs() {
     k.spinUs = int64_t(envSize("PLAIT_SPIN_US", 200));
     k.yieldUs = int64_t(envSize("PLAIT_YIELD_US", 1000));
     k.tcpStreams = std::max(1, std::min(16, int(envSize("PLAIT_TCP_STREAMS", 1))));
+    k.tcpDeadPeerS = int(envSize("PLAIT_TCP_DEAD_PEER_S", 15));
     k.linkProbe = envSize("PLAIT_LINK_PROBE", 1) != 0;
     k.linkGbps = std::strtod(envStr("PLAIT_LINK_GBPS", "0").c_str(), nullptr);
     k.testDialDelayMs = int64_t(envSize("PLAIT_TEST_DIAL_DELAY_MS", 0));

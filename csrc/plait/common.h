@@ -58,6 +58,7 @@ struct Knobs {
   int64_t spinUs;          // PLAIT_SPIN_US: busy-poll this long before yielding (when each local rank has a core)
   int64_t yieldUs;         // PLAIT_YIELD_US: then yield until this long before sleeping
   int tcpStreams;          // PLAIT_TCP_STREAMS: TCP connections per peer pair, data striped over them
+  int tcpDeadPeerS;        // PLAIT_TCP_DEAD_PEER_S: a silent TCP peer counts as lost after about this long (0: off)
   bool linkProbe;          // PLAIT_LINK_PROBE: measure the inter-host link's alpha/beta at group creation
   double linkGbps;         // PLAIT_LINK_GBPS: inter-host bandwidth for the cost model (0 = probe / default)
   double linkAlphaUs;      // PLAIT_LINK_ALPHA_US: inter-host one-way latency for the cost model (0 = probe)

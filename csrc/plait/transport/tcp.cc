@@ -59,6 +59,19 @@ void tuneSocket(int fd) {
   int buf = kSockBufBytes;
   setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
   setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+  // A peer host that vanishes without closing its connections (power, cable, partition) sends no FIN or RST:
+  // keepalive probes catch it on an idle connection, TCP_USER_TIMEOUT when data stays unacknowledged, both
+  // within about PLAIT_TCP_DEAD_PEER_S seconds instead of the group's (often 30-minute) timeout.
+  const int deadS = knobs().tcpDeadPeerS;
+  if (deadS > 0) {
+    int idle = std::max(1, deadS / 3), intvl = std::max(1, deadS / 6), cnt = 3;
+    unsigned userMs = unsigned(deadS) * 1000u;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userMs, sizeof(userMs));
+  }
 }
 void setNonBlocking(int fd, bool on) {
   int fl = fcntl(fd, F_GETFL);
