@@ -331,3 +331,13 @@ def check_random_float_consistency(c: Checker, g, vgroup, rank, ws, counts):
                 if n and not torch.allclose(t.to(torch.float64), s, rtol=tol, atol=tol * ws * 2):
                     err = (t.to(torch.float64) - s).abs().max().item()
                     c.fail(f"random all_reduce {dt_name(dt)} n={n} op={op}: max abs error {err} vs float64 reference")
+
+
+def check_other_collectives(c: Checker, g, rank, ws, dtypes, counts):
+    """Every collective except all_reduce: broadcast, reduce, all_gather, reduce_scatter, all_to_all, gather/scatter."""
+    check_broadcast(c, g, rank, ws, dtypes, counts)
+    check_reduce(c, g, rank, ws, dtypes, counts)
+    check_all_gather(c, g, rank, ws, dtypes, counts)
+    check_reduce_scatter(c, g, rank, ws, dtypes, [0, 1, 7, 251])
+    check_all_to_all(c, g, rank, ws, dtypes, counts)
+    check_gather_scatter(c, g, rank, ws, dtypes, counts)

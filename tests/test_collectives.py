@@ -68,12 +68,7 @@ def worker_matrix(rank, ws, level):
         C.check_all_reduce(c, g, rank, ws, ar_dtypes, COUNTS)
         C.check_all_reduce(c, g, rank, ws, _rot(ar_dtypes, i, 2), [5, 1003], async_batch=False)
         C.check_all_reduce_coalesced(c, g, rank, ws, other, [1, 7, 0, 1003])
-        C.check_broadcast(c, g, rank, ws, other, COUNTS)
-        C.check_reduce(c, g, rank, ws, other, COUNTS)
-        C.check_all_gather(c, g, rank, ws, other, COUNTS)
-        C.check_reduce_scatter(c, g, rank, ws, other, [0, 1, 7, 251])
-        C.check_all_to_all(c, g, rank, ws, other, COUNTS)
-        C.check_gather_scatter(c, g, rank, ws, other, COUNTS)
+        C.check_other_collectives(c, g, rank, ws, other, COUNTS)
         C.check_random_float_consistency(c, g, vgroup, rank, ws, [1003, 4099] if full else [1003])
         dist.barrier(group=g)
         failures += c.failures

@@ -51,12 +51,7 @@ def worker_layout(rank, ws, layout):
     # The other collectives across hosts on the default group.
     c = C.Checker(label=f"layout={layout} default: ")
     dts = [torch.float32, torch.int8, torch.float16]
-    C.check_broadcast(c, None, rank, ws, dts, COUNTS)
-    C.check_reduce(c, None, rank, ws, dts, COUNTS)
-    C.check_all_gather(c, None, rank, ws, dts, COUNTS)
-    C.check_reduce_scatter(c, None, rank, ws, dts, [0, 1, 7, 251])
-    C.check_all_to_all(c, None, rank, ws, dts, COUNTS)
-    C.check_gather_scatter(c, None, rank, ws, dts, COUNTS)
+    C.check_other_collectives(c, None, rank, ws, dts, COUNTS)
     failures += c.failures
     checks += c.checks
     return dict(failures=failures, checks=checks, topo=topo)
