@@ -430,12 +430,11 @@ std::string Comm::originOfFailure() {
   return "";
 }
 
-void Comm::fail(const std::string& what) {
+void Comm::fail(const std::string& what, bool secondHand) {
   // A rank that learns of a failure second-hand (abort flag, a peer hanging up) adds what the first one saw: from
   // the failed peer's control connection if it said anything, else from the store.
   std::string msg = what;
-  const bool toldByPeer = what.find(" aborted because peer rank ") != std::string::npos;  // already says why
-  if (failure_.empty() && !toldByPeer) {
+  if (failure_.empty() && !secondHand) {
     std::string heard = tcp_ ? heardFromTcpPeers(std::chrono::milliseconds(50)) : "";
     msg = heard.empty() ? what + originOfFailure() : cat(what, " (", heard, ")");
   }
@@ -655,7 +654,7 @@ void Comm::checkPeersAlive() {
     std::string why;
     int by = shm_->abortedBy(&why);
     if (by >= 0)
-      throw Error(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by, " failed: ", why));
+      throw PeerFailed(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by, " failed: ", why));
   }
   for (int p = 0; p < size_; ++p) {
     if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty())) continue;
@@ -787,6 +786,8 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
       ++stats_.sleeps;
       if (slowWait(anyShm, anyTcp)) idle = false;
     }
+  } catch (const PeerFailed& e) {
+    fail(e.what(), true);
   } catch (const Error& e) {
     fail(e.what());
   }

@@ -144,7 +144,8 @@ class Comm {
   // Scratch memory owned by the communicator (grows, reused across collectives).
   char* scratch(size_t bytes);
   // Marks the communicator failed (peers are told), so later calls fail fast; returns the message.
-  [[noreturn]] void fail(const std::string& msg);
+  // `secondHand`: the message already carries the original failure (a local peer's own error), so nothing is added.
+  [[noreturn]] void fail(const std::string& msg, bool secondHand = false);
   std::string where() const;  // "rank R, all_reduce seq S"
 
   // Threads for whole-buffer reductions: PLAIT_THREADS, else the cores this host has per local rank.

@@ -16,6 +16,12 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& msg) : std::runtime_error(msg) {}
 };
 
+// A failure another rank reported, whose message already names the original cause.
+class PeerFailed : public Error {
+ public:
+  using Error::Error;
+};
+
 template <typename... Args>
 std::string cat(const Args&... args) {
   std::ostringstream os;
