@@ -1,4 +1,5 @@
 #include "plait/comm.h"
+#include "plait/device.h"
 
 #include <fcntl.h>
 #include <sched.h>
@@ -133,7 +134,70 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   rendezvous(*store, opts);
 }
 
+void Comm::setDevice(int device, void* stream) {
+  if (!dev_ && !viaHost_) {
+    std::unique_ptr<DeviceOps> ops;
+    if (knobs().device == "emulate") {
+      ops = makeEmulatedDeviceOps(timeout_);
+    } else {
+      std::string why;
+      ops = makeCudaDeviceOps(&why);
+      PLAIT_CHECK(ops, "plait: rank ", rank_, ": CUDA device collectives are unavailable: ", why);
+    }
+    ops->bind(device, stream);
+    if (deviceSupported())
+      dev_ = std::make_unique<DeviceEngine>(*this, *store_, prefix_, std::move(ops), knobs().deviceBufferBytes);
+    else
+      viaHost_ = std::move(ops);
+  }
+  (dev_ ? dev_->ops() : *viaHost_).bind(device, stream);
+  devActive_ = true;
+  topo_.device = dev_ != nullptr;
+}
+
+void Comm::clearDevice() {
+  if (devActive_ && dev_) dev_->flush();
+  devActive_ = false;
+  topo_.device = false;
+}
+
+void Comm::checkDevicePeers() {
+  if (shm_) {
+    std::string why;
+    int by = shm_->abortedBy(&why);
+    if (by >= 0)
+      fail(cat("plait: rank ", rank_, ": ", where(), " (device) aborted because peer rank ", by, " failed: ", why), true);
+  }
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_ && processGone(pids_[p]))
+      fail(cat("plait: rank ", rank_, ": peer rank ", p, " (pid ", pids_[p], ") died during ", where(), " (device)"));
+}
+
+std::string Comm::deviceEngineName() const {
+  return dev_ ? dev_->name() : viaHost_ ? cat(viaHost_->name(), " via host") : "";
+}
+
+void Comm::localCopy(void* dst, const void* src, size_t bytes) {
+  if (devActive_ && dev_) dev_->copy(dst, src, bytes);
+  else if (devActive_) viaHost_->copy(dst, src, bytes);
+  else if (bytes && dst != src) std::memmove(dst, src, bytes);
+}
+
+void Comm::localReduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t count) {
+  if (devActive_ && dev_) dev_->reduce(op, dtype, dst, a, b, count);
+  else if (devActive_) viaHost_->reduce(op, dtype, dst, a, b, count);
+  else plait::reduce(op, dtype, dst, a, b, count, reduceThreads());
+}
+
 Comm::~Comm() {
+  dev_.reset();
+  if (viaHost_) {
+    try {
+      viaHost_->synchronize();
+    } catch (...) {
+    }
+    if (hostStage_) viaHost_->releaseHost(hostStage_);
+  }
   if (knobs().debug >= 2)
     logInfo(cat("rank ", rank_, " stats: ", stats_.collectives, " collectives, ", stats_.spinsIdle, " idle spins, ",
                 stats_.yields, " yields, ", stats_.sleeps, " sleeps"));
@@ -375,6 +439,14 @@ void Comm::begin(const CollCtx& ctx) {
   if (!failure_.empty())
     throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
   PLAIT_CHECK(pendingColl_ == 0, "plait: internal: a collective began with transfers still pending");
+  if (dev_) {
+    int bad = dev_->sizeMismatchPeer();
+    if (bad >= 0)
+      fail(cat("plait: rank ", rank_, ": a device collective received from peer rank ", bad,
+               " a different number of bytes than this rank expected (the ranks called different collectives or "
+               "sizes); that transfer was dropped, so device results since then are invalid (before ",
+               collName(ctx.coll), ")"));
+  }
   trimXfers();
   ctx_ = ctx;
   if (ctx.coll != Coll::kSendRecv) ++seq_;
@@ -387,6 +459,12 @@ void Comm::begin(const CollCtx& ctx) {
 
 Comm::Xfer* Comm::post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
+  if (devActive_ && dev_) {
+    PLAIT_CHECK(ctx_.coll != Coll::kSendRecv, "plait: internal: point-to-point in device mode");
+    xfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
+    dev_->record(&xfers_.back(), ctx_.op, ctx_.dtype);
+    return &xfers_.back();
+  }
   xfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
   Xfer* x = &xfers_.back();
   const bool p2p = ctx_.coll == Coll::kSendRecv;
@@ -413,6 +491,7 @@ Comm::Xfer* Comm::postRecvReduce(int peer, void* buf, size_t bytes, const Xfer* 
 }
 
 char* Comm::scratch(size_t bytes) {
+  if (devActive_ && dev_) return dev_->scratch(bytes);
   if (scratch_.size() < bytes) scratch_.resize(bytes);
   return scratch_.data();
 }
@@ -721,6 +800,11 @@ void Comm::checkP2PDeadlines(Clock::time_point now) {
 }
 
 bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
+  if (devActive_ && dev_) {  // enqueue: the device does the waiting
+    dev_->flush();
+    xfers_.clear();
+    return true;
+  }
   bool ok = pendingColl_ == 0 || drive(Clock::now() + timeout, false, throwOnTimeout, timeout);
   if (ok) trimXfers();
   return ok;

@@ -23,6 +23,8 @@ namespace plait {
 
 class ShmDomain;
 class TcpDomain;
+class DeviceEngine;
+class DeviceOps;
 
 enum class Coll : uint8_t {
   kAllreduce = 1, kBroadcast, kReduce, kAllgather, kReduceScatter, kAlltoall, kGather, kScatter, kBarrier,
@@ -68,6 +70,8 @@ struct Topology {
   std::string linkSource;
   // Bytes each all-reduce schedule moves through the busiest host's link (in or out), per byte of the buffer.
   double crossRing = 0, crossTree = 0, crossOneShot = 0, crossTwoShot = 0, crossHierRing = 0, crossHierTree = 0;
+  // The collective runs on device memory through the device engine (set only while one does).
+  bool device = false;
 };
 
 class Comm {
@@ -84,7 +88,25 @@ class Comm {
   std::chrono::milliseconds timeout() const { return timeout_; }
   void setTimeout(std::chrono::milliseconds t) { timeout_ = t; }
 
-  // ---- collectives (algo/*.cc); buffers are host memory, counts are elements ----
+  // ---- device buffers (plait/device.h) ----
+  // While set, the collectives below take device pointers (CUDA, or PLAIT_DEVICE=emulate) and enqueue their work on
+  // `stream` (a cudaStream_t) without waiting for it; point-to-point and barrier stay on the host. Every rank of the
+  // group must make the same collective calls in device mode. Needs deviceSupported().
+  void setDevice(int device, void* stream);
+  void clearDevice();
+  bool onDevice() const { return devActive_; }
+  // Every rank is on this host (the same answer on every rank): device collectives run over the device engine.
+  // Otherwise they stage through page-locked host memory and run on the host engine (the host waits for the copies).
+  bool deviceSupported() const { return topo_.nhosts == 1; }
+  // "cuda" / "emulated" (device engine), "cuda via host" / "emulated via host", or "" before the first device call.
+  std::string deviceEngineName() const;
+  // Throws (telling the peers) if a peer failed or its process is gone: for hosts that wait on device flags.
+  void checkDevicePeers();
+  // Local work in the collective's order: host memmove / reduction, or stream-ordered on the device.
+  void localCopy(void* dst, const void* src, size_t bytes);
+  void localReduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t count);
+
+  // ---- collectives (algo/*.cc); buffers are host memory (device memory in device mode), counts are elements ----
   void allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo = Algo::kAuto);
   void broadcast(void* buf, size_t bytes, int root);
   // Result lands in buf on root; other ranks' buf are left unchanged.
@@ -177,6 +199,25 @@ class Comm {
   // Measures the inter-host link (latency by ping-pong, bandwidth by a stream long enough to drain any token
   // bucket) between the leaders of hosts 0 and 1 and shares the result through the store.
   void probeLink(Store& store);
+  // Device mode: the collectives copy their buffers through the staging buffer (algo/collectives.cc).
+  void deviceAllreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo);
+  void deviceBroadcast(void* buf, size_t bytes, int root);
+  void deviceReduce(void* buf, size_t count, DType dtype, RedOp op, int root);
+  void deviceAllgather(const void* in, void* out, const std::vector<size_t>& bytes);
+  void deviceReduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op);
+  void deviceAlltoall(const void* in, const std::vector<size_t>& sendBytes, void* out,
+                      const std::vector<size_t>& recvBytes);
+  void deviceGather(const void* in, size_t bytes, void* out, int root);
+  void deviceScatter(const void* in, void* out, size_t bytes, int root);
+  // True when a public collective should take the staged device path (not yet inside it).
+  bool stageOnDevice() const { return devActive_ && !devStaged_; }
+  // The staging buffer a device collective copies through: the device engine's (`need` must be the same on every
+  // rank: it may grow, collectively) or the page-locked host buffer (grows locally).
+  char* stageBuf(size_t need);
+  size_t stageSlice() const;  // bytes an element-wise collective handles per pass
+  // Runs a collective's body on the staged pointers: on the device engine, or on the host after the copies in.
+  template <typename F>
+  void runStaged(F&& body);
   void rawIo(int peer, void* buf, size_t n, bool isWrite, Clock::time_point deadline);
   // The TCP sockets the pending transfers wait on (readable for receives, writable for sends that can move).
   std::string describePending() const;
@@ -212,6 +253,12 @@ class Comm {
     uint64_t collectives = 0, yields = 0, sleeps = 0, spinsIdle = 0;
   } stats_;  // printed at destruction with PLAIT_DEBUG=TRACE
   std::atomic<bool> interrupt_{false};
+  std::unique_ptr<DeviceEngine> dev_;    // one host: the device engine
+  std::unique_ptr<DeviceOps> viaHost_;  // several hosts: device buffers staged through host memory
+  char* hostStage_ = nullptr;
+  size_t hostStageBytes_ = 0;
+  bool devActive_ = false;
+  bool devStaged_ = false;  // inside a staged device collective: pointers are in the staging buffer
 };
 
 }  // namespace plait

@@ -75,6 +75,10 @@ const Knobs& knobs() {
     k.linkGbps = std::strtod(envStr("PLAIT_LINK_GBPS", "0").c_str(), nullptr);
     k.testDialDelayMs = int64_t(envSize("PLAIT_TEST_DIAL_DELAY_MS", 0));
     k.linkAlphaUs = std::strtod(envStr("PLAIT_LINK_ALPHA_US", "0").c_str(), nullptr);
+    k.device = envStr("PLAIT_DEVICE", "auto");
+    if (k.device != "auto" && k.device != "emulate")
+      throw Error(cat("plait: PLAIT_DEVICE=", k.device, " is not one of auto, emulate"));
+    k.deviceBufferBytes = envSize("PLAIT_DEVICE_BUFFER_BYTES", size_t(64) << 20);
     return k;
   }();
   return k;

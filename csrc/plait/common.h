@@ -69,6 +69,8 @@ struct Knobs {
   double linkGbps;         // PLAIT_LINK_GBPS: inter-host bandwidth for the cost model (0 = probe / default)
   double linkAlphaUs;      // PLAIT_LINK_ALPHA_US: inter-host one-way latency for the cost model (0 = probe)
   int64_t testDialDelayMs; // PLAIT_TEST_DIAL_DELAY_MS: tests only: wait this long before dialing TCP peers
+  std::string device;      // PLAIT_DEVICE: auto (CUDA tensors use CUDA) | emulate (tests: CPU tensors run the device engine)
+  size_t deviceBufferBytes;  // PLAIT_DEVICE_BUFFER_BYTES: initial staging buffer per rank for device collectives
 };
 const Knobs& knobs();
 

@@ -35,10 +35,8 @@ void checkTensor(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.defined(), "plait: ", op, ": ", arg, " is an undefined tensor");
   TORCH_CHECK(t.layout() == at::kStrided, "plait: ", op, ": ", arg,
               " is a sparse (or non-strided) tensor; plait supports dense tensors only");
-  TORCH_CHECK(!t.is_cuda(), "plait: ", op, ": CUDA tensors are not supported yet (", arg, " is on ", t.device(),
-              "); use CPU tensors, or the nccl backend for CUDA");
-  TORCH_CHECK(t.device().is_cpu(), "plait: ", op, ": ", arg, " is on device ", t.device(),
-              ", plait supports CPU tensors");
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "plait: ", op, ": ", arg, " is on device ", t.device(),
+              ", plait supports CPU and CUDA tensors");
 }
 
 void checkSameKind(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg) {
@@ -136,7 +134,28 @@ PlaitWork::PlaitWork(int rank, c10d::OpType type, std::vector<at::Tensor> output
 
 void PlaitWork::markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f) {
   if (error_) f->setError(error_);
+  else if (cuda_) cudaMarkFuture(*cuda_, *f, c10::IValue(outputs_));
   else f->markCompleted(c10::IValue(outputs_));
+}
+
+bool PlaitWork::wait(std::chrono::milliseconds timeout) {
+  bool ok = c10d::Work::wait(timeout);  // CUDA: until enqueued (and rethrows its error)
+  if (cuda_) cudaBlockCurrentStream(*cuda_);
+  return ok;
+}
+
+bool PlaitWork::isCompleted() {
+  bool enqueued = c10d::Work::isCompleted();
+  if (!cuda_ || !enqueued) return enqueued;
+  return exception() != nullptr || cudaQueryDone(*cuda_);
+}
+
+void PlaitWork::synchronize() {
+  if (cuda_) wait();
+}
+
+void PlaitWork::blockCurrentStream() {
+  if (cuda_) wait();
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> PlaitWork::getFuture() {
@@ -145,7 +164,8 @@ c10::intrusive_ptr<c10::ivalue::Future> PlaitWork::getFuture() {
   {
     std::lock_guard<std::mutex> lk(futureMu_);
     if (!future_) {
-      future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()));
+      future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
+                                                         cuda_ ? cudaDevices(*cuda_) : std::vector<c10::Device>{});
       markNow = done_;
     }
     f = future_;
@@ -266,8 +286,44 @@ void PlaitBackend::loop() {
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes,
-                                                    bool sync, Task fn, bool deferred) {
+                                                    bool sync, Task fn, bool deferred,
+                                                    std::vector<at::Tensor> inputs) {
+  at::Device device(at::kCPU);
+  for (const auto* ts : {&outputs, &inputs})
+    for (const auto& t : *ts)
+      if (t.defined() && device.is_cpu() && t.is_cuda()) device = t.device();
+  const bool collective = !deferred && type != c10d::OpType::BARRIER;
+  std::shared_ptr<CudaCall> call;
+  if (device.is_cuda()) {
+    call = cudaCapture(*streams_, device);
+    std::vector<at::Tensor> used = outputs;
+    used.insert(used.end(), inputs.begin(), inputs.end());
+    fn = [this, call, used = std::move(used), fn = std::move(fn), collective]() {
+      CudaScope scope(*call, used);
+      if (collective) comm_->setDevice(scope.device(), scope.stream());
+      try {
+        fn();
+      } catch (...) {
+        if (collective) comm_->clearDevice();
+        throw;
+      }
+      if (collective) comm_->clearDevice();
+      cudaRecordDone(*call);
+    };
+  } else if (collective && plait::knobs().device == "emulate") {
+    fn = [this, fn = std::move(fn)]() {
+      comm_->setDevice(-1, nullptr);
+      try {
+        fn();
+      } catch (...) {
+        comm_->clearDevice();
+        throw;
+      }
+      comm_->clearDevice();
+    };
+  }
   auto work = c10::make_intrusive<PlaitWork>(getRank(), type, std::move(outputs));
+  if (call) work->setCuda(call);
   std::unique_lock<std::mutex> lk(mu_);
   if (queue_.empty() && !busy_ && (sync || bytes <= plait::knobs().inlineBytes)) {
     // Nothing ahead of it, and the caller waits for it anyway (or it is small): run on the caller's thread,
@@ -396,7 +452,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<a
       outs[i].copy_(piece.view(outs[i].scalar_type()).view(outs[i].sizes()));
       off += bytes[i];
     }
-  });
+  }, false, inputs);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
@@ -411,7 +467,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output,
                 [this, output, input, bytes]() mutable {
                   at::Tensor in = input.contiguous();
                   onContiguous(output, [&](at::Tensor& c) { comm_->allgather(in.data_ptr(), c.data_ptr(), bytes); });
-                });
+                }, false, {input});
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputLists,
@@ -482,7 +538,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::gather(std::vector<std::vector<at::
     comm_->gather(in.data_ptr(), b, flat.data_ptr(), root);
     for (size_t i = 0; i < outs.size(); ++i)
       outs[i].copy_(flat.narrow(0, int64_t(i * b), int64_t(b)).view(in.scalar_type()).view(outs[i].sizes()));
-  });
+  }, false, inputs);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::scatter(std::vector<at::Tensor>& outputs,
@@ -516,7 +572,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::scatter(std::vector<at::Tensor>& ou
       at::Tensor all = at::cat(flat);
       comm_->scatter(all.data_ptr(), c.data_ptr(), nbytes(c), root);
     });
-  });
+  }, false, ins);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter(std::vector<at::Tensor>& outputs,
@@ -547,7 +603,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter(std::vector<at::Tens
       comm_->reduceScatter(all.data_ptr(), c.data_ptr(), counts, dt, red.op);
       postReduce(red, c, getSize());
     });
-  });
+  }, false, ins);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
@@ -570,7 +626,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_reduce_scatter_base(at::Tensor& ou
                     comm_->reduceScatter(in.data_ptr(), c.data_ptr(), counts, dt, red.op);
                     postReduce(red, c, getSize());
                   });
-                });
+                }, false, {input});
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter_tensor_coalesced(std::vector<at::Tensor>& outputs,
@@ -623,7 +679,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, a
                   onContiguous(output, [&](at::Tensor& c) {
                     comm_->alltoall(in.data_ptr(), sendBytes, c.data_ptr(), recvBytes);
                   });
-                });
+                }, false, {input});
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
@@ -654,7 +710,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& o
                            .view(outputs[i].sizes()));
       off += recvBytes[i];
     }
-  });
+  }, false, inputs);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::send(std::vector<at::Tensor>& tensors, int dstRank, int tag) {
@@ -666,7 +722,8 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::send(std::vector<at::Tensor>& tenso
   return submit(
       c10d::OpType::SEND, tensors, nbytes(tensors[0]), false,
       [this, tensors, dstRank, tag]() {
-        at::Tensor c = tensors[0].contiguous();
+        // CUDA tensors go through host memory (on the communication stream, after the caller's work).
+        at::Tensor c = tensors[0].is_cuda() ? tensors[0].to(at::kCPU) : tensors[0].contiguous();
         comm_->isend(c.data_ptr(), nbytes(c), dstRank, tag, completer(current_, c, at::Tensor()));
       },
       true);
@@ -681,7 +738,8 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::recv(std::vector<at::Tensor>& tenso
   return submit(
       c10d::OpType::RECV, tensors, nbytes(tensors[0]), false,
       [this, tensors, srcRank, tag]() {
-        at::Tensor c = tensors[0].contiguous();
+        at::Tensor c = tensors[0].is_cuda() ? at::empty(tensors[0].sizes(), tensors[0].options().device(at::kCPU))
+                                            : tensors[0].contiguous();
         comm_->irecv(c.data_ptr(), nbytes(c), srcRank, tag, completer(current_, c, tensors[0]));
       },
       true);

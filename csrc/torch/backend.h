@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "plait/comm.h"
+#include "torch/cuda_glue.h"
 
 namespace plait_torch {
 
@@ -26,6 +27,13 @@ class PlaitWork : public c10d::Work {
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   std::vector<at::Tensor> result() override { return outputs_; }
   void complete(std::exception_ptr error);
+  // CUDA work: wait() returns once the work is enqueued and makes the caller's current stream wait for it; the
+  // future is CUDA-aware.
+  void setCuda(std::shared_ptr<CudaCall> call) { cuda_ = std::move(call); }
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  bool isCompleted() override;
+  void synchronize() override;
+  void blockCurrentStream() override;
 
  private:
   void markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f);
@@ -34,6 +42,7 @@ class PlaitWork : public c10d::Work {
   bool done_ = false;
   std::exception_ptr error_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::shared_ptr<CudaCall> cuda_;
 };
 
 class PlaitBackend : public c10d::Backend {
@@ -99,13 +108,17 @@ class PlaitBackend : public c10d::Backend {
   // Runs fn in issue order (inline when nothing is queued and bytes is small). With `deferred`, fn posts a
   // point-to-point transfer whose completion callback completes the Work later.
   // `sync`: the caller will wait at once (opts.asyncOp false), so it may as well run the collective itself.
+  // CUDA tensors (outputs, else inputs, decide the device): fn runs on the communication stream after the caller's
+  // (cuda_glue.h), with the communicator in device mode for collectives; PLAIT_DEVICE=emulate puts CPU collectives
+  // through the device engine too (tests).
   c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, bool sync,
-                                        Task fn, bool deferred = false);
+                                        Task fn, bool deferred = false, std::vector<at::Tensor> inputs = {});
   void run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn, bool deferred);
   plait::Comm::Done completer(c10::intrusive_ptr<PlaitWork> work, at::Tensor keep, at::Tensor copyBackTo);
   void loop();
 
   std::unique_ptr<plait::Comm> comm_;
+  std::shared_ptr<CudaStreams> streams_ = cudaStreams();
   std::mutex mu_;  // guards queue_, busy_
   std::condition_variable cv_, idleCv_;
   struct Item {

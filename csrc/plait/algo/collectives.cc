@@ -15,6 +15,7 @@ size_t sum(const std::vector<size_t>& v) {
 }  // namespace
 
 void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
+  if (stageOnDevice()) return deviceAllreduce(buf, count, dtype, op, algo);
   begin(CollCtx{Coll::kAllreduce, dtype, op, 0, count});
   const size_t es = dtypeSize(dtype), bytes = count * es;
   if (size_ == 1) return;
@@ -62,15 +63,16 @@ void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) 
           postRecv(p, s + size_t(p) * bytes, bytes);
         }
         waitAll();
-        std::memcpy(s + size_t(rank_) * bytes, b, bytes);
-        plait::reduce(op, dtype, b, s, s + bytes, count, reduceThreads());
-        for (int p = 2; p < size_; ++p) plait::reduce(op, dtype, b, b, s + size_t(p) * bytes, count, reduceThreads());
+        localCopy(s + size_t(rank_) * bytes, b, bytes);
+        localReduce(op, dtype, b, s, s + bytes, count);
+        for (int p = 2; p < size_; ++p) localReduce(op, dtype, b, b, s + size_t(p) * bytes, count);
       }
       break;
   }
 }
 
 void Comm::broadcast(void* buf, size_t bytes, int root) {
+  if (stageOnDevice()) return deviceBroadcast(buf, bytes, root);
   begin(CollCtx{Coll::kBroadcast, DType::kUInt8, RedOp::kSum, root, bytes});
   if (size_ == 1) return;
   treeUpDown(*this, static_cast<char*>(buf), bytes, heapTree(rank_, size_, root, false), false, true);
@@ -78,6 +80,7 @@ void Comm::broadcast(void* buf, size_t bytes, int root) {
 }
 
 void Comm::reduce(void* buf, size_t count, DType dtype, RedOp op, int root) {
+  if (stageOnDevice()) return deviceReduce(buf, count, dtype, op, root);
   begin(CollCtx{Coll::kReduce, dtype, op, root, count});
   if (size_ == 1) return;
   const size_t bytes = count * dtypeSize(dtype);
@@ -85,7 +88,7 @@ void Comm::reduce(void* buf, size_t count, DType dtype, RedOp op, int root) {
   char* acc = static_cast<char*>(buf);
   if (rank_ != root && t.nchild > 0) {  // interior ranks accumulate in scratch: their input stays untouched
     acc = scratch(bytes);
-    std::memcpy(acc, buf, bytes);
+    localCopy(acc, buf, bytes);
   }
   treeUpDown(*this, acc, bytes, t, true, false);
   waitAll();
@@ -93,10 +96,11 @@ void Comm::reduce(void* buf, size_t count, DType dtype, RedOp op, int root) {
 
 void Comm::allgather(const void* in, void* out, const std::vector<size_t>& bytes) {
   PLAIT_CHECK(int(bytes.size()) == size_, "plait: internal: all_gather needs one size per rank");
+  if (stageOnDevice()) return deviceAllgather(in, out, bytes);
   Blocks b = packedBlocks(bytes);
   begin(CollCtx{Coll::kAllgather, DType::kUInt8, RedOp::kSum, 0, sum(bytes)});
   char* o = static_cast<char*>(out);
-  if (in != o + b.off[rank_]) std::memmove(o + b.off[rank_], in, b.len[rank_]);
+  if (in != o + b.off[rank_]) localCopy(o + b.off[rank_], in, b.len[rank_]);
   if (size_ == 1) return;
   if (algo_ == Algo::kRing) {
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
@@ -118,6 +122,7 @@ void Comm::allgather(const void* in, void* out, const std::vector<size_t>& bytes
 
 void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
   PLAIT_CHECK(int(counts.size()) == size_, "plait: internal: reduce_scatter needs one count per rank");
+  if (stageOnDevice()) return deviceReduceScatter(in, out, counts, dtype, op);
   const size_t es = dtypeSize(dtype);
   std::vector<size_t> bytes(counts.size());
   for (size_t i = 0; i < counts.size(); ++i) bytes[i] = counts[i] * es;
@@ -128,7 +133,7 @@ void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& c
   if (size_ > 1 && algo_ == Algo::kRing) {
     // Ring on a copy of the input, shifted so that rank r finishes with block r.
     char* s = scratch(sum(bytes));
-    std::memcpy(s, i8, sum(bytes));
+    localCopy(s, i8, sum(bytes));
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
     const Xfer* last = nullptr;
     for (int st = 0; st < size_ - 1; ++st) {
@@ -137,10 +142,10 @@ void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& c
       last = postRecvReduce(prev, s + b.off[rb], b.len[rb]);
     }
     waitAll();
-    std::memcpy(o, s + b.off[rank_], b.len[rank_]);
+    localCopy(o, s + b.off[rank_], b.len[rank_]);
     return;
   }
-  if (o != i8 + b.off[rank_]) std::memmove(o, i8 + b.off[rank_], b.len[rank_]);
+  if (o != i8 + b.off[rank_]) localCopy(o, i8 + b.off[rank_], b.len[rank_]);
   const Xfer* acc = nullptr;
   for (int p = 0; p < size_; ++p) {
     if (p == rank_) continue;
@@ -152,13 +157,14 @@ void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& c
 
 void Comm::alltoall(const void* in, const std::vector<size_t>& sendBytes, void* out,
                     const std::vector<size_t>& recvBytes) {
+  if (stageOnDevice()) return deviceAlltoall(in, sendBytes, out, recvBytes);
   Blocks sb = packedBlocks(sendBytes), rb = packedBlocks(recvBytes);
   begin(CollCtx{Coll::kAlltoall, DType::kUInt8, RedOp::kSum, 0, 0});
   const char* i8 = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
   PLAIT_CHECK(sb.len[rank_] == rb.len[rank_], "plait: rank ", rank_, ": all_to_all sends ", sb.len[rank_],
               " bytes to itself but expects to receive ", rb.len[rank_]);
-  std::memmove(o + rb.off[rank_], i8 + sb.off[rank_], sb.len[rank_]);
+  localCopy(o + rb.off[rank_], i8 + sb.off[rank_], sb.len[rank_]);
   for (int k = 1; k < size_; ++k) {  // staggered so that not every rank starts with the same peer
     int p = (rank_ + k) % size_, q = (rank_ - k + size_) % size_;
     postSend(p, i8 + sb.off[p], sb.len[p]);
@@ -168,12 +174,13 @@ void Comm::alltoall(const void* in, const std::vector<size_t>& sendBytes, void* 
 }
 
 void Comm::gather(const void* in, size_t bytes, void* out, int root) {
+  if (stageOnDevice()) return deviceGather(in, bytes, out, root);
   begin(CollCtx{Coll::kGather, DType::kUInt8, RedOp::kSum, root, bytes});
   if (rank_ != root) {
     postSend(root, in, bytes);
   } else {
     char* o = static_cast<char*>(out);
-    std::memmove(o + size_t(rank_) * bytes, in, bytes);
+    localCopy(o + size_t(rank_) * bytes, in, bytes);
     for (int p = 0; p < size_; ++p)
       if (p != rank_) postRecv(p, o + size_t(p) * bytes, bytes);
   }
@@ -181,12 +188,13 @@ void Comm::gather(const void* in, size_t bytes, void* out, int root) {
 }
 
 void Comm::scatter(const void* in, void* out, size_t bytes, int root) {
+  if (stageOnDevice()) return deviceScatter(in, out, bytes, root);
   begin(CollCtx{Coll::kScatter, DType::kUInt8, RedOp::kSum, root, bytes});
   if (rank_ != root) {
     postRecv(root, out, bytes);
   } else {
     const char* i8 = static_cast<const char*>(in);
-    std::memmove(out, i8 + size_t(rank_) * bytes, bytes);
+    localCopy(out, i8 + size_t(rank_) * bytes, bytes);
     for (int p = 0; p < size_; ++p)
       if (p != rank_) postSend(p, i8 + size_t(p) * bytes, bytes);
   }

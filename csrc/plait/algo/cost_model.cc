@@ -43,6 +43,13 @@ constexpr double kOversubCallUs = 110.0, kOversubStepUs = 20.0;
 // schedules talk to every peer at once. Fitted on the emulated 10 Gbit/s links, where the CPU is the bottleneck.
 constexpr double kFlowPenalty = 0.06;
 
+// Device engine (ranks on one host sharing or peering GPUs): every transfer is a stream wait, one kernel and a flag
+// write; the memory traffic of all ranks goes through the same HBM when they share a GPU. Not yet measured on a
+// GPU (no GPU machine was available when this was written): initial values from H100 figures (launch + stream
+// memory operation ~4 us, HBM3 ~2 TB/s achieved), to be fitted by bench/gpu_allreduce.py.
+constexpr double kDevOpUs = 4.0;             // a wait + kernel + flag write, per transfer or local op
+constexpr double kDevUsPerByte = 1 / 2.0e6;  // one byte read or written in HBM
+
 const Table& table(const Topology& t) { return !t.allShm ? kTcp : t.oversubscribed ? kShmBusy : kShm; }
 
 double log2ceil(int n) { return n <= 1 ? 0.0 : std::ceil(std::log2(double(n))); }
@@ -110,7 +117,17 @@ AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced) {
   const double N = double(bytes);
   AllreducePlan p{};
   const double inf = std::numeric_limits<double>::infinity();
-  if (t.nhosts <= 1) {
+  if (t.device) {
+    // Bytes each rank reads + writes, per byte of the buffer, excluding the copy in and out of staging (the same
+    // for all): ring and two-shot pull-reduce (n-1)/n (3 passes) and pull (n-1)/n (2 passes); one-shot pulls n-1
+    // whole buffers and folds them; the tree moves the whole buffer up and down, in halves.
+    const double frac = double(n - 1) / n, hbm = kDevUsPerByte * (t.maxLocal > 1 ? t.maxLocal : 1);
+    p.ringUs = 2.0 * (n - 1) * kDevOpUs + 5.0 * frac * N * hbm;
+    p.twoShotUs = (2.0 * (n - 1) + 0.5) * kDevOpUs + 5.0 * frac * N * hbm;
+    p.oneShotUs = (2.0 * (n - 1) + 1) * kDevOpUs + 5.0 * (n - 1) * N * hbm;
+    p.treeUs = 4.0 * log2ceil(n) * kDevOpUs + 2.0 * 3.0 * N * hbm;
+    p.hierRingUs = p.hierTreeUs = inf;
+  } else if (t.nhosts <= 1) {
     const Table& c = table(t);
     const double a = c.alphaUs;
     const double frac = double(n - 1) / n;

@@ -1,0 +1,278 @@
+#include "plait/device.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "plait/transport/auth.h"
+
+namespace plait {
+
+namespace {
+constexpr size_t kLine = 64;
+size_t pageRound(size_t n) { return (n + 4095) / 4096 * 4096; }
+}  // namespace
+
+DeviceEngine::DeviceEngine(Comm& comm, Store& store, const std::string& prefix, std::unique_ptr<DeviceOps> ops,
+                           size_t stagingBytes)
+    : comm_(comm), store_(store), prefix_(prefix), ops_(std::move(ops)), rank_(comm.rank()), size_(comm.size()),
+      initialCap_(std::max<size_t>(stagingBytes, 4096)) {
+  peerStaging_.assign(size_, nullptr);
+  peerFlags_.assign(size_, nullptr);
+  peerFlagsDev_.assign(size_, nullptr);
+  sendSeq_.assign(size_, 0);
+  recvSeq_.assign(size_, 0);
+  ackWaited_.assign(size_, 0);
+  ops_->setPoll([this] { comm_.checkDevicePeers(); });
+  setup();
+}
+
+DeviceEngine::~DeviceEngine() {
+  try {
+    ops_->synchronize();
+  } catch (...) {
+  }
+  for (int p = 0; p < size_; ++p) {
+    if (peerStaging_[p]) ops_->closeImported(peerStaging_[p]);
+    if (peerFlags_[p]) {
+      ops_->unmapHost(peerFlags_[p]);
+      munmap(peerFlags_[p], flagBytes_);
+    }
+  }
+  if (staging_) ops_->release(staging_);
+  if (ownFlags_) {
+    ops_->unmapHost(ownFlags_);
+    munmap(ownFlags_, flagBytes_);
+  }
+}
+
+// Flag segment layout (every field on its own cache line, written by one peer): ready[from], ack[from], the error
+// word, then kSlots descriptors per sender.
+uint32_t* DeviceEngine::readyOf(char* f, int from) const { return reinterpret_cast<uint32_t*>(f + from * kLine); }
+uint32_t* DeviceEngine::ackOf(char* f, int from) const {
+  return reinterpret_cast<uint32_t*>(f + (size_ + from) * kLine);
+}
+PullDesc* DeviceEngine::descOf(char* f, int from, uint32_t seq) const {
+  return reinterpret_cast<PullDesc*>(f + (2 * size_ + 1) * kLine) + size_t(from) * kSlots + seq % kSlots;
+}
+
+void DeviceEngine::setup() {
+  flagBytes_ = pageRound((2 * size_ + 1) * kLine + size_t(size_) * kSlots * sizeof(PullDesc));
+  uint8_t r[8];
+  randomBytes(r, sizeof(r));
+  flagName_ = cat("/plait-dev-", getpid(), "-", toHex(r, sizeof(r)));
+  int fd = shm_open(flagName_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": shm_open(", flagName_, ") for device flags failed: ",
+              std::strerror(errno));
+  if (ftruncate(fd, off_t(flagBytes_)) != 0) {
+    close(fd);
+    shm_unlink(flagName_.c_str());
+    throw Error(cat("plait: rank ", rank_, ": cannot size the device flag segment"));
+  }
+  void* p = mmap(nullptr, flagBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) {
+    shm_unlink(flagName_.c_str());
+    throw Error(cat("plait: rank ", rank_, ": cannot map the device flag segment"));
+  }
+  ownFlags_ = static_cast<char*>(p);
+  try {
+    ownFlagsDev_ = static_cast<char*>(ops_->mapHost(ownFlags_, flagBytes_));
+    store_.set(cat(prefix_, "dev/flags/", rank_), flagName_);
+    for (int q = 0; q < size_; ++q) {
+      if (q == rank_) continue;
+      std::string name = store_.get(cat(prefix_, "dev/flags/", q));
+      int f = shm_open(name.c_str(), O_RDWR, 0600);
+      PLAIT_CHECK(f >= 0, "plait: rank ", rank_, ": cannot open peer rank ", q, "'s device flags (", name,
+                  "): ", std::strerror(errno), " (device collectives need every rank on this host)");
+      void* m = mmap(nullptr, flagBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
+      close(f);
+      PLAIT_CHECK(m != MAP_FAILED, "plait: rank ", rank_, ": cannot map peer rank ", q, "'s device flags");
+      peerFlags_[q] = static_cast<char*>(m);
+      peerFlagsDev_[q] = static_cast<char*>(ops_->mapHost(peerFlags_[q], flagBytes_));
+    }
+    store_.set(cat(prefix_, "dev/fmapped/", rank_), "1");
+    for (int q = 0; q < size_; ++q)
+      if (q != rank_) store_.get(cat(prefix_, "dev/fmapped/", q));
+  } catch (...) {
+    shm_unlink(flagName_.c_str());
+    throw;
+  }
+  shm_unlink(flagName_.c_str());
+  reserve(initialCap_);
+}
+
+void DeviceEngine::reserve(size_t bytes) {
+  if (bytes <= cap_) return;
+  size_t want = std::max(bytes, cap_ * 2);
+  if (staging_) {
+    // Peers may still read the old buffer and this rank may still read theirs: wait for every ack and for the
+    // stream, then let the old memory go. Every rank reaches this point in the same collective.
+    flush();
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_) waitAck(p, sendSeq_[p]);
+    ops_->synchronize();
+    for (int p = 0; p < size_; ++p)
+      if (peerStaging_[p]) {
+        ops_->closeImported(peerStaging_[p]);
+        peerStaging_[p] = nullptr;
+      }
+    ops_->release(staging_);
+    staging_ = nullptr;
+    exposed_.clear();
+  }
+  staging_ = static_cast<char*>(ops_->alloc(want));
+  cap_ = want;
+  ++gen_;
+  std::string h = ops_->exportMem(staging_);
+  store_.set(cat(prefix_, "dev/stg/", gen_, "/", rank_), toHex(reinterpret_cast<const uint8_t*>(h.data()), h.size()));
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    std::string raw = fromHex(store_.get(cat(prefix_, "dev/stg/", gen_, "/", q)));
+    try {
+      peerStaging_[q] = static_cast<char*>(ops_->importMem(raw));
+    } catch (const Error& e) {
+      throw Error(cat("plait: rank ", rank_, ": cannot map peer rank ", q, "'s device buffer (", want, " B): ",
+                      e.what()));
+    }
+  }
+  if (infoEnabled())
+    logInfo(cat("rank ", rank_, ": device engine (", ops_->name(), "): staging buffer ", want, " B, generation ",
+                gen_));
+}
+
+char* DeviceEngine::scratch(size_t bytes) {
+  PLAIT_CHECK(scratchBase_ + bytes <= cap_, "plait: internal: device scratch of ", bytes, " B at offset ",
+              scratchBase_, " exceeds the staging buffer (", cap_, " B)");
+  return staging_ + scratchBase_;
+}
+
+bool DeviceEngine::inStaging(const void* p, size_t bytes) const {
+  const char* c = static_cast<const char*>(p);
+  return c >= staging_ && c + bytes <= staging_ + cap_;
+}
+
+void DeviceEngine::record(Comm::Xfer* x, RedOp op, DType dt) {
+  PLAIT_CHECK(x->len == 0 || inStaging(x->buf, x->len), "plait: internal: rank ", rank_,
+              ": a device transfer with peer rank ", x->peer, " lies outside the staging buffer");
+  pending_.push_back(Pending{x, op, dt});
+}
+
+void DeviceEngine::flush() {
+  // Post order, except that a send moves ahead of earlier receives it does not depend on and whose regions it does
+  // not read (see the header): with everything on one stream, that is what keeps the schedules deadlock-free.
+  std::vector<Pending> q = std::move(pending_);
+  pending_.clear();
+  std::vector<bool> done(q.size(), false);
+  std::vector<const Comm::Xfer*> enqueued;
+  auto isEnqueued = [&](const Comm::Xfer* d) {
+    return d == nullptr || std::find(enqueued.begin(), enqueued.end(), d) != enqueued.end() ||
+           std::none_of(q.begin(), q.end(), [&](const Pending& p) { return p.x == d; });
+  };
+  auto overlap = [](const Comm::Xfer* a, const Comm::Xfer* b) {
+    return a->len && b->len && a->buf < b->buf + b->len && b->buf < a->buf + a->len;
+  };
+  size_t left = q.size();
+  while (left) {
+    size_t pick = q.size();
+    for (size_t i = 0; i < q.size() && pick == q.size(); ++i) {
+      if (done[i] || q[i].x->kind != Comm::Xfer::kSend || !isEnqueued(q[i].x->dep)) continue;
+      // Sends to one peer keep their order (the peer matches them in order); none reads what an earlier receive
+      // has yet to write.
+      bool blocked = false;
+      for (size_t j = 0; j < i && !blocked; ++j)
+        blocked = !done[j] && ((q[j].x->kind != Comm::Xfer::kSend && overlap(q[j].x, q[i].x)) ||
+                               (q[j].x->kind == Comm::Xfer::kSend && q[j].x->peer == q[i].x->peer));
+      if (!blocked) pick = i;
+    }
+    if (pick == q.size())
+      for (size_t i = 0; i < q.size(); ++i)
+        if (!done[i]) {
+          pick = i;
+          break;
+        }
+    const Pending& p = q[pick];
+    if (p.x->kind == Comm::Xfer::kSend) enqueueSend(p.x);
+    else enqueueRecv(p);
+    p.x->hdrDone = sizeof(WireHeader);
+    p.x->done = p.x->len;
+    done[pick] = true;
+    enqueued.push_back(p.x);
+    --left;
+  }
+}
+
+void DeviceEngine::waitAck(int peer, uint32_t seq) {
+  if (int32_t(seq - ackWaited_[peer]) <= 0) return;
+  ops_->waitGeq(ackOf(ownFlagsDev_, peer), seq, [this, peer, seq] {
+    return cat("plait: rank ", rank_, ": waiting for peer rank ", peer, " to acknowledge device transfer ", seq);
+  });
+  ackWaited_[peer] = seq;
+  exposed_.erase(std::remove_if(exposed_.begin(), exposed_.end(),
+                                [&](const Exposed& e) { return e.peer == peer && int32_t(e.seq - seq) <= 0; }),
+                 exposed_.end());
+}
+
+void DeviceEngine::beforeWrite(const void* dst, size_t bytes) {
+  if (bytes == 0 || !inStaging(dst, bytes)) return;
+  size_t lo = static_cast<const char*>(dst) - staging_, hi = lo + bytes;
+  std::vector<uint32_t> need(size_, 0);
+  std::vector<bool> any(size_, false);
+  for (const Exposed& e : exposed_)
+    if (e.lo < hi && lo < e.hi && (!any[e.peer] || int32_t(e.seq - need[e.peer]) > 0)) {
+      need[e.peer] = e.seq;
+      any[e.peer] = true;
+    }
+  for (int p = 0; p < size_; ++p)
+    if (any[p]) waitAck(p, need[p]);
+}
+
+void DeviceEngine::enqueueSend(Comm::Xfer* x) {
+  const int p = x->peer;
+  const uint32_t k = ++sendSeq_[p];
+  if (k > kSlots) waitAck(p, k - kSlots);  // the descriptor slot is free again
+  const size_t off = x->len ? size_t(x->buf - staging_) : 0;
+  PullDesc* d = descOf(peerFlagsDev_[p], rank_, k);
+  ops_->write32(&d->offset, uint32_t(off));
+  ops_->write32(&d->bytes, uint32_t(x->len));
+  ops_->write32(readyOf(peerFlagsDev_[p], rank_), k);
+  if (x->len) exposed_.push_back(Exposed{off, off + x->len, p, k});
+}
+
+void DeviceEngine::enqueueRecv(const Pending& pd) {
+  Comm::Xfer* x = pd.x;
+  const int p = x->peer;
+  const uint32_t k = ++recvSeq_[p];
+  beforeWrite(x->buf, x->len);
+  ops_->waitGeq(readyOf(ownFlagsDev_, p), k, [this, p, k] {
+    return cat("plait: rank ", rank_, ": waiting for device transfer ", k, " from peer rank ", p);
+  });
+  ops_->pull(x->kind == Comm::Xfer::kRecvReduce, pd.op, pd.dt, x->buf, peerStaging_[p], descOf(ownFlagsDev_, p, k),
+             x->len, reinterpret_cast<uint32_t*>(ownFlagsDev_ + 2 * size_ * kLine), uint32_t(p + 1));
+  ops_->write32(ackOf(peerFlagsDev_[p], rank_), k);
+}
+
+void DeviceEngine::copy(void* dst, const void* src, size_t bytes) {
+  flush();
+  if (bytes == 0 || dst == src) return;
+  beforeWrite(dst, bytes);
+  ops_->copy(dst, src, bytes);
+}
+
+void DeviceEngine::reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t count) {
+  flush();
+  if (count == 0) return;
+  beforeWrite(dst, count * dtypeSize(dt));
+  ops_->reduce(op, dt, dst, a, b, count);
+}
+
+int DeviceEngine::sizeMismatchPeer() const {
+  uint32_t v = reinterpret_cast<const volatile uint32_t*>(ownFlags_ + 2 * size_ * kLine)[0];
+  return v ? int(v) - 1 : -1;
+}
+
+}  // namespace plait

@@ -1,0 +1,108 @@
+// The device engine: runs the same schedules as the host engine (algo/schedules.cc posts sends, receives and
+// receive-reduces of byte ranges, then waits) on device memory, by turning each posted transfer into operations
+// on one stream (transport/device.h) instead of moving bytes itself. The host enqueues and returns: it never waits
+// for the device or for a peer.
+//
+// Protocol between two ranks of one host (a *pull* model over memory each rank maps from its peers):
+//   - Every rank owns a *staging* buffer in device memory that its local peers map (CUDA IPC), and a *flag segment*
+//     in host shared memory that every peer maps and the device can address. A collective runs in the staging
+//     buffer: its input is copied in, the schedule runs there, the result is copied out (sliced when larger).
+//   - Send number k from A to B (counted per directed pair): once everything before it on A's stream is done, A's
+//     stream writes the descriptor {offset in A's staging, bytes} into slot k % kSlots of B's flag segment, then
+//     B.ready[A] = k.
+//   - The matching receive at B: B's stream waits until B.ready[A] >= k, then one kernel reads A's bytes straight
+//     from A's staging (through the IPC mapping) and copies them, or reduces them with B's own, in one pass over
+//     memory; then A.ack[B] = k. A size that disagrees with the descriptor is flagged, not copied (see errors()).
+//   - Write after read: before A's stream writes a region of its staging that a send of A's exposed, it waits for
+//     that send's ack. A send's descriptor slot is reused only after the receiver acknowledged the send kSlots
+//     before it.
+//   - Stream order satisfies every dependency a schedule declares (a dependency is always posted earlier). Sends
+//     are enqueued as early as their dependency and the regions they read allow, so a rank never blocks its stream
+//     on a receive before exposing data a peer needs (the host engine progresses all posted transfers at once).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "plait/comm.h"
+#include "plait/transport/device.h"
+
+namespace plait {
+
+class DeviceEngine {
+ public:
+  static constexpr uint32_t kSlots = 256;
+
+  DeviceEngine(Comm& comm, Store& store, const std::string& prefix, std::unique_ptr<DeviceOps> ops,
+               size_t stagingBytes);
+  ~DeviceEngine();
+  DeviceOps& ops() { return *ops_; }
+  const char* name() const { return ops_->name(); }
+
+  // Collective (every rank calls it at the same point with the same size): makes the staging buffer at least
+  // `bytes`, exchanging the new memory with every peer. Capacity only grows.
+  void reserve(size_t bytes);
+  char* staging() const { return staging_; }
+  size_t capacity() const { return cap_; }
+  // Scratch for the schedule (Comm::scratch in device mode): staging from `scratchBase` on.
+  void setScratchBase(size_t off) { scratchBase_ = off; }
+  char* scratch(size_t bytes);
+
+  // Engine verbs (Comm routes postSend / postRecv / postRecvReduce / waitAll here in device mode).
+  void record(Comm::Xfer* x, RedOp op, DType dt);
+  void flush();
+  // Stream-ordered local work, after everything recorded so far; dst may be staging (write-after-read waits) or
+  // user memory.
+  void copy(void* dst, const void* src, size_t bytes);
+  void reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t count);
+
+  // The first size disagreement a receive found (the peer's rank), or -1; reading it does not wait for the device.
+  int sizeMismatchPeer() const;
+
+ private:
+  struct Flags;
+  struct Pending {
+    Comm::Xfer* x;
+    RedOp op;
+    DType dt;
+  };
+  struct Exposed {  // a send whose region a peer may still be reading
+    size_t lo, hi;
+    int peer;
+    uint32_t seq;
+  };
+  void setup();
+  void enqueueSend(Comm::Xfer* x);
+  void enqueueRecv(const Pending& p);
+  // Before the stream writes [dst, dst + bytes): wait for the acks of sends that exposed any of it.
+  void beforeWrite(const void* dst, size_t bytes);
+  void waitAck(int peer, uint32_t seq);
+  bool inStaging(const void* p, size_t bytes) const;
+  uint32_t* readyOf(char* flagsDev, int from) const;
+  uint32_t* ackOf(char* flagsDev, int from) const;
+  PullDesc* descOf(char* flagsDev, int from, uint32_t seq) const;
+
+  Comm& comm_;
+  Store& store_;
+  std::string prefix_;
+  std::unique_ptr<DeviceOps> ops_;
+  int rank_, size_;
+  size_t cap_ = 0, initialCap_;
+  size_t scratchBase_ = 0;
+  int gen_ = 0;
+  char* staging_ = nullptr;
+  std::vector<char*> peerStaging_;
+  size_t flagBytes_ = 0;
+  std::string flagName_;
+  char* ownFlags_ = nullptr;              // host address
+  std::vector<char*> peerFlags_;          // host addresses of peers' segments
+  char* ownFlagsDev_ = nullptr;           // device addresses
+  std::vector<char*> peerFlagsDev_;
+  std::vector<uint32_t> sendSeq_, recvSeq_, ackWaited_;
+  std::vector<Exposed> exposed_;
+  std::vector<Pending> pending_;
+};
+
+}  // namespace plait

@@ -1,0 +1,48 @@
+// CUDA kernels: pure functions over device buffers, enqueued on a stream; no knowledge of ranks, no torch and no
+// CUDA headers here (streams are passed as void*, a cudaStream_t). Every function returns a cudaError_t as int
+// (0: enqueued). Compiled only when nvcc is found (plait_cuda); without it, cuda_stub.cc makes them return an error.
+//
+// Element-wise semantics are exactly those of the CPU kernels (kernels/reduce_impl.h): half types widen to float32
+// and round to nearest even once; min is `b < a ? b : a`, max is `a < b ? b : a`; integer results wrap; bool is a
+// byte 0/1 (sum/max = or, prod/min = and, band/bor/bxor on the truth values).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "plait/common.h"
+
+namespace plait {
+namespace cuda {
+
+// dst[i] = a[i] op b[i] for i < n elements; dst may alias a or b exactly. 16-byte vector loads and stores where the
+// three pointers are equally aligned modulo 16 (after a scalar head up to the first boundary), a scalar tail, scalar
+// throughout otherwise; a grid sized from the device's multiprocessor count. Pointers must be element-aligned.
+int reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t n, void* stream);
+
+// dst[0, bytes) = src[0, bytes); 16-byte vectorized when aligned. dst and src must not overlap partially.
+int copy(void* dst, const void* src, size_t bytes, void* stream);
+
+// A descriptor a peer published for one transfer (two 32-bit words in memory the device can read): the offset of
+// the bytes in the peer's buffer and their length.
+struct PullDesc {
+  uint32_t offset;
+  uint32_t bytes;
+};
+
+// The fused receive step of an algorithm over CUDA IPC: reads `*desc` on the device (the host does not know it when
+// it enqueues), takes src = peerBase + desc->offset, and
+//   withReduce false: dst[0, bytes) = src
+//   withReduce true:  dst[i] = dst[i] op src[i] over bytes / sizeof(dt) elements (one pass over memory)
+// If desc->bytes != bytes (or src is not aligned to an element of dt) nothing is written and, if *err is 0,
+// *err = errCode (atomically): the host reads *err (mapped host memory) and reports which peer disagreed. bytes must
+// be whole elements, at most 2^32 - 1, and dst element-aligned (else cudaErrorInvalidValue, nothing enqueued). Alignment is decided on the device (16-byte vector path
+// when dst and src are aligned, else scalar).
+int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
+         uint32_t* err, uint32_t errCode, void* stream);
+
+// Multiprocessors of the current device (cached per device); 0 if unknown.
+int smCount();
+
+}  // namespace cuda
+}  // namespace plait
