@@ -161,6 +161,16 @@ void Comm::clearDevice() {
   topo_.device = false;
 }
 
+void Comm::checkDeviceErrors() {
+  // The device flags a transfer whose size disagrees (it cannot throw); the host sees the flag once the device has
+  // run that far: at once with the emulation, at a later call on a GPU.
+  int bad = dev_ ? dev_->sizeMismatchPeer() : -1;
+  if (bad >= 0)
+    fail(cat("plait: rank ", rank_, ": a device collective received from peer rank ", bad,
+             " a different number of bytes than this rank expected (the ranks called different collectives or "
+             "sizes, ", where(), "); that transfer was dropped, so device results since then are invalid"));
+}
+
 void Comm::checkDevicePeers() {
   if (shm_) {
     std::string why;
@@ -439,14 +449,7 @@ void Comm::begin(const CollCtx& ctx) {
   if (!failure_.empty())
     throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
   PLAIT_CHECK(pendingColl_ == 0, "plait: internal: a collective began with transfers still pending");
-  if (dev_) {
-    int bad = dev_->sizeMismatchPeer();
-    if (bad >= 0)
-      fail(cat("plait: rank ", rank_, ": a device collective received from peer rank ", bad,
-               " a different number of bytes than this rank expected (the ranks called different collectives or "
-               "sizes); that transfer was dropped, so device results since then are invalid (before ",
-               collName(ctx.coll), ")"));
-  }
+  if (dev_) checkDeviceErrors();
   trimXfers();
   ctx_ = ctx;
   if (ctx.coll != Coll::kSendRecv) ++seq_;
@@ -803,6 +806,7 @@ bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
   if (devActive_ && dev_) {  // enqueue: the device does the waiting
     dev_->flush();
     xfers_.clear();
+    checkDeviceErrors();
     return true;
   }
   bool ok = pendingColl_ == 0 || drive(Clock::now() + timeout, false, throwOnTimeout, timeout);

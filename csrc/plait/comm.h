@@ -102,6 +102,8 @@ class Comm {
   std::string deviceEngineName() const;
   // Throws (telling the peers) if a peer failed or its process is gone: for hosts that wait on device flags.
   void checkDevicePeers();
+  // Throws (telling the peers) if the device flagged a size disagreement with a peer.
+  void checkDeviceErrors();
   // Local work in the collective's order: host memmove / reduction, or stream-ordered on the device.
   void localCopy(void* dst, const void* src, size_t bytes);
   void localReduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t count);

@@ -9,10 +9,11 @@ namespace py = pybind11;
 
 namespace plait_torch {
 
-static py::tuple planTuple(const plait::Comm& c, size_t bytes) {
-  auto p = plait::planAllreduce(c.topology(), bytes, c.forcedAlgo());
-  return py::make_tuple(std::string(plait::algoName(p.algo)), p.oneShot, p.predictedUs,
-                        plait::explain(p, c.topology(), bytes));
+static py::tuple planTuple(const plait::Comm& c, size_t bytes, bool device = false) {
+  plait::Topology t = c.topology();
+  t.device = device && c.deviceSupported();
+  auto p = plait::planAllreduce(t, bytes, c.forcedAlgo());
+  return py::make_tuple(std::string(plait::algoName(p.algo)), p.oneShot, p.predictedUs, plait::explain(p, t, bytes));
 }
 
 void register_backend(py::module_& m) {
@@ -37,10 +38,13 @@ void register_backend(py::module_& m) {
                                d["link_alpha_us"] = t.linkAlphaUs;
                                d["link_gbps"] = t.linkUsPerByte > 0 ? 8e-3 / t.linkUsPerByte : 0.0;
                                d["link_source"] = t.linkSource;
+                               // "" until the first collective on device tensors (CUDA, or PLAIT_DEVICE=emulate)
+                               d["device_engine"] = self.comm().deviceEngineName();
                                return d;
                              })
       .def("plan_allreduce",
-           [](PlaitBackend& self, size_t bytes) { return planTuple(self.comm(), bytes); });
+           [](PlaitBackend& self, size_t bytes, bool device) { return planTuple(self.comm(), bytes, device); },
+           py::arg("bytes"), py::arg("device") = false);
 
   m.def(
       "_hmac_sha256",

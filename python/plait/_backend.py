@@ -95,13 +95,20 @@ def monitored_barrier(group=None, timeout: datetime.timedelta | None = None, wai
 
 
 def topology(group=None) -> dict:
-    """Where the group's ranks live, as the cost model sees it: {'nranks', 'nhosts', 'all_shm'}."""
+    """Where the group's ranks live, as the cost model sees it: {'nranks', 'nhosts', 'all_shm', ...}.
+
+    'device_engine' says how device tensors run: 'cuda' / 'emulated' (device engine, one host), 'cuda via host' /
+    'emulated via host' (staged through host memory, groups across hosts), '' before the first such call.
+    """
     return _backend_of(group).topology
 
 
-def plan_allreduce(nbytes: int, group=None):
-    """The cost model's choice for an all-reduce of nbytes: (algo, one_shot, predicted_us, why)."""
-    return _backend_of(group).plan_allreduce(int(nbytes))
+def plan_allreduce(nbytes: int, group=None, device: bool = False):
+    """The cost model's choice for an all-reduce of nbytes: (algo, one_shot, predicted_us, why).
+
+    device=True: for device (CUDA) tensors on a group whose ranks share one host (the device engine's model).
+    """
+    return _backend_of(group).plan_allreduce(int(nbytes), bool(device))
 
 
 _register()

@@ -196,7 +196,9 @@ AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced) {
 
 std::string explain(const AllreducePlan& p, const Topology& t, size_t bytes) {
   std::string where =
-      t.nhosts > 1
+      t.device ? cat("device engine, ", kDevOpUs, " us per transfer, ", 1e-6 / kDevUsPerByte, " TB/s HBM (initial "
+                     "values, not yet fitted on a GPU)")
+      : t.nhosts > 1
           ? cat(t.nhosts, " hosts, link alpha ", t.linkAlphaUs, " us, ", 1e-3 / t.linkUsPerByte, " GB/s (",
                 t.linkSource, ")")
           : cat(!t.allShm ? "tcp" : t.oversubscribed ? "shm, more ranks than cores" : "shm", ", alpha ",
