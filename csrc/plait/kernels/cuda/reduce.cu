@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) reduceKernel(typename E::T* dst, con
 
 // The descriptor is read once per block (volatile: a peer may have written it after this stream's last kernel).
 // A length mismatch, or an offset that leaves the source unaligned for its dtype, writes nothing and reports
-// errCode once (first reporter wins).
+// errCode once (first reporter wins, from block 0).
 template <typename E, typename Op>
 __global__ void __launch_bounds__(kThreads) pullKernel(typename E::T* dst, const char* peerBase, const PullDesc* desc,
                                                        size_t bytes, uint32_t* err, uint32_t errCode) {
@@ -172,7 +172,13 @@ __global__ void __launch_bounds__(kThreads) pullKernel(typename E::T* dst, const
   __syncthreads();
   const char* src = peerBase + offset;
   if (length != bytes || uintptr_t(src) % sizeof(T) != 0) {
-    if (blockIdx.x == 0 && threadIdx.x == 0 && err != nullptr) atomicCAS(err, 0u, errCode);
+    // One writer (block 0, thread 0) per kernel, and *err usually lives in mapped host memory, where device
+    // atomics need not be supported over PCIe: a plain first-wins store.
+    if (blockIdx.x == 0 && threadIdx.x == 0 && err != nullptr) {
+      volatile uint32_t* e = err;
+      if (*e == 0) *e = errCode;
+      __threadfence_system();
+    }
     return;
   }
   combine<E, Op>(dst, dst, reinterpret_cast<const T*>(src), bytes / sizeof(T));
