@@ -95,3 +95,21 @@ def test_device_cost_model_is_consistent_and_named():
         assert algo in ("ring", "tree", "direct"), algo
         assert us > 0 and "device engine" in why, why
     assert plans[0][1 << 28][0] in ("ring", "direct") and not plans[0][1 << 28][1], "large: not one-shot"
+
+
+def worker_dead_peer(rank, ws):
+    import os
+
+    t = torch.ones(1000)
+    dist.all_reduce(t)
+    if rank == ws - 1:
+        os._exit(0)  # gone without a word, while the others wait for it on device flags
+    dist.all_reduce(t)
+    return "no error"
+
+
+def test_device_dead_peer_is_loud():
+    res = H.run_world(worker_dead_peer, 3, env=EMULATE, expect_fail=True, pg_timeout_s=60, timeout_s=120)
+    for r in res[:-1]:
+        assert not r.ok, "a survivor finished a collective with a dead peer"
+        assert "rank 2" in (r.exc_msg or ""), r.exc_msg

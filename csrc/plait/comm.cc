@@ -150,6 +150,7 @@ void Comm::setDevice(int device, void* stream) {
     else
       viaHost_ = std::move(ops);
   }
+  hasDev_ = dev_ != nullptr;
   (dev_ ? dev_->ops() : *viaHost_).bind(device, stream);
   devActive_ = true;
   topo_.device = dev_ != nullptr;
@@ -449,7 +450,10 @@ void Comm::begin(const CollCtx& ctx) {
   if (!failure_.empty())
     throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
   PLAIT_CHECK(pendingColl_ == 0, "plait: internal: a collective began with transfers still pending");
-  if (dev_) checkDeviceErrors();
+  if (dev_) {
+    checkDeviceErrors();
+    checkDevicePeers();
+  }
   trimXfers();
   ctx_ = ctx;
   if (ctx.coll != Coll::kSendRecv) ++seq_;
@@ -538,6 +542,7 @@ void Comm::fail(const std::string& what, bool secondHand) {
   pending_ = pendingColl_ = 0;
   if (shm_) shm_->abortPeers(msg);
   if (tcp_) tcp_->abortAll();
+  if (dev_) dev_->releaseWaits();
   for (auto& d : toNotify) d(&msg);
   throw Error(msg);
 }

@@ -100,8 +100,10 @@ class Comm {
   bool deviceSupported() const { return topo_.nhosts == 1; }
   // "cuda" / "emulated" (device engine), "cuda via host" / "emulated via host", or "" before the first device call.
   std::string deviceEngineName() const;
-  // Throws (telling the peers) if a peer failed or its process is gone: for hosts that wait on device flags.
+  // Throws (telling the peers) if a peer failed or its process is gone: for hosts that wait on device flags, and
+  // for the backend's watchdog while device work may be waiting on a peer (a failure releases the waits).
   void checkDevicePeers();
+  bool hasDeviceEngine() const { return hasDev_.load(std::memory_order_acquire); }
   // Throws (telling the peers) if the device flagged a size disagreement with a peer.
   void checkDeviceErrors();
   // Local work in the collective's order: host memmove / reduction, or stream-ordered on the device.
@@ -259,6 +261,7 @@ class Comm {
   std::unique_ptr<DeviceOps> viaHost_;  // several hosts: device buffers staged through host memory
   char* hostStage_ = nullptr;
   size_t hostStageBytes_ = 0;
+  std::atomic<bool> hasDev_{false};
   bool devActive_ = false;
   bool devStaged_ = false;  // inside a staged device collective: pointers are in the staging buffer
 };

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -268,6 +269,14 @@ void DeviceEngine::reduce(RedOp op, DType dt, void* dst, const void* a, const vo
   if (count == 0) return;
   beforeWrite(dst, count * dtypeSize(dt));
   ops_->reduce(op, dt, dst, a, b, count);
+}
+
+void DeviceEngine::releaseWaits() {
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    for (uint32_t* f : {readyOf(ownFlags_, p), ackOf(ownFlags_, p)})
+      reinterpret_cast<std::atomic<uint32_t>*>(f)->fetch_add(1u << 30, std::memory_order_release);
+  }
 }
 
 int DeviceEngine::sizeMismatchPeer() const {

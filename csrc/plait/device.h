@@ -60,6 +60,9 @@ class DeviceEngine {
 
   // The first size disagreement a receive found (the peer's rank), or -1; reading it does not wait for the device.
   int sizeMismatchPeer() const;
+  // After a failure: lets every wait this rank's stream has enqueued (or will) go through, so the stream drains
+  // (with meaningless results) instead of waiting forever for a peer that is gone.
+  void releaseWaits();
 
  private:
   struct Flags;

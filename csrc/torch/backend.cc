@@ -281,7 +281,25 @@ void PlaitBackend::loop() {
       continue;
     }
     if (stop_) return;
-    cv_.wait(lk, [&] { return stop_ || (!queue_.empty() && !busy_) || (p2pPending_ > 0 && !busy_); });
+    auto ready = [&] { return stop_ || (!queue_.empty() && !busy_) || (p2pPending_ > 0 && !busy_); };
+    if (!comm_->hasDeviceEngine()) {
+      cv_.wait(lk, ready);
+      continue;
+    }
+    // Device work never makes the host wait, so nothing else would notice a peer that died while this rank's
+    // stream waits for it: check every second, and fail the group (which releases the stream's waits).
+    if (!cv_.wait_for(lk, std::chrono::seconds(1), ready) && !busy_) {
+      busy_ = true;
+      lk.unlock();
+      try {
+        comm_->checkDevicePeers();
+      } catch (...) {
+        // the group is failed: the next call on it raises with the reason
+      }
+      lk.lock();
+      busy_ = false;
+      idleCv_.notify_all();
+    }
   }
 }
 
