@@ -12,6 +12,10 @@ to 256, int8 up to 127):
 
 Failures are collected (not raised) so that one wrong result does not desynchronise the ranks; the worker
 returns the list and the test fails with all of them.
+
+Every check_* helper takes ``device`` (default "cpu"): the tensors passed to the collectives are created there
+(e.g. "cuda" in tests/test_gpu.py), while inputs are generated and references computed on the CPU as always;
+``Checker.equal`` copies a device result to the CPU before comparing it.
 """
 
 from __future__ import annotations
@@ -78,6 +82,11 @@ def gen(kind: str, dtype, count: int, rank: int, salt=()) -> torch.Tensor:
     return v.to(dtype)
 
 
+def on(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` (a CPU tensor) as the tensor handed to a collective on `device`: itself on the CPU, a copy elsewhere."""
+    return t if device == "cpu" else t.to(device)
+
+
 def reference(op: str, inputs: list[torch.Tensor], dtype) -> torch.Tensor:
     """Exact reduction of `inputs` (all ranks' tensors, same shape) as `dtype`."""
     n = len(inputs)
@@ -117,6 +126,8 @@ class Checker:
 
     def equal(self, what: str, actual: torch.Tensor, expected: torch.Tensor, approx: bool = False) -> bool:
         self.checks += 1
+        if actual.device != expected.device:
+            actual = actual.to(expected.device)  # a device result vs the CPU reference (a stream-ordered copy)
         if actual.dtype != expected.dtype or actual.shape != expected.shape:
             self.fail(f"{what}: got dtype/shape {actual.dtype}/{tuple(actual.shape)}, "
                       f"expected {expected.dtype}/{tuple(expected.shape)}")
@@ -157,12 +168,12 @@ def split_sizes(count: int, ws: int, src: int) -> list[int]:
 # collective checks. `g` spans all ranks of the world (group rank == global rank) unless noted.
 
 
-def check_all_reduce(c: Checker, g, rank, ws, dtypes, counts, async_batch: bool = True):
+def check_all_reduce(c: Checker, g, rank, ws, dtypes, counts, async_batch: bool = True, device="cpu"):
     for dt in dtypes:
         for op in ops_for(dt):
             pending = []
             for n in counts:
-                t = gen(op, dt, n, rank)
+                t = on(gen(op, dt, n, rank), device)
                 if async_batch:
                     w = dist.all_reduce(t, op=make_op(op), group=g, async_op=True)
                     pending.append((n, t, w))
@@ -176,81 +187,82 @@ def check_all_reduce(c: Checker, g, rank, ws, dtypes, counts, async_batch: bool 
                 c.equal(f"all_reduce {dt_name(dt)} n={n} op={op}", t, exp, approx_for(op, dt))
 
 
-def check_all_reduce_coalesced(c: Checker, g, rank, ws, dtypes, counts):
+def check_all_reduce_coalesced(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     if not hasattr(dist, "all_reduce_coalesced"):
         return
     for dt in dtypes:
         for op in ["SUM", "MAX"] if dt != torch.bool else ["MAX"]:
-            ts = [gen(op, dt, n, rank, salt=("coal", i)) for i, n in enumerate(counts)]
+            ts = [on(gen(op, dt, n, rank, salt=("coal", i)), device) for i, n in enumerate(counts)]
             dist.all_reduce_coalesced(ts, op=make_op(op), group=g)
             for i, (n, t) in enumerate(zip(counts, ts)):
                 exp = reference(op, [gen(op, dt, n, r, salt=("coal", i)) for r in range(ws)], dt)
                 c.equal(f"all_reduce_coalesced {dt_name(dt)} counts={counts} [{i}] op={op}", t, exp)
 
 
-def check_broadcast(c: Checker, g, rank, ws, dtypes, counts):
+def check_broadcast(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     i = 0
     for dt in dtypes:
         for n in counts:
             root = i % ws
             i += 1
-            t = gen("data", dt, n, rank)
+            t = on(gen("data", dt, n, rank), device)
             dist.broadcast(t, src=root, group=g)
             c.equal(f"broadcast {dt_name(dt)} n={n} root={root}", t, gen("data", dt, n, root))
 
 
-def check_reduce(c: Checker, g, rank, ws, dtypes, counts):
+def check_reduce(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     i = 0
     for dt in dtypes:
         for op in ops_for(dt):
             for n in counts:
                 dst = (i * 3 + 1) % ws
                 i += 1
-                t = gen(op, dt, n, rank, salt="reduce")
+                t = on(gen(op, dt, n, rank, salt="reduce"), device)
                 dist.reduce(t, dst=dst, op=make_op(op), group=g)
                 if rank == dst:
                     exp = reference(op, [gen(op, dt, n, r, salt="reduce") for r in range(ws)], dt)
                     c.equal(f"reduce {dt_name(dt)} n={n} op={op} dst={dst}", t, exp, approx_for(op, dt))
 
 
-def check_all_gather(c: Checker, g, rank, ws, dtypes, counts):
+def check_all_gather(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     for dt in dtypes:
         for n in counts:
-            t = gen("data", dt, n, rank, salt="ag")
-            outs = [torch.full((n,), 7, dtype=dt) for _ in range(ws)]
+            t = on(gen("data", dt, n, rank, salt="ag"), device)
+            outs = [torch.full((n,), 7, dtype=dt, device=device) for _ in range(ws)]
             dist.all_gather(outs, t, group=g)
             for r in range(ws):
                 c.equal(f"all_gather {dt_name(dt)} n={n} [from {r}]", outs[r], gen("data", dt, n, r, salt="ag"))
-            out = torch.full((ws * n,), 7, dtype=dt)
+            out = torch.full((ws * n,), 7, dtype=dt, device=device)
             dist.all_gather_into_tensor(out, t, group=g)
             exp = torch.cat([gen("data", dt, n, r, salt="ag") for r in range(ws)])
             c.equal(f"all_gather_into_tensor {dt_name(dt)} n={n}", out, exp)
 
 
-def check_reduce_scatter(c: Checker, g, rank, ws, dtypes, counts):
+def check_reduce_scatter(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     for dt in dtypes:
         for op in ops_for(dt):
             for n in counts:
                 full = [gen(op, dt, n * ws, r, salt="rs") for r in range(ws)]
                 exp_full = reference(op, full, dt)
                 exp = exp_full[rank * n:(rank + 1) * n]
-                out = torch.full((n,), 3, dtype=dt)
-                dist.reduce_scatter_tensor(out, full[rank].clone(), op=make_op(op), group=g)
+                out = torch.full((n,), 3, dtype=dt, device=device)
+                dist.reduce_scatter_tensor(out, on(full[rank].clone(), device), op=make_op(op), group=g)
                 c.equal(f"reduce_scatter_tensor {dt_name(dt)} n={n} op={op}", out, exp, approx_for(op, dt))
-                out2 = torch.full((n,), 3, dtype=dt)
-                dist.reduce_scatter(out2, list(full[rank].clone().split(n)) if n else
-                                    [torch.empty(0, dtype=dt) for _ in range(ws)], op=make_op(op), group=g)
+                out2 = torch.full((n,), 3, dtype=dt, device=device)
+                dist.reduce_scatter(out2, list(on(full[rank].clone(), device).split(n)) if n else
+                                    [torch.empty(0, dtype=dt, device=device) for _ in range(ws)], op=make_op(op),
+                                    group=g)
                 c.equal(f"reduce_scatter(list) {dt_name(dt)} n={n} op={op}", out2, exp, approx_for(op, dt))
 
 
-def check_all_to_all(c: Checker, g, rank, ws, dtypes, counts):
+def check_all_to_all(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     for dt in dtypes:
         for n in counts:
             # all_to_all_single, uneven splits
             in_splits = split_sizes(n, ws, rank)
             out_splits = [split_sizes(n, ws, src)[rank] for src in range(ws)]
-            inp = gen("data", dt, sum(in_splits), rank, salt=("a2a", n))
-            out = torch.full((sum(out_splits),), 5, dtype=dt)
+            inp = on(gen("data", dt, sum(in_splits), rank, salt=("a2a", n)), device)
+            out = torch.full((sum(out_splits),), 5, dtype=dt, device=device)
             dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=g)
             exp_parts = []
             for src in range(ws):
@@ -260,50 +272,54 @@ def check_all_to_all(c: Checker, g, rank, ws, dtypes, counts):
                 exp_parts.append(src_in[off:off + s[rank]])
             c.equal(f"all_to_all_single(uneven) {dt_name(dt)} n={n} splits={in_splits}", out, torch.cat(exp_parts))
             # all_to_all_single, even
-            inp = gen("data", dt, n * ws, rank, salt=("a2a_even",))
-            out = torch.full((n * ws,), 5, dtype=dt)
+            inp = on(gen("data", dt, n * ws, rank, salt=("a2a_even",)), device)
+            out = torch.full((n * ws,), 5, dtype=dt, device=device)
             dist.all_to_all_single(out, inp, group=g)
             exp = torch.cat([gen("data", dt, n * ws, src, salt=("a2a_even",))[rank * n:(rank + 1) * n]
                              for src in range(ws)])
             c.equal(f"all_to_all_single(even) {dt_name(dt)} n={n}", out, exp)
             # all_to_all with lists of (even) tensors; uneven lists are covered in test_api
-            ins = list(gen("data", dt, n * ws, rank, salt=("a2a_even",)).split(n)) if n else \
-                [torch.empty(0, dtype=dt) for _ in range(ws)]
-            outs = [torch.full((n,), 5, dtype=dt) for _ in range(ws)]
+            ins = list(on(gen("data", dt, n * ws, rank, salt=("a2a_even",)), device).split(n)) if n else \
+                [torch.empty(0, dtype=dt, device=device) for _ in range(ws)]
+            outs = [torch.full((n,), 5, dtype=dt, device=device) for _ in range(ws)]
             dist.all_to_all(outs, [t.clone() for t in ins], group=g)
             for src in range(ws):
                 c.equal(f"all_to_all(list) {dt_name(dt)} n={n} [from {src}]", outs[src],
                         gen("data", dt, n * ws, src, salt=("a2a_even",))[rank * n:(rank + 1) * n])
 
 
-def check_gather_scatter(c: Checker, g, rank, ws, dtypes, counts):
+def check_gather_scatter(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     i = 0
     for dt in dtypes:
         for n in counts:
             root = (i * 2 + ws - 1) % ws
             i += 1
-            t = gen("data", dt, n, rank, salt="gather")
-            gl = [torch.full((n,), 9, dtype=dt) for _ in range(ws)] if rank == root else None
+            t = on(gen("data", dt, n, rank, salt="gather"), device)
+            gl = [torch.full((n,), 9, dtype=dt, device=device) for _ in range(ws)] if rank == root else None
             dist.gather(t, gather_list=gl, dst=root, group=g)
             if rank == root:
                 for r in range(ws):
                     c.equal(f"gather {dt_name(dt)} n={n} dst={root} [from {r}]", gl[r],
                             gen("data", dt, n, r, salt="gather"))
-            out = torch.full((n,), 9, dtype=dt)
-            sl = [gen("data", dt, n, r, salt=("scatter", root)) for r in range(ws)] if rank == root else None
+            out = torch.full((n,), 9, dtype=dt, device=device)
+            sl = [on(gen("data", dt, n, r, salt=("scatter", root)), device) for r in range(ws)] \
+                if rank == root else None
             dist.scatter(out, scatter_list=sl, src=root, group=g)
             c.equal(f"scatter {dt_name(dt)} n={n} src={root}", out, gen("data", dt, n, rank, salt=("scatter", root)))
 
 
-def check_random_float_consistency(c: Checker, g, vgroup, rank, ws, counts):
-    """all_reduce of random (non-integer) data: every rank must hold bitwise the same result."""
+def check_random_float_consistency(c: Checker, g, vgroup, rank, ws, counts, device="cpu"):
+    """all_reduce of random (non-integer) data: every rank must hold bitwise the same result (compared on the CPU
+    over `vgroup`, a gloo group)."""
     for dt in [torch.float32, torch.float16, torch.bfloat16, torch.float64]:
         for op in ["SUM", "AVG"] + (["PREMUL_SUM"] if H.IS_PLAIT else []):
             for n in counts:
                 gen_ = torch.Generator().manual_seed(_seed("randn", dt_name(dt), n, rank, op))
                 x = torch.randn(n, generator=gen_, dtype=torch.float32).to(dt)
-                t = x.clone()
+                t = on(x.clone(), device)
                 dist.all_reduce(t, op=make_op(op), group=g)
+                if device != "cpu":
+                    t = t.cpu()
                 outs = [torch.empty_like(t) for _ in range(ws)]
                 dist.all_gather(outs, t, group=vgroup)  # verification over gloo
                 for r in range(1, ws):
@@ -333,11 +349,11 @@ def check_random_float_consistency(c: Checker, g, vgroup, rank, ws, counts):
                     c.fail(f"random all_reduce {dt_name(dt)} n={n} op={op}: max abs error {err} vs float64 reference")
 
 
-def check_other_collectives(c: Checker, g, rank, ws, dtypes, counts):
+def check_other_collectives(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     """Every collective except all_reduce: broadcast, reduce, all_gather, reduce_scatter, all_to_all, gather/scatter."""
-    check_broadcast(c, g, rank, ws, dtypes, counts)
-    check_reduce(c, g, rank, ws, dtypes, counts)
-    check_all_gather(c, g, rank, ws, dtypes, counts)
-    check_reduce_scatter(c, g, rank, ws, dtypes, [0, 1, 7, 251])
-    check_all_to_all(c, g, rank, ws, dtypes, counts)
-    check_gather_scatter(c, g, rank, ws, dtypes, counts)
+    check_broadcast(c, g, rank, ws, dtypes, counts, device=device)
+    check_reduce(c, g, rank, ws, dtypes, counts, device=device)
+    check_all_gather(c, g, rank, ws, dtypes, counts, device=device)
+    check_reduce_scatter(c, g, rank, ws, dtypes, [0, 1, 7, 251], device=device)
+    check_all_to_all(c, g, rank, ws, dtypes, counts, device=device)
+    check_gather_scatter(c, g, rank, ws, dtypes, counts, device=device)

@@ -6,14 +6,6 @@
 
 namespace plait {
 
-namespace {
-size_t sum(const std::vector<size_t>& v) {
-  size_t s = 0;
-  for (size_t x : v) s += x;
-  return s;
-}
-}  // namespace
-
 void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
   if (stageOnDevice()) return deviceAllreduce(buf, count, dtype, op, algo);
   begin(CollCtx{Coll::kAllreduce, dtype, op, 0, count});
@@ -98,7 +90,7 @@ void Comm::allgather(const void* in, void* out, const std::vector<size_t>& bytes
   PLAIT_CHECK(int(bytes.size()) == size_, "plait: internal: all_gather needs one size per rank");
   if (stageOnDevice()) return deviceAllgather(in, out, bytes);
   Blocks b = packedBlocks(bytes);
-  begin(CollCtx{Coll::kAllgather, DType::kUInt8, RedOp::kSum, 0, sum(bytes)});
+  begin(CollCtx{Coll::kAllgather, DType::kUInt8, RedOp::kSum, 0, totalOf(bytes)});
   char* o = static_cast<char*>(out);
   if (in != o + b.off[rank_]) localCopy(o + b.off[rank_], in, b.len[rank_]);
   if (size_ == 1) return;
@@ -127,13 +119,13 @@ void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& c
   std::vector<size_t> bytes(counts.size());
   for (size_t i = 0; i < counts.size(); ++i) bytes[i] = counts[i] * es;
   Blocks b = packedBlocks(bytes);
-  begin(CollCtx{Coll::kReduceScatter, dtype, op, 0, sum(counts)});
+  begin(CollCtx{Coll::kReduceScatter, dtype, op, 0, totalOf(counts)});
   const char* i8 = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
   if (size_ > 1 && algo_ == Algo::kRing) {
     // Ring on a copy of the input, shifted so that rank r finishes with block r.
-    char* s = scratch(sum(bytes));
-    localCopy(s, i8, sum(bytes));
+    char* s = scratch(totalOf(bytes));
+    localCopy(s, i8, totalOf(bytes));
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
     const Xfer* last = nullptr;
     for (int st = 0; st < size_ - 1; ++st) {

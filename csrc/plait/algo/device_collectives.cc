@@ -15,11 +15,6 @@
 namespace plait {
 
 namespace {
-size_t total(const std::vector<size_t>& v) {
-  size_t s = 0;
-  for (size_t x : v) s += x;
-  return s;
-}
 // Marks "inside a staged device collective" for the duration of one call (pointers are in the staging buffer).
 struct StagedScope {
   bool& flag;
@@ -64,56 +59,45 @@ void Comm::runStaged(F&& body) {
   devActive_ = true;
 }
 
-void Comm::deviceAllreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
-  const size_t es = dtypeSize(dtype);
-  // Room for the slice and, for one-shot, one copy per rank after it.
-  const size_t per = std::max<size_t>(1, std::min(count, stageSlice() / (size_t(size_ + 1) * es)));
+// Element-wise collectives go through in slices of `per` elements: copy the slice in (copyIn), run the collective
+// on it, copy it out (copyOut).
+template <typename F>
+void Comm::inSlices(void* buf, size_t count, size_t es, size_t per, bool copyIn, bool copyOut, F&& run) {
+  per = std::max<size_t>(1, std::min(count, per));
   char* user = static_cast<char*>(buf);
   size_t off = 0;
   do {
     size_t n = std::min(per, count - off);
     char* s = stageBuf(n * es);
-    localCopy(s, user + off * es, n * es);
+    if (copyIn) localCopy(s, user + off * es, n * es);
     if (dev_) dev_->setScratchBase(n * es);
-    runStaged([&] { allreduce(s, n, dtype, op, algo); });
-    localCopy(user + off * es, s, n * es);
+    runStaged([&] { run(s, n); });
+    if (copyOut) localCopy(user + off * es, s, n * es);
     off += n;
   } while (off < count);
 }
 
+void Comm::deviceAllreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
+  const size_t es = dtypeSize(dtype);
+  // Room for the slice and, for one-shot, one copy per rank after it.
+  inSlices(buf, count, es, stageSlice() / (size_t(size_ + 1) * es), true, true,
+           [&](char* s, size_t n) { allreduce(s, n, dtype, op, algo); });
+}
+
 void Comm::deviceBroadcast(void* buf, size_t bytes, int root) {
-  const size_t per = std::max<size_t>(1, std::min(bytes, stageSlice()));
-  char* user = static_cast<char*>(buf);
-  size_t off = 0;
-  do {
-    size_t n = std::min(per, bytes - off);
-    char* s = stageBuf(n);
-    if (rank_ == root) localCopy(s, user + off, n);
-    runStaged([&] { broadcast(s, n, root); });
-    if (rank_ != root) localCopy(user + off, s, n);
-    off += n;
-  } while (off < bytes);
+  inSlices(buf, bytes, 1, stageSlice(), rank_ == root, rank_ != root,
+           [&](char* s, size_t n) { broadcast(s, n, root); });
 }
 
 void Comm::deviceReduce(void* buf, size_t count, DType dtype, RedOp op, int root) {
   const size_t es = dtypeSize(dtype);
   // The slice, then scratch for interior ranks of the tree.
-  const size_t per = std::max<size_t>(1, std::min(count, stageSlice() / (2 * es)));
-  char* user = static_cast<char*>(buf);
-  size_t off = 0;
-  do {
-    size_t n = std::min(per, count - off);
-    char* s = stageBuf(n * es);
-    localCopy(s, user + off * es, n * es);
-    if (dev_) dev_->setScratchBase(n * es);
-    runStaged([&] { reduce(s, n, dtype, op, root); });
-    if (rank_ == root) localCopy(user + off * es, s, n * es);
-    off += n;
-  } while (off < count);
+  inSlices(buf, count, es, stageSlice() / (2 * es), true, rank_ == root,
+           [&](char* s, size_t n) { reduce(s, n, dtype, op, root); });
 }
 
 void Comm::deviceAllgather(const void* in, void* out, const std::vector<size_t>& bytes) {
-  const size_t all = total(bytes);
+  const size_t all = totalOf(bytes);
   Blocks b = packedBlocks(bytes);
   char* s = stageBuf(all);
   localCopy(s + b.off[rank_], in, b.len[rank_]);
@@ -122,7 +106,7 @@ void Comm::deviceAllgather(const void* in, void* out, const std::vector<size_t>&
 }
 
 void Comm::deviceReduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
-  const size_t es = dtypeSize(dtype), all = total(counts) * es;
+  const size_t es = dtypeSize(dtype), all = totalOf(counts) * es;
   const size_t most = *std::max_element(counts.begin(), counts.end()) * es;
   char* s = stageBuf(2 * all + most);  // input, output, scratch (the ring reduces a copy of the input)
   localCopy(s, in, all);
@@ -133,7 +117,7 @@ void Comm::deviceReduceScatter(const void* in, void* out, const std::vector<size
 
 void Comm::deviceAlltoall(const void* in, const std::vector<size_t>& sendBytes, void* out,
                           const std::vector<size_t>& recvBytes) {
-  const size_t sendAll = total(sendBytes), recvAll = total(recvBytes);
+  const size_t sendAll = totalOf(sendBytes), recvAll = totalOf(recvBytes);
   uint64_t need = sendAll + recvAll;
   if (dev_) {
     // Each rank knows only its own sizes, and the device staging buffer grows collectively: agree on the largest

@@ -15,6 +15,11 @@ namespace plait {
 struct Blocks {
   std::vector<size_t> off, len;  // bytes
 };
+inline size_t totalOf(const std::vector<size_t>& v) {
+  size_t s = 0;
+  for (size_t x : v) s += x;
+  return s;
+}
 // count elements split into n blocks as evenly as possible, in bytes.
 Blocks evenBlocks(size_t count, int n, size_t elemBytes);
 Blocks packedBlocks(const std::vector<size_t>& bytes);
