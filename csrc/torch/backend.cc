@@ -139,8 +139,10 @@ void PlaitWork::markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f) {
 }
 
 bool PlaitWork::wait(std::chrono::milliseconds timeout) {
-  bool ok = c10d::Work::wait(timeout);  // CUDA: until enqueued (and rethrows its error)
-  if (cuda_) cudaBlockCurrentStream(*cuda_);
+  // The base waits until the work is done (CUDA: enqueued), rethrows its error and calls synchronize(); block again
+  // in case a torch version does not (a second stream wait on the same event costs nothing).
+  bool ok = c10d::Work::wait(timeout);
+  if (cuda_) synchronize();
   return ok;
 }
 
@@ -151,12 +153,17 @@ bool PlaitWork::isCompleted() {
 }
 
 void PlaitWork::synchronize() {
-  if (cuda_) wait();
+  if (!cuda_) return;
+  // The caller's current stream waits for the work; the host waits only until it is enqueued (done_).
+  {
+    std::unique_lock<std::mutex> lk(futureMu_);
+    doneCv_.wait(lk, [&] { return done_; });
+    if (error_) return;
+  }
+  cudaBlockCurrentStream(*cuda_);
 }
 
-void PlaitWork::blockCurrentStream() {
-  if (cuda_) wait();
-}
+void PlaitWork::blockCurrentStream() { synchronize(); }
 
 c10::intrusive_ptr<c10::ivalue::Future> PlaitWork::getFuture() {
   c10::intrusive_ptr<c10::ivalue::Future> f;
@@ -182,6 +189,7 @@ void PlaitWork::complete(std::exception_ptr error) {
     done_ = true;
     f = future_;
   }
+  doneCv_.notify_all();
   finish(error);
   if (f) markFuture(f);
 }

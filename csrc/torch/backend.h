@@ -39,6 +39,7 @@ class PlaitWork : public c10d::Work {
   void markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f);
   std::vector<at::Tensor> outputs_;
   std::mutex futureMu_;
+  std::condition_variable doneCv_;
   bool done_ = false;
   std::exception_ptr error_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
