@@ -3,6 +3,7 @@
     plait-bench --op all_reduce -b 8 -e 256M -f 4 --backend plait,gloo        # spawns 2 local ranks
     plait-bench --op all_reduce,all_gather --algo ring,tree,direct --nproc 4
     torchrun --standalone --nproc-per-node 2 -m plait.bench --op broadcast -b 1K -e 1M
+    plait-bench --device cuda --share-gpu --nproc 4 --backend plait,gloo -b 4 -e 1G -f 4   # 4 ranks on one GPU
     plait-bench ddp                                                            # DDP step time, plait vs gloo
 
 Method (nccl-tests conventions). Every backend (and every forced plait algorithm) gets its own process group
@@ -15,6 +16,11 @@ algbw = bytes / time; busbw = algbw * factor (all_reduce 2(n-1)/n; all_gather, r
 (n-1)/n; broadcast, reduce 1). sendrecv is a ping-pong between ranks 0 and 1: time is half the round trip
 (one-way latency) and busbw = algbw. "bytes" is the whole buffer: the all_reduce buffer, the all_gather
 output, the reduce_scatter input, the all_to_all send buffer, the broadcast/reduce buffer, the message.
+
+CUDA (--device cuda): buffers live on cuda:LOCAL_RANK, or on cuda:0 for every rank with --share-gpu or when there
+are more local ranks than GPUs (plait and gloo allow several ranks per GPU; nccl does not). Every timed iteration
+ends with torch.cuda.synchronize() before the clock is read (a CUDA collective returns once it is enqueued), so a
+time is the collective's completion on the GPU as seen by the host; the correctness check synchronizes too.
 """
 from __future__ import annotations
 
@@ -73,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("-e", "--maxbytes", default="32M", help="largest size in bytes (default 32M)")
     p.add_argument("-f", "--stepfactor", type=int, default=2, help="multiply the size by this (default 2)")
     p.add_argument("-i", "--stepbytes", default="0", help="add this many bytes instead of -f (default 0: use -f)")
+    p.add_argument("--sizes", default=None, help="comma-separated sizes in bytes (K/M/G suffixes); overrides "
+                                                 "-b/-e/-f/-i")
     p.add_argument("-n", "--iters", type=int, default=0, help="timed iterations per size (0 = by size: 200 up "
                                                               "to 64K, fewer above)")
     p.add_argument("-w", "--warmup", type=int, default=-1, help="untimed iterations per size (-1 = by size)")
@@ -88,6 +96,8 @@ def parse_args(argv=None):
                         "nccl-tests' average over back-to-back iterations, max across ranks")
     p.add_argument("--transport", default="auto", choices=("auto", "shm", "tcp"), help="plait transport")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--share-gpu", action="store_true", help="--device cuda: every rank uses cuda:0 (default: "
+                                                             "cuda:LOCAL_RANK, or cuda:0 when ranks outnumber GPUs)")
     p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not launched by torchrun")
     p.add_argument("--json", default=None, help="write meta and all results to this JSON file")
     p.add_argument("--csv", default=None, help="write all result rows to this CSV file")
@@ -101,13 +111,20 @@ def parse_args(argv=None):
         args.ops = _list(args.op or ["all_reduce"], OPS, "--op")
         args.backends = _list(args.backend or ["plait,gloo"], ("plait", "gloo", "nccl", "mpi"), "--backend")
         args.algos = _list(args.algo or ["auto"], ALGOS, "--algo")
-        args.sizes = size_range(args.minbytes, args.maxbytes, args.stepfactor, parse_size(args.stepbytes))
+        if args.sizes:
+            args.sizes = sorted({parse_size(x) for x in args.sizes.split(",") if x.strip()})
+            if not args.sizes or args.sizes[0] <= 0:
+                raise ValueError(f"--sizes: no positive sizes in {args.sizes!r}")
+        else:
+            args.sizes = size_range(args.minbytes, args.maxbytes, args.stepfactor, parse_size(args.stepbytes))
     except (argparse.ArgumentTypeError, ValueError) as e:
         p.error(str(e))
     if args.iters < 0:
         p.error("--iters must be >= 0")
     if "nccl" in args.backends and args.device != "cuda":
         p.error("--backend nccl needs --device cuda")
+    if "nccl" in args.backends and args.share_gpu:
+        p.error("--backend nccl cannot share one GPU between ranks (NCCL refuses duplicate GPUs); drop --share-gpu")
     args.corrupt = args._corrupt or os.environ.get(CORRUPT_ENV, "0") not in ("", "0")
     return args
 
@@ -348,6 +365,15 @@ def _make_groups(args, world):
     return impls
 
 
+def cuda_placement(share_gpu, local_rank, local_world, ngpus):
+    """(device index, shared) for a rank: cuda:LOCAL_RANK, or cuda:0 for every rank when asked to share or when the
+    local ranks outnumber the GPUs."""
+    if ngpus < 1:
+        raise RuntimeError("plait-bench: --device cuda but no CUDA device is visible (torch.cuda.device_count() is 0)")
+    shared = bool(share_gpu) or local_world > ngpus
+    return (0 if shared else local_rank), shared
+
+
 def worker(args):
     import torch
     import torch.distributed as dist
@@ -356,8 +382,16 @@ def worker(args):
 
     torch.set_num_threads(1)  # ranks share the cores
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    args.gpu = None
     if args.device == "cuda":
-        torch.cuda.set_device(local)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        index, shared = cuda_placement(args.share_gpu, local, local_world, torch.cuda.device_count())
+        if shared and "nccl" in args.backends:
+            raise SystemExit(f"plait-bench: {local_world} local ranks share cuda:0, which nccl refuses; drop "
+                             "--backend nccl or run one rank per GPU")
+        torch.cuda.set_device(index)
+        args.gpu = {"index": index, "shared": shared, "name": torch.cuda.get_device_name(index),
+                    "count": torch.cuda.device_count()}
         sync = torch.cuda.synchronize
     else:
         def sync():
@@ -415,11 +449,16 @@ def worker(args):
                        "count": case.count, "dtype": args.dtype, "redop": args.redop if op in REDUCING
                        else None, "time_us": t * 1e6, "algbw": algbw,
                        "busbw": algbw * bus_factor(op, world), "wrong": wrong[label], "iters": iters}
-                if backend == "plait" and op == "all_reduce" and args.device == "cpu":
-                    # What plait's cost model chose for this size and the time it predicted.
-                    ran, one_shot, predicted, _ = plait.plan_allreduce(case.nbytes, group=group)
-                    row.update(plan=ran + (" one-shot" if ran == "direct" and one_shot else ""),
-                               predicted_us=predicted)
+                if backend == "plait" and op == "all_reduce":
+                    # What plait's cost model chose for this size and the time it predicted (for CUDA tensors: the
+                    # device engine's model, which applies to groups on one host).
+                    try:
+                        ran, one_shot, predicted, _ = plait.plan_allreduce(case.nbytes, group=group,
+                                                                           device=args.device == "cuda")
+                        row.update(plan=ran + (" one-shot" if ran == "direct" and one_shot else ""),
+                                   predicted_us=predicted)
+                    except Exception:  # noqa: BLE001  (a model that does not apply: leave the plan out)
+                        pass
                 results.append(row)
                 prog.step(f"{op} {human(case.nbytes)} {label}")
             del case
@@ -463,6 +502,7 @@ def _meta(args, world):
             "world_size": world, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dtype": args.dtype, "redop": args.redop, "device": args.device,
             "argv": list(sys.argv), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "gpu": getattr(args, "gpu", None),
             "method": ("average over back-to-back iterations, max across ranks" if args.timing == "loop" else
                        "median over iterations of the per-iteration max across ranks")}
 
@@ -484,8 +524,11 @@ def print_table(op, rows, labels, world, args):
     ref = {r["bytes"]: r["time_us"] for r in rows if r["backend"] == first}
     import torch
 
+    gpu = getattr(args, "gpu", None)
+    where = args.device if not gpu else (f"cuda:{gpu['index']} ({gpu['name']}"
+                                         f"{', shared by all ranks' if gpu['shared'] else ''})")
     print(f"\n# plait-bench {op}: world {world}, dtype {args.dtype}"
-          f"{', redop ' + args.redop if op in REDUCING else ''}, device {args.device}, host {socket.gethostname()}, "
+          f"{', redop ' + args.redop if op in REDUCING else ''}, device {where}, host {socket.gethostname()}, "
           f"torch {torch.__version__}")
     print(f"# time = median over iters of the per-iteration max across ranks"
           f"{' (one-way: half the 0<->1 round trip)' if op == 'sendrecv' else ''}; busbw = algbw * "
@@ -540,10 +583,20 @@ def main(argv=None):
 
         return ddp_main(argv[1:])
     args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("plait-bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+            return 2
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun (or similar)
         return worker(args)
     if args.nproc < 1:
         print("plait-bench: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and "nccl" in args.backends and args.nproc > torch.cuda.device_count():
+        print(f"plait-bench: {args.nproc} ranks on {torch.cuda.device_count()} GPU(s) share a GPU, which nccl "
+              "refuses; drop --backend nccl or use fewer ranks", file=sys.stderr)
         return 2
     return launch(_spawn_entry, args, args.nproc)
 
