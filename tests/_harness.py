@@ -424,3 +424,18 @@ def init_process_group(rank: int, world_size: int, **kwargs):
         kw["pg_options"] = make_options(ctx.options)
     kw.update(kwargs)
     dist.init_process_group(**kw)
+
+
+def expect_raise(fn, *needles):
+    """Calls fn (waiting on the Work it returns, if any); it must raise a RuntimeError (DistBackendError included)
+    whose message contains every needle (case-insensitive). Returns the message."""
+    try:
+        w = fn()
+        if w is not None and hasattr(w, "wait"):
+            w.wait()
+    except RuntimeError as e:
+        msg = str(e)
+        for n in needles:
+            assert n.lower() in msg.lower(), f"error message lacks {n!r}: {msg!r}"
+        return msg
+    raise AssertionError(f"no exception (expected one mentioning {needles})")

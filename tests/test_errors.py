@@ -55,17 +55,6 @@ def _run_error_world(fn, ws, *args, **kw):
 # local argument errors (every rank passes the same bad argument): raise, and the group stays usable
 
 
-def _expect_raise(fn, *needles):
-    try:
-        w = fn()
-        if w is not None and hasattr(w, "wait"):
-            w.wait()
-    except RuntimeError as e:  # includes DistBackendError etc.
-        msg = str(e)
-        for n in needles:
-            assert n.lower() in msg.lower(), f"error message lacks {n!r}: {msg!r}"
-        return msg
-    raise AssertionError(f"no exception (expected one mentioning {needles})")
 
 
 def worker_bad_args(rank, ws):
@@ -73,20 +62,20 @@ def worker_bad_args(rank, ws):
     pg = dist.distributed_c10d._get_default_group()
     for dt in [torch.float8_e4m3fn, torch.float8_e5m2]:
         t = torch.zeros(8, dtype=dt)
-        msgs[f"all_reduce {dt}"] = _expect_raise(lambda: dist.all_reduce(t), "dtype")
-        msgs[f"broadcast {dt}"] = _expect_raise(lambda: dist.broadcast(t, src=0), "dtype")
+        msgs[f"all_reduce {dt}"] = H.expect_raise(lambda: dist.all_reduce(t), "dtype")
+        msgs[f"broadcast {dt}"] = H.expect_raise(lambda: dist.broadcast(t, src=0), "dtype")
     # complex tensors are viewed as real by torch.distributed's Python layer; call the backend directly
     c = torch.zeros(8, dtype=torch.complex64)
-    msgs["pg.allreduce complex64"] = _expect_raise(lambda: pg.allreduce([c]), "dtype")
-    msgs["pg.broadcast complex128"] = _expect_raise(
+    msgs["pg.allreduce complex64"] = H.expect_raise(lambda: pg.allreduce([c]), "dtype")
+    msgs["pg.broadcast complex128"] = H.expect_raise(
         lambda: pg.broadcast([torch.zeros(4, dtype=torch.complex128)], dist.BroadcastOptions()), "dtype")
     # sparse
     sp = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([1.0, 2.0]), (8,))
-    msgs["all_reduce sparse"] = _expect_raise(lambda: dist.all_reduce(sp), "sparse")
+    msgs["all_reduce sparse"] = H.expect_raise(lambda: dist.all_reduce(sp), "sparse")
     # wrong output sizes
-    msgs["all_gather_into_tensor size"] = _expect_raise(
+    msgs["all_gather_into_tensor size"] = H.expect_raise(
         lambda: dist.all_gather_into_tensor(torch.empty(ws * 8 + 1), torch.ones(8)), "size")
-    msgs["reduce_scatter_tensor size"] = _expect_raise(
+    msgs["reduce_scatter_tensor size"] = H.expect_raise(
         lambda: dist.reduce_scatter_tensor(torch.empty(9), torch.ones(ws * 8)), "size")
     # the group still works after rejected calls
     x = torch.full((7,), float(rank))
@@ -112,10 +101,10 @@ def worker_unsupported_device(rank, ws):
     be = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     m = torch.ones(4, device="meta")
     msgs = {}
-    msgs["allreduce"] = _expect_raise(lambda: be.allreduce([m]), "device meta", "CPU and CUDA")
-    msgs["allreduce mixed"] = _expect_raise(lambda: be.allreduce([torch.ones(4), m]), "meta")
-    msgs["broadcast"] = _expect_raise(lambda: be.broadcast([m], dist.BroadcastOptions()), "device meta")
-    msgs["_allgather_base"] = _expect_raise(lambda: be._allgather_base(torch.empty(ws * 4), m), "device meta")
+    msgs["allreduce"] = H.expect_raise(lambda: be.allreduce([m]), "device meta", "CPU and CUDA")
+    msgs["allreduce mixed"] = H.expect_raise(lambda: be.allreduce([torch.ones(4), m]), "meta")
+    msgs["broadcast"] = H.expect_raise(lambda: be.broadcast([m], dist.BroadcastOptions()), "device meta")
+    msgs["_allgather_base"] = H.expect_raise(lambda: be._allgather_base(torch.empty(ws * 4), m), "device meta")
     # the group still works after the rejected calls
     x = torch.full((7,), float(rank))
     dist.all_reduce(x)
