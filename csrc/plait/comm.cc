@@ -144,7 +144,7 @@ void Comm::setDevice(int device, void* stream) {
       ops = makeCudaDeviceOps(&why);
       PLAIT_CHECK(ops, "plait: rank ", rank_, ": CUDA device collectives are unavailable: ", why);
     }
-    ops->bind(device, stream);
+    ops->bind(device, stream);  // the engine's setup already allocates and maps on this device
     if (deviceSupported())
       dev_ = std::make_unique<DeviceEngine>(*this, *store_, prefix_, std::move(ops), knobs().deviceBufferBytes);
     else

@@ -222,6 +222,7 @@ class Comm {
   // Runs a collective's body on the staged pointers: on the device engine, or on the host after the copies in.
   template <typename F>
   void runStaged(F&& body);
+  struct HostScope;
   template <typename F>
   void inSlices(void* buf, size_t count, size_t es, size_t per, bool copyIn, bool copyOut, F&& run);
   void rawIo(int peer, void* buf, size_t n, bool isWrite, Clock::time_point deadline);

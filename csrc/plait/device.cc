@@ -65,25 +65,25 @@ void DeviceEngine::setup() {
   flagBytes_ = pageRound((2 * size_ + 1) * kLine + size_t(size_) * kSlots * sizeof(PullDesc));
   uint8_t r[8];
   randomBytes(r, sizeof(r));
-  flagName_ = cat("/plait-dev-", getpid(), "-", toHex(r, sizeof(r)));
-  int fd = shm_open(flagName_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": shm_open(", flagName_, ") for device flags failed: ",
+  const std::string flagName = cat("/plait-dev-", getpid(), "-", toHex(r, sizeof(r)));
+  int fd = shm_open(flagName.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": shm_open(", flagName, ") for device flags failed: ",
               std::strerror(errno));
   if (ftruncate(fd, off_t(flagBytes_)) != 0) {
     close(fd);
-    shm_unlink(flagName_.c_str());
+    shm_unlink(flagName.c_str());
     throw Error(cat("plait: rank ", rank_, ": cannot size the device flag segment"));
   }
   void* p = mmap(nullptr, flagBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);
   if (p == MAP_FAILED) {
-    shm_unlink(flagName_.c_str());
+    shm_unlink(flagName.c_str());
     throw Error(cat("plait: rank ", rank_, ": cannot map the device flag segment"));
   }
   ownFlags_ = static_cast<char*>(p);
   try {
     ownFlagsDev_ = static_cast<char*>(ops_->mapHost(ownFlags_, flagBytes_));
-    store_.set(cat(prefix_, "dev/flags/", rank_), flagName_);
+    store_.set(cat(prefix_, "dev/flags/", rank_), flagName);
     for (int q = 0; q < size_; ++q) {
       if (q == rank_) continue;
       std::string name = store_.get(cat(prefix_, "dev/flags/", q));
@@ -100,10 +100,10 @@ void DeviceEngine::setup() {
     for (int q = 0; q < size_; ++q)
       if (q != rank_) store_.get(cat(prefix_, "dev/fmapped/", q));
   } catch (...) {
-    shm_unlink(flagName_.c_str());
+    shm_unlink(flagName.c_str());
     throw;
   }
-  shm_unlink(flagName_.c_str());
+  shm_unlink(flagName.c_str());
   reserve(initialCap_);
 }
 

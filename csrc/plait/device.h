@@ -98,7 +98,6 @@ class DeviceEngine {
   char* staging_ = nullptr;
   std::vector<char*> peerStaging_;
   size_t flagBytes_ = 0;
-  std::string flagName_;
   char* ownFlags_ = nullptr;              // host address
   std::vector<char*> peerFlags_;          // host addresses of peers' segments
   char* ownFlagsDev_ = nullptr;           // device addresses

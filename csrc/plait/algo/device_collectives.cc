@@ -23,6 +23,21 @@ struct StagedScope {
 };
 }  // namespace
 
+// Leaves device mode for the duration of a host-engine call inside a device collective, and comes back to it
+// whatever way the call ends.
+struct Comm::HostScope {
+  Comm& c;
+  bool device;
+  explicit HostScope(Comm& comm) : c(comm), device(comm.topo_.device) {
+    c.devActive_ = false;
+    c.topo_.device = false;
+  }
+  ~HostScope() {
+    c.devActive_ = true;
+    c.topo_.device = device;
+  }
+};
+
 char* Comm::stageBuf(size_t need) {
   if (dev_) {
     dev_->reserve(need);
@@ -49,14 +64,8 @@ void Comm::runStaged(F&& body) {
     return;
   }
   viaHost_->synchronize();  // the copies in have landed in host memory
-  devActive_ = false;
-  try {
-    body();
-  } catch (...) {
-    devActive_ = true;
-    throw;
-  }
-  devActive_ = true;
+  HostScope h(*this);
+  body();
 }
 
 // Element-wise collectives go through in slices of `per` elements: copy the slice in (copyIn), run the collective
@@ -122,15 +131,8 @@ void Comm::deviceAlltoall(const void* in, const std::vector<size_t>& sendBytes, 
   if (dev_) {
     // Each rank knows only its own sizes, and the device staging buffer grows collectively: agree on the largest
     // need on the host first (the only device-engine collective whose host talks to its peers).
-    devActive_ = false;
-    topo_.device = false;
-    try {
-      allreduce(&need, 1, DType::kInt64, RedOp::kMax, Algo::kDirect);
-    } catch (...) {
-      devActive_ = topo_.device = true;
-      throw;
-    }
-    devActive_ = topo_.device = true;
+    HostScope h(*this);
+    allreduce(&need, 1, DType::kInt64, RedOp::kMax, Algo::kDirect);
   }
   char* s = stageBuf(size_t(need));
   localCopy(s, in, sendAll);
