@@ -819,6 +819,12 @@ bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
   return ok;
 }
 
+void Comm::requestAbort(const std::string& why) {
+  (void)why;
+  abortRequested_.store(true, std::memory_order_release);
+  interrupt();
+}
+
 void Comm::interrupt() {
   interrupt_.store(true, std::memory_order_release);
   if (shm_) shm_->poke();

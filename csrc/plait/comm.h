@@ -129,10 +129,20 @@ class Comm {
   using Done = std::function<void(const std::string* error)>;
   void isend(const void* buf, size_t bytes, int peer, int tag, Done done);
   void irecv(void* buf, size_t bytes, int peer, int tag, Done done);
+  // Receive from whichever peer's next point-to-point message with this tag arrives first (torch's recvAnysource).
+  // `done` gets the error (or nullptr) and the source rank (-1 on error). Matching is per peer in posting order, as
+  // for irecv; a message of another size from the chosen peer is an error naming both sizes.
+  using AnyDone = std::function<void(const std::string* error, int src)>;
+  void irecvAny(void* buf, size_t bytes, int tag, AnyDone done);
   // Drives pending point-to-point transfers for at most `budget`; returns whether some are still pending.
   bool progressP2P(std::chrono::microseconds budget);
   // Thread-safe: makes a progressP2P running on another thread return early (new work has arrived).
   void interrupt();
+  // Thread-safe (any thread, while another drives the engine or not): fails the communicator with `why`; peers are
+  // told, pending transfers complete with the error, and the thread driving the engine (if any) throws within
+  // milliseconds. Later calls raise. Used by torch's abort()/shutdown() and destroy with work in flight.
+  void requestAbort(const std::string& why);
+  bool aborted() const { return abortRequested_.load(std::memory_order_acquire); }
   void barrier();
   void monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks);
 
@@ -260,6 +270,7 @@ class Comm {
     uint64_t collectives = 0, yields = 0, sleeps = 0, spinsIdle = 0;
   } stats_;  // printed at destruction with PLAIT_DEBUG=TRACE
   std::atomic<bool> interrupt_{false};
+  std::atomic<bool> abortRequested_{false};
   std::unique_ptr<DeviceEngine> dev_;    // one host: the device engine
   std::unique_ptr<DeviceOps> viaHost_;  // several hosts: device buffers staged through host memory
   char* hostStage_ = nullptr;

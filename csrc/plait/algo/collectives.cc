@@ -211,6 +211,12 @@ void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
   x->deadline = Clock::now() + timeout_;
 }
 
+void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
+  (void)buf, (void)bytes, (void)tag;
+  PLAIT_CHECK(false, "plait: rank ", rank_, ": recv from any source is not implemented yet");
+  (void)done;
+}
+
 void Comm::barrier() {
   begin(CollCtx{Coll::kBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
   for (int p = 0; p < size_; ++p) {
