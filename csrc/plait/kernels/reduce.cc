@@ -13,7 +13,10 @@ struct Table {
   Table() {
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma")) {
+    // PLAIT_KERNELS=scalar forces the portable kernels (tests run both paths on an AVX2 machine).
+    const bool forceScalar = knobs().kernels == "scalar";
+    if (!forceScalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("fma")) {
       kernels_avx2::fill(fn);
       isa = "avx2";
       return;

@@ -10,7 +10,9 @@ namespace plait {
 // dst[i] = a[i] op b[i] for i < n elements; dst may alias a or b.
 using ReduceFn = void (*)(void* dst, const void* a, const void* b, size_t n);
 
-// The kernel for (op, dtype), chosen once per process by CPU features (AVX2+F16C, else scalar).
+// The kernel for (op, dtype), chosen once per process by CPU features (AVX2+F16C, else scalar; PLAIT_KERNELS=scalar
+// forces scalar). Floating-point kernels run in a fixed IEEE mode whatever the calling thread's MXCSR says (no
+// flush-to-zero, no denormals-are-zero, round to nearest), so every thread and every rank computes the same bits.
 // Throws plait::Error naming the op and dtype when the combination is meaningless (e.g. band on float32).
 ReduceFn reduceFn(RedOp op, DType dtype);
 
