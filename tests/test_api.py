@@ -656,15 +656,18 @@ def worker_layouts(rank, ws):
         c.equal("non-contiguous (transposed) all_reduce: base", base, exp.t())
     except RuntimeError as e:
         c.fail(f"non-contiguous (transposed) all_reduce raised: {e}")
-    strided = torch.full((20,), -1, dtype=torch.int64)
-    strided[::2] = torch.arange(10) + rank
-    try:
-        dist.all_reduce(strided[::2])
-        want = torch.full((20,), -1, dtype=torch.int64)
-        want[::2] = torch.arange(10) * ws + sum(range(ws))
-        c.equal("non-contiguous (strided slice) all_reduce", strided, want)
-    except RuntimeError as e:
-        c.fail(f"non-contiguous (strided slice) all_reduce raised: {e}")
+    # Not under the gloo self-validation: gloo (torch 2.13) reduces the whole storage span of a strided view, the
+    # elements between the view's included (found by PLAIT_TEST_BACKEND=gloo); the expectation below is the right one.
+    if H.IS_PLAIT:
+        strided = torch.full((20,), -1, dtype=torch.int64)
+        strided[::2] = torch.arange(10) + rank
+        try:
+            dist.all_reduce(strided[::2])
+            want = torch.full((20,), -1, dtype=torch.int64)
+            want[::2] = torch.arange(10) * ws + sum(range(ws))
+            c.equal("non-contiguous (strided slice) all_reduce", strided, want)
+        except RuntimeError as e:
+            c.fail(f"non-contiguous (strided slice) all_reduce raised: {e}")
     dist.barrier()
     return {"failures": c.failures}
 
@@ -829,8 +832,8 @@ def test_denormals_exact_and_identical_when_one_rank_flushes(ws, flush_rank):
 # A rank whose caller thread flushes denormals then flushes its PREMUL_SUM contribution (every rank gets the same
 # wrong result) and its own AVG result (ranks disagree bitwise). Fix: do that arithmetic under
 # plait::IeeeFpScope (csrc/plait/kernels/reduce.h), as the reduction kernels do. strict=True: this xfail turns into a
-# failure once the bug is fixed, so the marker cannot outlive it.
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: AVG / PREMUL_SUM scaling in csrc/torch/backend.cc runs in the "
+# failure once the bug is fixed, so the marker cannot outlive it. Expected to pass under the gloo self-validation.
+@pytest.mark.xfail(H.IS_PLAIT, strict=True, reason="KNOWN BUG: AVG / PREMUL_SUM scaling in csrc/torch/backend.cc runs in the "
                                        "calling thread's flush-denormal mode (see the comment above this test)")
 @pytest.mark.timeout(300)
 def test_denormals_avg_and_premul_sum_when_one_rank_flushes():
