@@ -303,3 +303,36 @@ def test_small_dev_shm_is_a_clear_error(tmp_path):
     assert len(results) == 2, out[-3000:]
     for l in results:
         assert "/dev/shm" in l and "cannot reserve" in l or "could not set up shared memory" in l, l
+
+
+# ---- item 4: an exception that is not plait's, on the engine's path, fails the group (no hang, no stale transfers) ---
+
+
+def worker_completion_raises(rank, ws):
+    if rank == 0:
+        dist.send(torch.arange(4, dtype=torch.float32), 1)
+        dist.send(torch.arange(4, dtype=torch.float32), 1)
+        return dict(msg="")
+    # A non-contiguous view of a leaf that requires grad: the copy back into it (on plait's thread) raises.
+    leaf = torch.zeros(8, requires_grad=True)
+    dst = leaf[::2]
+    w = dist.irecv(dst, 0)
+    try:
+        w.wait()
+        first = "no error"
+    except RuntimeError as e:
+        first = str(e)
+    try:
+        dist.recv(torch.zeros(4), 0)
+        second = "no error"
+    except RuntimeError as e:
+        second = str(e)
+    return dict(first=first, second=second)
+
+
+def test_completion_error_fails_group_instead_of_hanging():
+    res = H.run_world(worker_completion_raises, 2, pg_timeout_s=PG_TIMEOUT_S, expect_fail=True, timeout_s=120)
+    r1 = res[1]
+    assert r1.ok, _explain(res)
+    assert "completing a recv from rank 0 failed" in r1.value["first"] and "leaf" in r1.value["first"], r1.value
+    assert "unusable after an earlier error" in r1.value["second"], r1.value

@@ -776,7 +776,8 @@ bool Comm::advanceRecv(Xfer* x) {
 
 bool Comm::wantRead(int p) const {
   const Inbound& in = in_[p];
-  return !recvQ_[p].empty() || !p2pRecvQ_[p].empty() || !anyQ_.empty() || in.x || in.unx || in.hdrDone > 0;
+  return !recvQ_[p].empty() || !p2pRecvQ_[p].empty() || (!anyQ_.empty() && !in.quiet) || in.x || in.unx ||
+         in.hdrDone > 0;
 }
 
 Comm::Xfer* Comm::bindAny(size_t k, int peer) {
@@ -842,7 +843,18 @@ bool Comm::progressRecv(int p) {
   while (true) {
     if (!in.x && !in.unx) {
       if (in.hdrDone < sizeof(WireHeader)) {
-        size_t r = ch->read(reinterpret_cast<char*>(&in.hdr) + in.hdrDone, sizeof(WireHeader) - in.hdrDone);
+        // A new message is read only for a receive posted from this peer (or one from any source): a peer that
+        // finished and closed its connection has nothing more to say, and reading on would find the end of stream.
+        const bool directed = !recvQ_[p].empty() || !p2pRecvQ_[p].empty();
+        if (!directed && (anyQ_.empty() || in.quiet)) return moved;
+        size_t r = 0;
+        try {
+          r = ch->read(reinterpret_cast<char*>(&in.hdr) + in.hdrDone, sizeof(WireHeader) - in.hdrDone);
+        } catch (const Error&) {
+          if (directed || in.hdrDone > 0) throw;
+          in.quiet = true;  // only a receive from any source was listening: this peer is done, not failed
+          return moved;
+        }
         in.hdrDone += r;
         moved |= r > 0;
         if (in.hdrDone < sizeof(WireHeader)) return moved;
@@ -906,7 +918,20 @@ void Comm::retire(Xfer* x) {
   if (x->onDone) {
     Done d = std::move(x->onDone);
     x->onDone = nullptr;
-    d(nullptr);
+    try {
+      d(nullptr);
+    } catch (const std::exception& e) {
+      // The completion itself failed (the torch layer's copy into a non-contiguous destination raised): its owner
+      // hears the error through the same callback, and the communicator fails (drive), so no transfer that may
+      // point at memory its owner is about to free stays queued.
+      std::string m = cat("plait: rank ", rank_, ": completing a ", x->kind == Xfer::kSend ? "send to" : "recv from",
+                          " rank ", x->peer, " failed: ", e.what());
+      try {
+        d(&m);
+      } catch (...) {
+      }
+      throw Error(m);
+    }
   } else {
     --pendingColl_;
   }
@@ -956,7 +981,12 @@ void Comm::checkPeersAlive() {
       throw PeerFailed(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by, " failed: ", why));
   }
   for (int p = 0; p < size_; ++p) {
-    if (p == rank_ || (sendQ_[p].empty() && !wantRead(p))) continue;
+    // Only peers something is waiting for: a peer that exits after its last send is not a failure for a receive
+    // from any source that another peer may still satisfy (that one ends at its timeout if nobody does).
+    const Inbound& in = in_[p];
+    if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty() && p2pRecvQ_[p].empty() && !in.x && !in.unx &&
+                       in.hdrDone == 0))
+      continue;
     if (!channels_[p] || channels_[p]->kind() != TransportKind::kShm) continue;
     if (shm_->peerGone(p))
       throw Error(cat("plait: rank ", rank_, ": peer rank ", p, " (same host) died during ", where()));

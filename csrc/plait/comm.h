@@ -295,6 +295,7 @@ class Comm {
     size_t hdrDone = 0;
     Xfer* x = nullptr;          // bound to a posted receive
     Unexpected* unx = nullptr;  // being buffered
+    bool quiet = false;         // the peer closed its stream while only a receive from any source listened
   };
   struct AnyRecv {
     char* buf;
