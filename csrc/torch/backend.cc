@@ -710,6 +710,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std
                                                                  std::vector<at::Tensor>& inputs,
                                                                  const c10d::AllgatherOptions& opts) {
   // output_tensor_lists[r][i] receives input i of rank r (torch's and gloo's layout).
+  TORCH_CHECK(!inputs.empty(), "plait: all_gather_coalesced needs at least one input tensor (got an empty list)");
   TORCH_CHECK(int(outputLists.size()) == getSize(), "plait: all_gather_coalesced: ", outputLists.size(),
               " output lists for a group of ", getSize(), " ranks (one list per rank)");
   for (size_t r = 0; r < outputLists.size(); ++r)
@@ -725,8 +726,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std
   }
   for (auto& list : outputLists)
     for (auto& t : list) all.push_back(t);
-  // Collectives complete in issue order, so the last one completing means all did (none: nothing to do, as for gloo's
-  // empty list... which gloo rejects; so does plait, before anything is sent).
+  // Collectives complete in issue order, so the last one completing means all did.
   return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, When{!opts.asyncOp, opts.timeout}, [last]() {
     if (last) last->wait();
   });
