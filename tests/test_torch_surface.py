@@ -156,12 +156,14 @@ def _recv_any(rank, world):
             t = torch.zeros(6, dtype=torch.int64)
             src = dist.recv(t)
             got.setdefault(src, []).append(t.tolist())
+        _signal("got_all")
         w = dist.irecv(torch.zeros(6, dtype=torch.int64))  # the Work reports the source too
         w.wait()
         return got, w._source_rank()
     for k in range(2):
         dist.send(torch.arange(6, dtype=torch.int64) + 100 * rank + 10 * k, 0)
     if rank == 1:
+        _wait_signal("got_all")  # otherwise this one may legitimately come before rank 2's second
         dist.send(torch.full((6,), 7, dtype=torch.int64), 0)
     return None
 
