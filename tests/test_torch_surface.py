@@ -159,12 +159,15 @@ def _recv_any(rank, world):
         _signal("got_all")
         w = dist.irecv(torch.zeros(6, dtype=torch.int64))  # the Work reports the source too
         w.wait()
+        _signal("done")
         return got, w._source_rank()
     for k in range(2):
         dist.send(torch.arange(6, dtype=torch.int64) + 100 * rank + 10 * k, 0)
     if rank == 1:
         _wait_signal("got_all")  # otherwise this one may legitimately come before rank 2's second
         dist.send(torch.full((6,), 7, dtype=torch.int64), 0)
+    # Rank 2 stays until rank 0 is done: the core fails an any-source receive as soon as any peer exits (see report).
+    _wait_signal("done")
     return None
 
 
