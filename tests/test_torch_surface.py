@@ -499,7 +499,6 @@ def _device_mesh(rank, world):
         t = torch.full((4,), rank + 1, dtype=torch.int64)
         dist.all_reduce(t, group=g)
         out[dim] = (t.tolist(), dist.get_process_group_ranks(g))
-    out["tp_timeout"] = plait.topology  # placeholder replaced below
     from plait._backend import _backend_of
 
     out["tp_timeout"] = _backend_of(mesh.get_group("tp")).group_timeout.total_seconds()
