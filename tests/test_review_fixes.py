@@ -174,9 +174,16 @@ def worker_alltoall_self_mismatch(rank, ws):
     t0 = time.time()
     try:
         dist.all_to_all_single(out, inp, out_splits, in_splits)
+        r = dict(raised=False, msg="", s=time.time() - t0)
     except RuntimeError as e:
-        return dict(raised=True, msg=str(e), s=time.time() - t0)
-    return dict(raised=False, msg="", s=time.time() - t0)
+        r = dict(raised=True, msg=str(e), s=time.time() - t0)
+    # Stay alive until every rank has its answer: a peer that exits is seen as dead, which would hide a hang.
+    open(os.path.join(H.CTX.workdir, f"a2a_done_{rank}"), "w").close()
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(
+            os.path.exists(os.path.join(H.CTX.workdir, f"a2a_done_{p}")) for p in range(ws)):
+        time.sleep(0.05)
+    return r
 
 
 def test_alltoall_self_size_mismatch_fails_all_ranks_fast():
@@ -228,9 +235,9 @@ _PIDNS_RANK = textwrap.dedent("""
     rank = int(sys.argv[1]); path = sys.argv[2]
     dist.init_process_group("plait", init_method="file://" + path, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
-    for i in range(3):
-        if rank == 0:
-            time.sleep(1.0)  # rank 1 waits (and checks rank 0's liveness) meanwhile
+    for i in range(4):
+        if rank == i % 2:
+            time.sleep(1.0)  # the other rank waits (and checks this one's liveness) meanwhile: both directions
         t = torch.full((5,), float(rank + 1))
         dist.all_reduce(t)
         assert t.tolist() == [3.0] * 5, t
@@ -334,5 +341,65 @@ def test_completion_error_fails_group_instead_of_hanging():
     res = H.run_world(worker_completion_raises, 2, pg_timeout_s=PG_TIMEOUT_S, expect_fail=True, timeout_s=120)
     r1 = res[1]
     assert r1.ok, _explain(res)
-    assert "completing a recv from rank 0 failed" in r1.value["first"] and "leaf" in r1.value["first"], r1.value
+    assert "leaf" in r1.value["first"], r1.value  # the copy's own error reaches the Work that waited for it
     assert "unusable after an earlier error" in r1.value["second"], r1.value
+    assert "completing a recv from rank 0 failed" in r1.value["second"], r1.value
+
+
+# ---- review findings: a size mismatch against a message already buffered fails the group (not a later, unrelated
+# call); an abort with nothing in flight still reaches the peers ------------------------------------------------------
+
+
+def worker_mismatch_on_buffered(rank, ws):
+    if rank == 0:
+        dist.send(torch.arange(4, dtype=torch.float32), 1)
+        t = torch.ones(3)
+        try:
+            dist.all_reduce(t)
+        except RuntimeError as e:
+            return dict(first=str(e))
+        return dict(first="ok")
+    t = torch.ones(3)
+    dist.all_reduce(t)  # buffers rank 0's message meanwhile
+    try:
+        dist.recv(torch.zeros(5), 0)  # 5 floats against 4 buffered
+        first = "no error"
+    except RuntimeError as e:
+        first = str(e)
+    try:
+        dist.all_reduce(torch.ones(3))
+        second = "no error"
+    except RuntimeError as e:
+        second = str(e)
+    return dict(first=first, second=second)
+
+
+def test_size_mismatch_against_buffered_message():
+    res = H.run_world(worker_mismatch_on_buffered, 2, pg_timeout_s=PG_TIMEOUT_S, timeout_s=120)
+    v = res[1]
+    assert "point-to-point mismatch" in v["first"] and "16 bytes" in v["first"] and "20 bytes" in v["first"], v
+    assert "unusable after an earlier error" in v["second"] and "point-to-point mismatch" in v["second"], v
+
+
+def worker_abort_idle(rank, ws):
+    if rank == 0:
+        dist.barrier()
+        dist.distributed_c10d._abort_process_group()
+        time.sleep(3)  # stay alive: rank 1 must hear of the abort, not of a dead process
+        return dict(msg="", s=0.0)
+    dist.barrier()
+    t0 = time.time()
+    try:
+        dist.all_reduce(torch.ones(4))
+        msg = "no error"
+    except RuntimeError as e:
+        msg = str(e)
+    return dict(msg=msg, s=time.time() - t0)
+
+
+def test_abort_with_nothing_in_flight_reaches_peers():
+    res = H.run_world(worker_abort_idle, 2, pg_timeout_s=60, expect_fail=True, timeout_s=120)
+    r1 = res[1]
+    assert r1.ok, _explain(res)
+    assert "abort" in r1.value["msg"], r1.value
+    assert r1.value["s"] < 10, r1.value

@@ -567,3 +567,28 @@ def test_all_gather_coalesced_empty(backend):
     res = H.run_world(_allgather_coalesced_empty, 2, backend=backend, timeout_s=120)
     for _, outs in res:
         assert outs == [[0.0, 0.0], [1.0, 1.0]]
+
+
+# ---- item 7: an async collective returns at once (it never runs inline on the caller's thread) ----------------------
+
+
+def _async_issue(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(4)
+    if rank == 1:
+        time.sleep(2.0)
+    t0 = time.monotonic()
+    w = dist.all_reduce(t, async_op=True)
+    issue_s = time.monotonic() - t0
+    w.wait()
+    return issue_s, t.tolist()
+
+
+@pytest.mark.parametrize("inline", [None, "100"])
+def test_async_issue_returns_at_once(inline):
+    env = {} if inline is None else {"PLAIT_INLINE_BYTES": inline}
+    res = H.run_world(_async_issue, 2, env=env, timeout_s=120)
+    assert res[0][1] == [2.0] * 4 and res[1][1] == [2.0] * 4, res
+    assert res[0][0] < 0.5, res  # rank 1 arrives 2 s later: an inline run would block the caller that long

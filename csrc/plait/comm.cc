@@ -326,7 +326,7 @@ void Comm::rendezvous(Store& store, const Options& opts) {
     // of waiting for the segment until the store's timeout.
     try {
       shm_ = std::make_unique<ShmDomain>(shmName, rank_, local, ringBytes);
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {
       store.set(cat(prefix, "shm/", rank_), cat("error: ", e.what()));
       throw;
     }
@@ -347,14 +347,24 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   for (int p = 0; p < size_; ++p) topo_.oversubscribed |= ranksOnHost[hostOf_[p]] > coresOf[p];
   reduceThreads_ = knobs().threads > 0 ? knobs().threads : std::max(1, std::min(8, cores / localRanks));
 
-  for (int p : shmPeers) {
-    PLAIT_CHECK(shmNames[p] != "-", "plait: rank ", rank_, ": peer rank ", p, " has no shared memory segment");
-    shm_->attach(p, shmNames[p]);
-  }
   if (shm_) {
-    // Once every local peer has mapped this rank's segment its name can go: nothing is left in /dev/shm.
-    store.set(cat(prefix, "mapped/", rank_), "1");
-    for (int p : shmPeers) store.get(cat(prefix, "mapped/", p));
+    // Once every local peer has mapped this rank's segment its name can go: nothing is left in /dev/shm. A rank that
+    // cannot map a peer's segment says why under its key, so the others raise instead of waiting out the store.
+    try {
+      for (int p : shmPeers) {
+        PLAIT_CHECK(shmNames[p] != "-", "plait: rank ", rank_, ": peer rank ", p, " has no shared memory segment");
+        shm_->attach(p, shmNames[p]);
+      }
+    } catch (const std::exception& e) {
+      store.set(cat(prefix, "mapped/", rank_), cat("error: ", e.what()));
+      throw;
+    }
+    store.set(cat(prefix, "mapped/", rank_), "ok");
+    for (int p : shmPeers) {
+      std::string st = store.get(cat(prefix, "mapped/", p));
+      PLAIT_CHECK(st == "ok", "plait: rank ", rank_, ": local peer rank ", p,
+                  " could not map shared memory: ", st.substr(std::min<size_t>(st.size(), 7)));
+    }
     shm_->unlinkOwn();
   }
   if (tcp_) {
@@ -836,6 +846,14 @@ void Comm::matchUnexpected(int peer) {
   }
 }
 
+void Comm::matchUnexpectedOrFail(int peer) {
+  try {
+    matchUnexpected(peer);
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
+}
+
 bool Comm::progressRecv(int p) {
   Channel* ch = channels_[p].get();
   Inbound& in = in_[p];
@@ -983,9 +1001,9 @@ void Comm::checkPeersAlive() {
   for (int p = 0; p < size_; ++p) {
     // Only peers something is waiting for: a peer that exits after its last send is not a failure for a receive
     // from any source that another peer may still satisfy (that one ends at its timeout if nobody does).
+    // A collective's header parked with nothing posted is not a wait either (its payload is in the ring).
     const Inbound& in = in_[p];
-    if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty() && p2pRecvQ_[p].empty() && !in.x && !in.unx &&
-                       in.hdrDone == 0))
+    if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty() && p2pRecvQ_[p].empty() && !in.x && !in.unx))
       continue;
     if (!channels_[p] || channels_[p]->kind() != TransportKind::kShm) continue;
     if (shm_->peerGone(p))

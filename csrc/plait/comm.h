@@ -221,6 +221,8 @@ class Comm {
   bool bindP2P(int peer, const WireHeader& h);
   // Completes posted point-to-point receives from messages already buffered.
   void matchUnexpected(int peer);
+  // The same, outside drive(): a mismatch (or a completion that raises) fails the communicator as drive() would.
+  void matchUnexpectedOrFail(int peer);
   Xfer* bindAny(size_t anyIndex, int peer);
   void checkHeader(const Xfer* x, const WireHeader& got) const;
   // Drives the engine until `pendingColl_` is 0 or, with p2pOnly, until no point-to-point transfer is pending,

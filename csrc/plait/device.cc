@@ -53,7 +53,7 @@ DeviceEngine::~DeviceEngine() {
   }
   for (int f : peerFlagFd_)
     if (f >= 0) close(f);
-  if (ownFlagFd_ >= 0) close(ownFlagFd_);
+  closeLiveness(ownFlagFd_);
 }
 
 int DeviceEngine::gonePeer() const {

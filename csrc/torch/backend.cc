@@ -191,6 +191,7 @@ void PlaitWork::complete(std::exception_ptr error) {
   c10::intrusive_ptr<c10::ivalue::Future> f;
   {
     std::lock_guard<std::mutex> lk(futureMu_);
+    if (done_) return;  // completed once already (a deferred transfer's callback ran before its task ended)
     error_ = error;
     done_ = true;
     f = future_;
@@ -269,7 +270,14 @@ void PlaitBackend::stop(bool drain, const std::string& what) {
   }
   cv_.notify_all();
   comm_->interrupt();
-  if (worker_.joinable() && worker_.get_id() != std::this_thread::get_id()) worker_.join();
+  if (worker_.joinable()) {
+    // stop() from the worker itself (a future callback that aborts or destroys the group): the thread cannot join
+    // itself; it finishes loop() on its own once stop_ is seen, so let it go rather than destroy what it uses.
+    if (worker_.get_id() != std::this_thread::get_id()) worker_.join();
+    else worker_.detach();
+  }
+  // Peers hear of an abort even when nothing was in flight here (nobody drives the engine any more).
+  if (!drain) comm_->abortNow(msg);
 }
 
 void PlaitBackend::abort() { stop(false, "aborted"); }
@@ -351,10 +359,20 @@ void PlaitBackend::postP2P(const c10::intrusive_ptr<PlaitWork>& work, at::Tensor
   try {
     post([this, id, work, keep, copyBackTo, fired](const std::string* error, int src) mutable {
       if (fired->exchange(true)) return;
-      if (!error && copyBackTo.defined() && !copyBackTo.is_same(keep)) copyBackTo.copy_(keep);
-      if (!error && src >= 0) work->setSourceRank(src);
-      work->complete(error ? asDistError(*error) : nullptr);
+      // The copy back can raise (a view of a leaf that requires grad): the Work completes with that error either
+      // way, then the exception goes on to the core, which fails the group.
+      std::exception_ptr copyErr;
+      if (!error && copyBackTo.defined() && !copyBackTo.is_same(keep)) {
+        try {
+          copyBackTo.copy_(keep);
+        } catch (...) {
+          copyErr = std::current_exception();
+        }
+      }
+      if (!error && !copyErr && src >= 0) work->setSourceRank(src);
+      work->complete(error ? asDistError(*error) : copyErr);
       settleP2P(id);
+      if (copyErr) std::rethrow_exception(copyErr);
     });
   } catch (...) {
     // Nothing was posted (e.g. the group failed earlier): run() completes the Work with the error.

@@ -213,7 +213,7 @@ void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
   Xfer* x = postRecv(peer, buf, bytes);
   x->onDone = std::move(done);
   x->deadline = Clock::now() + timeout_;
-  matchUnexpected(peer);  // the message may be here already
+  matchUnexpectedOrFail(peer);  // the message may be here already
 }
 
 void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
@@ -223,7 +223,7 @@ void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
   ++pending_;
   // A message already buffered from some peer (lowest rank first) may be the one.
   for (int p = 0; p < size_ && !anyQ_.empty(); ++p)
-    if (p != rank_ && p2pRecvQ_[p].empty()) matchUnexpected(p);
+    if (p != rank_ && p2pRecvQ_[p].empty()) matchUnexpectedOrFail(p);
 }
 
 void Comm::barrier() {

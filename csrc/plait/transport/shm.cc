@@ -18,7 +18,11 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <mutex>
 #include <new>
+#include <vector>
+
+#include <pthread.h>
 
 #include "plait/common.h"
 
@@ -109,13 +113,46 @@ void reserveShm(int fd, size_t bytes, const std::string& name, const std::string
   }
 }
 
+namespace {
+// Descriptors holding a liveness lock. A child made by fork (DataLoader workers) inherits them, and with them the
+// lock: the rank could die while its children keep it "alive". The child closes its copies at once; the lock stays
+// with the parent's descriptor.
+std::mutex gLiveMu;
+std::vector<int>& liveFds() {
+  static auto* v = new std::vector<int>();
+  return *v;
+}
+void liveForkPrepare() { gLiveMu.lock(); }
+void liveForkParent() { gLiveMu.unlock(); }
+void liveForkChild() {
+  for (int fd : liveFds()) close(fd);
+  liveFds().clear();
+  gLiveMu.unlock();
+}
+}  // namespace
+
 bool holdLiveness(int fd) {
   struct flock fl{};
   fl.l_type = F_WRLCK;
   fl.l_whence = SEEK_SET;
   fl.l_start = 0;
   fl.l_len = 1;
-  return fcntl(fd, F_OFD_SETLK, &fl) == 0;
+  if (fcntl(fd, F_OFD_SETLK, &fl) != 0) return false;
+  static std::once_flag once;
+  std::call_once(once, [] { pthread_atfork(liveForkPrepare, liveForkParent, liveForkChild); });
+  std::lock_guard<std::mutex> lk(gLiveMu);
+  liveFds().push_back(fd);
+  return true;
+}
+
+void closeLiveness(int fd) {
+  if (fd < 0) return;
+  {
+    std::lock_guard<std::mutex> lk(gLiveMu);
+    auto& v = liveFds();
+    v.erase(std::remove(v.begin(), v.end(), fd), v.end());
+  }
+  close(fd);
 }
 
 bool lockGone(int fd) {
@@ -188,7 +225,7 @@ ShmDomain::~ShmDomain() {
   for (int fd : peerFds_)
     if (fd >= 0) close(fd);
   if (own_.base) munmap(own_.base, own_.bytes);
-  if (ownFd_ >= 0) close(ownFd_);  // releases the liveness lock
+  closeLiveness(ownFd_);  // releases the liveness lock
 }
 
 int ShmDomain::slot(int r) const {

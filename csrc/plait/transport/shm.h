@@ -26,6 +26,7 @@ void reserveShm(int fd, size_t bytes, const std::string& name, const std::string
 // process ends, however it ends. holdLiveness takes it (false where the kernel has no OFD locks); lockGone tells a
 // peer, through its own descriptor of the object, whether the owner's lock is gone.
 bool holdLiveness(int fd);
+void closeLiveness(int fd);  // closes a descriptor passed to holdLiveness (the lock goes with it)
 bool lockGone(int fd);
 
 class ShmDomain {
