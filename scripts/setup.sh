@@ -10,7 +10,10 @@
 #      CMakeLists.txt, pyproject.toml changed since the last successful install (hash stamp in .venv/).
 #
 # Knobs: PYTHON (interpreter for the venv, default python3), PLAIT_FORCE_REBUILD=1 (ignore the stamp),
-# PLAIT_SETUP_VERBOSE=1 (show pip and build output).
+# PLAIT_SETUP_VERBOSE=1 (show pip and build output), PLAIT_TORCH_INDEX_URL (the package index torch is installed
+# from; default: pip's own configuration, i.e. plain `pip install torch==2.13.0`). On Linux, PyPI's torch wheel is the
+# CUDA build (several GB of nvidia-* packages); for the CPU-only build use
+#   PLAIT_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,8 +55,13 @@ EOF
 )
 
 if [[ "${TORCH_HAVE%%+*}" != "$TORCH_VERSION" ]]; then
-  log "installing torch==$TORCH_VERSION (found: $TORCH_HAVE)"
-  pip_install "torch==$TORCH_VERSION"
+  if [[ -n "${PLAIT_TORCH_INDEX_URL:-}" ]]; then
+    log "installing torch==$TORCH_VERSION from $PLAIT_TORCH_INDEX_URL (found: $TORCH_HAVE)"
+    pip_install --index-url "$PLAIT_TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+  else
+    log "installing torch==$TORCH_VERSION (found: $TORCH_HAVE)"
+    pip_install "torch==$TORCH_VERSION"
+  fi
 fi
 if [[ "$MISSING" != "-" ]]; then
   IFS=, read -r -a MISSING_LIST <<<"$MISSING"

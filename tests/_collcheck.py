@@ -189,6 +189,7 @@ def check_all_reduce(c: Checker, g, rank, ws, dtypes, counts, async_batch: bool 
 
 def check_all_reduce_coalesced(c: Checker, g, rank, ws, dtypes, counts, device="cpu"):
     if not hasattr(dist, "all_reduce_coalesced"):
+        c.fail(f"torch.distributed {torch.__version__} has no all_reduce_coalesced: nothing was checked")
         return
     for dt in dtypes:
         for op in ["SUM", "MAX"] if dt != torch.bool else ["MAX"]:

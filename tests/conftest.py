@@ -12,6 +12,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without torch.cuda.is_available())")
     config.addinivalue_line("markers", "slow: large or long-running cases; deselect with -m 'not slow'")
     config.addinivalue_line("markers", "plait_only: exercises plait-specific behaviour; skipped under PLAIT_TEST_BACKEND=gloo")
+    config.addinivalue_line("markers", "kernel_child: starts a child process with PLAIT_KERNELS=scalar "
+                                       "(tests/test_kernels.py; deselected inside that child)")
 
 
 def pytest_report_header(config):

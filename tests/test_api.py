@@ -29,7 +29,9 @@ def worker_async(rank, ws):
     c.equal("all_reduce 2-D async", t, torch.full((3, 5), float(ws * (ws + 1) // 2)))
     res = w.result()
     assert isinstance(res, list) and len(res) == 1, f"work.result() = {res!r}"
-    c.equal("work.result()[0]", res[0], t)
+    c.equal("work.result()[0]", res[0], torch.full((3, 5), float(ws * (ws + 1) // 2)))
+    if res[0].data_ptr() != t.data_ptr():
+        c.fail("work.result()[0] is not the all-reduced tensor itself (a copy or another tensor)")
 
     # future returns the TensorList (DDP's reducer requires it)
     t = torch.arange(10, dtype=torch.float32) + rank
@@ -98,9 +100,14 @@ def worker_subgroups(rank, ws):
             dict(algo="tree", transport="tcp", chunk_bytes=64), dict(algo="direct"), None, dict(algo="ring"),
             dict(algo="tree", transport="shm")]
     groups = []
+    forced = {}
     for ranks, o in zip(spec, opts):
         if H.IS_PLAIT and o is not None:
             g = dist.new_group(ranks, backend="plait", pg_options=H.make_options(o))
+            if rank in ranks and len(ranks) > 1:
+                forced[g.group_name] = o
+                for what in check_forced_options(g, o):
+                    c.fail(f"group {sorted(ranks)} {o}: {what}")
         else:
             g = dist.new_group(ranks, backend=H.BACKEND)
         groups.append((sorted(ranks), g))
@@ -144,14 +151,54 @@ def worker_subgroups(rank, ws):
     x = torch.ones(3)
     dist.all_reduce(x)
     c.equal("world after destroying a subgroup", x, torch.full((3,), float(ws)))
-    return c.failures
+    return {"failures": c.failures, "forced": forced}
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("ws", [4, 5])
 def test_subgroups(ws):
-    failures = sum(H.run_world(worker_subgroups, ws), [])
+    res = H.run_world(worker_subgroups, ws, env=dict(PLAIT_DEBUG="INFO"), expect_fail=True)
+    bad = [r for r in res if not (r.ok and r.returncode == 0)]
+    assert not bad, "\n".join(r.describe() + "\n" + (r.tb or "") + r.log[-2000:] for r in bad)
+    failures = sum((r.value["failures"] for r in res), [])
     assert not failures, "\n".join(failures[:30])
+    for r in res:
+        for name, o in r.value["forced"].items():
+            assert_chunk_logged(r, name, o)
+    if H.IS_PLAIT:
+        assert sum(len(r.value["forced"]) for r in res) >= 9, "not every group with forced options was checked"
+
+
+def check_forced_options(g, o) -> list[str]:
+    """What plait reports for group g created with plait.Options(**o): the forced algorithm is the cost model's
+    plan at every size, and the forced transport is what the group's peers use. Returns the discrepancies."""
+    import plait
+
+    bad = []
+    if dist.get_world_size(g) < 2:
+        return bad
+    if o.get("algo"):
+        for n in [4, 4096, 1 << 20, 64 << 20]:
+            plan = plait.plan_allreduce(n, group=g)
+            if plan[0] != o["algo"]:
+                bad.append(f"forced algo {o['algo']!r} but plan_allreduce({n}) = {plan}")
+    topo = plait.topology(g)
+    if o.get("transport") in ("shm", "tcp") and topo["all_shm"] != (o["transport"] == "shm"):
+        bad.append(f"forced transport {o['transport']!r} but topology()['all_shm'] = {topo['all_shm']}: {topo}")
+    return bad
+
+
+def assert_chunk_logged(res, group_name, o):
+    """The group's setup line (PLAIT_DEBUG=INFO) shows the forced chunk size and algorithm."""
+    if not o.get("chunk_bytes") and not o.get("algo"):
+        return
+    lines = [ln for ln in res.log.splitlines() if f" group '{group_name}': " in ln]
+    assert lines, f"rank {res.rank}: no PLAIT_DEBUG=INFO setup line for group {group_name!r}:\n{res.log[-3000:]}"
+    if o.get("chunk_bytes"):
+        assert f", chunk {o['chunk_bytes']} B" in lines[-1], f"rank {res.rank}: chunk_bytes={o['chunk_bytes']} " \
+                                                               f"not in effect: {lines[-1]}"
+    if o.get("algo"):
+        assert f", algo {o['algo']}," in lines[-1], f"rank {res.rank}: algo={o['algo']} not in effect: {lines[-1]}"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -199,38 +246,57 @@ def test_init_methods(init, ws):
     assert H.run_world(worker_basic, ws, init=init) == [True] * ws
 
 
-def worker_options_default_group(rank, ws):
+def worker_options_default_group(rank, ws, opts):
     # plait.Options passed to init_process_group itself (harness passes options= through pg_options)
-    return worker_basic(rank, ws)
+    worker_basic(rank, ws)
+    return {"name": dist.group.WORLD.group_name, "bad": check_forced_options(None, opts)}
 
 
 @pytest.mark.plait_only
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("opts", [dict(algo="ring", transport="tcp", chunk_bytes=64),
-                                  dict(algo="tree", transport="shm", chunk_bytes=64, shm_ring_bytes=256)])
+                                  dict(algo="tree", transport="shm", chunk_bytes=64, shm_ring_bytes=256),
+                                  dict(algo="direct", transport="tcp", chunk_bytes=4096)])
 def test_options_on_default_group(opts):
-    assert H.run_world(worker_options_default_group, 3, options=opts) == [True] * 3
+    res = H.run_world(worker_options_default_group, 3, opts, options=opts, env=dict(PLAIT_DEBUG="INFO"),
+                      expect_fail=True)
+    assert all(r.ok and r.returncode == 0 for r in res), "\n".join(r.describe() + "\n" + (r.tb or "") for r in res)
+    for r in res:
+        assert not r.value["bad"], r.value["bad"]
+        assert_chunk_logged(r, r.value["name"], opts)
 
 
+@pytest.mark.plait_only
 def test_options_object():
-    if not H.IS_PLAIT:
-        pytest.skip("plait-only")
     import plait
 
     o = plait.Options(algo="ring", transport="tcp", chunk_bytes=64, shm_ring_bytes=256)
-    assert o is not None
-    plait.Options()  # all defaults
+    assert (o.algo, o.transport, o.chunk_bytes, o.shm_ring_bytes) == ("ring", "tcp", 64, 256)
+    d = plait.Options()  # all defaults: empty / zero, i.e. "use the environment knobs"
+    assert (d.algo, d.transport, d.chunk_bytes, d.shm_ring_bytes) == ("", "", 0, 0)
+    for algo in ["auto", "ring", "tree", "direct", "hier", "hier_ring", "hier_tree"]:
+        assert plait.Options(algo=algo).algo == algo
+    with pytest.raises(ValueError, match="algo must be one of .*'bogus'"):
+        plait.Options(algo="bogus")
+    with pytest.raises(ValueError, match="transport must be one of .*'udp'"):
+        plait.Options(transport="udp")
+    with pytest.raises(ValueError, match="chunk_bytes and shm_ring_bytes must be >= 0"):
+        plait.Options(chunk_bytes=-1)
+    with pytest.raises(ValueError, match="chunk_bytes and shm_ring_bytes must be >= 0"):
+        plait.Options(shm_ring_bytes=-64)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # environment knobs
 
 
-def worker_env_knobs(rank, ws, algo):
+def worker_env_knobs(rank, ws, algo, transport):
     c = C.Checker(f"env PLAIT_ALGO={algo}: ")
     C.check_all_reduce(c, None, rank, ws, [torch.float32, torch.int8, torch.bfloat16], [0, 1, 7, 1003])
     C.check_reduce_scatter(c, None, rank, ws, [torch.int32], [1, 101])
     C.check_all_gather(c, None, rank, ws, [torch.float16], [1, 501])
+    for what in check_forced_options(None, dict(algo=algo if algo != "auto" else "", transport=transport)):
+        c.fail(what)
     return c.failures
 
 
@@ -240,17 +306,23 @@ def worker_env_knobs(rank, ws, algo):
 def test_env_knobs(algo, transport):
     env = dict(PLAIT_ALGO=algo, PLAIT_TRANSPORT=transport, PLAIT_CHUNK_BYTES=64, PLAIT_SHM_RING_BYTES=256,
                PLAIT_DEBUG="INFO")
-    res = H.run_world(worker_env_knobs, 3, algo, env=env, expect_fail=True)
+    res = H.run_world(worker_env_knobs, 3, algo, transport, env=env, expect_fail=True)
     bad = [r for r in res if not (r.ok and r.returncode == 0)]
     assert not bad, "\n".join(r.describe() + "\n" + (r.tb or "") + r.log[-2000:] for r in bad)
     failures = sum((r.value for r in res), [])
     assert not failures, "\n".join(failures[:30])
-    logs = "\n".join(r.log for r in res)
-    assert "plait" in logs.lower(), f"PLAIT_DEBUG=INFO produced no plait log lines:\n{logs[-2000:]}"
-    assert re.search("ring|tree|direct", logs, re.IGNORECASE), f"PLAIT_DEBUG=INFO log names no algorithm:\n{logs[-2000:]}"
-    if algo != "auto":
-        assert re.search(algo, logs, re.IGNORECASE), f"PLAIT_DEBUG=INFO log does not mention forced algo {algo}:\n" \
-                                                     f"{logs[-3000:]}"
+    for r in res:
+        # the setup line of the default group: the knobs as the core read them
+        setup = [ln for ln in r.log.splitlines() if re.search(rf"\] rank {r.rank}/3 group '[^']*': ", ln)]
+        assert setup, f"rank {r.rank}: PLAIT_DEBUG=INFO logged no group setup line:\n{r.log[-2000:]}"
+        peers = "2 shm peer(s), 0 tcp peer(s)" if transport == "shm" else "0 shm peer(s), 2 tcp peer(s)"
+        for want in [peers, f", algo {algo}, chunk 64 B"]:
+            assert want in setup[0], f"rank {r.rank}: {want!r} not in the setup line: {setup[0]}"
+        # every all-reduce line names the schedule that ran: the forced one, or (auto) one the model may pick
+        ran = re.findall(rf"\] rank {r.rank}: all_reduce of \d+ B: (\w+)", r.log)
+        assert ran, f"rank {r.rank}: PLAIT_DEBUG=INFO logged no all_reduce line:\n{r.log[-2000:]}"
+        allowed = {algo} if algo != "auto" else {"ring", "tree", "direct"}
+        assert set(ran) <= allowed, f"rank {r.rank}: PLAIT_ALGO={algo} but all_reduce ran {sorted(set(ran))}"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -265,6 +337,9 @@ def worker_p2p(rank, ws):
         groups += [dist.new_group(backend="plait", pg_options=H.make_options(dict(transport=t, chunk_bytes=64,
                                                                                    shm_ring_bytes=256)))
                    for t in TRANSPORTS_P2P]
+        for t, g in zip(TRANSPORTS_P2P, groups[1:]):
+            for what in check_forced_options(g, dict(transport=t)):
+                c.fail(what)
     for gi, g in enumerate(groups):
         # blocking send/recv: even ranks send first
         for dt in [torch.float32, torch.int8, torch.bool, torch.bfloat16, torch.int64]:
@@ -570,20 +645,31 @@ def worker_layouts(rank, ws):
     dist.all_gather(outs, torch.full((2, 3), rank, dtype=torch.int32))
     for r in range(ws):
         c.equal(f"2-d all_gather [{r}]", outs[r], torch.full((2, 3), r, dtype=torch.int32))
-    # non-contiguous input: either the right answer or a clear error, never a wrong answer
+    # non-contiguous input (a transposed view, and a strided slice): reduced in place, exactly; the storage around
+    # a strided slice is left alone
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4) + rank
     nc = base.t()
     exp = (torch.arange(12, dtype=torch.float32).reshape(3, 4) * ws + sum(range(ws))).t()
     try:
         dist.all_reduce(nc)
-        c.equal("non-contiguous all_reduce", nc, exp)
-        noncontig = "ok"
+        c.equal("non-contiguous (transposed) all_reduce", nc, exp)
+        c.equal("non-contiguous (transposed) all_reduce: base", base, exp.t())
     except RuntimeError as e:
-        if "contiguous" not in str(e).lower():
-            c.fail(f"non-contiguous all_reduce raised without saying 'contiguous': {e}")
-        noncontig = "rejected"
+        c.fail(f"non-contiguous (transposed) all_reduce raised: {e}")
+    # Not under the gloo self-validation: gloo (torch 2.13) reduces the whole storage span of a strided view, the
+    # elements between the view's included (found by PLAIT_TEST_BACKEND=gloo); the expectation below is the right one.
+    if H.IS_PLAIT:
+        strided = torch.full((20,), -1, dtype=torch.int64)
+        strided[::2] = torch.arange(10) + rank
+        try:
+            dist.all_reduce(strided[::2])
+            want = torch.full((20,), -1, dtype=torch.int64)
+            want[::2] = torch.arange(10) * ws + sum(range(ws))
+            c.equal("non-contiguous (strided slice) all_reduce", strided, want)
+        except RuntimeError as e:
+            c.fail(f"non-contiguous (strided slice) all_reduce raised: {e}")
     dist.barrier()
-    return {"failures": c.failures, "noncontig": noncontig}
+    return {"failures": c.failures}
 
 
 @pytest.mark.timeout(120)
@@ -591,7 +677,6 @@ def test_tensor_layouts():
     res = H.run_world(worker_layouts, 3)
     failures = sum((r["failures"] for r in res), [])
     assert not failures, "\n".join(failures[:30])
-    assert len({r["noncontig"] for r in res}) == 1, res
 
 
 def worker_threads(rank, ws):
@@ -661,3 +746,101 @@ def test_many_groups_and_outstanding_ops():
 
         time.sleep(0.5)
         assert not (H.shm_files() - before), f"leaked: {sorted(H.shm_files() - before)}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# determinism: a rank whose calling thread flushes denormals (torch.set_flush_denormal(True) sets FTZ/DAZ on that
+# thread only) must not change any rank's result. Reductions run on the caller's thread (small messages, empty
+# queue), on the group's worker thread, or on helper threads (large buffers), so a thread-local mode leaking into
+# a reduction would make ranks disagree, or make the result depend on timing.
+
+_DENORMAL_LOWEST = {torch.float32: -149, torch.float64: -1074, torch.bfloat16: -133, torch.float16: -24}
+_DENORMAL_SPAN = {torch.float32: 1 << 18, torch.float64: 1 << 30, torch.bfloat16: 1 << 4, torch.float16: 1 << 7}
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+         torch.float16: torch.int16}
+
+
+def _denormal_input(dt, n, rank):
+    """Integer multiples of dt's smallest denormal (|k| small enough that sums over 8 ranks stay exact)."""
+    g = torch.Generator().manual_seed(C._seed("denormal", C.dt_name(dt), n, rank))
+    k = torch.randint(-_DENORMAL_SPAN[dt], _DENORMAL_SPAN[dt], (n,), generator=g, dtype=torch.int64)
+    return k, (k.to(torch.float64) * 2.0 ** _DENORMAL_LOWEST[dt]).to(dt)
+
+
+def worker_denormals(rank, ws, flush_rank, scaled_ops=False):
+    import zlib
+
+    groups = [("default", None)]
+    if H.IS_PLAIT:
+        groups += [(a, dist.new_group(backend="plait", pg_options=H.make_options(dict(algo=a, chunk_bytes=4096))))
+                   for a in ["ring", "tree", "direct"]]
+    # inputs and exact expected bits, computed before this thread flushes anything
+    cases = []
+    for dt in [torch.float32, torch.float64, torch.bfloat16, torch.float16]:
+        for n in [1, 9, 1003, 40000, 300000]:  # inline on the caller; the worker thread; > 1 MiB: helper threads
+            if n == 300000 and dt in (torch.bfloat16, torch.float16):
+                continue
+            ks, xs = zip(*[_denormal_input(dt, n, r) for r in range(ws)])
+            kst = torch.stack(ks)
+            scale = 2.0 ** _DENORMAL_LOWEST[dt]
+            exp = {"SUM": (kst.sum(0).to(torch.float64) * scale).to(dt),
+                   "MIN": (kst.min(0).values.to(torch.float64) * scale).to(dt),
+                   "MAX": (kst.max(0).values.to(torch.float64) * scale).to(dt)}
+            if scaled_ops:
+                if H.IS_PLAIT:
+                    exp["PREMUL_SUM"] = (kst.sum(0).to(torch.float64) * (C.PREMUL_FACTOR * scale)).to(dt)
+                if dt in (torch.float32, torch.float64):  # one rounding (sum / ws) for AVG: exact reference
+                    exp["AVG"] = (kst.sum(0).to(torch.float64) * scale / ws).to(dt)
+                for op in ["SUM", "MIN", "MAX"]:
+                    del exp[op]
+            cases.append((dt, n, xs[rank], exp))
+    if rank == flush_rank:
+        assert torch.set_flush_denormal(True), "torch.set_flush_denormal is not supported on this CPU"
+    failures, digests = [], {}
+    try:
+        for gname, g in groups:
+            for dt, n, x, exp in cases:
+                for op, want in exp.items():
+                    t = x.clone()
+                    dist.all_reduce(t, op=C.make_op(op), group=g)
+                    got, want_bits = t.view(_BITS[dt]), want.view(_BITS[dt])
+                    key = f"{gname} {C.dt_name(dt)} n={n} {op}"
+                    if not torch.equal(got, want_bits):
+                        bad = (got != want_bits).nonzero().reshape(-1)
+                        failures.append(f"[rank {rank}] {key}: {bad.numel()} of {n} elements differ from the exact "
+                                        f"result, first [{int(bad[0])}]: bits {int(got[bad[0]]):#x}, expected "
+                                        f"{int(want_bits[bad[0]]):#x}")
+                    digests[key] = zlib.crc32(got.numpy().tobytes())
+    finally:
+        torch.set_flush_denormal(False)
+    return {"failures": failures, "digests": digests}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ws,flush_rank", [(2, 0), (3, 1)])
+def test_denormals_exact_and_identical_when_one_rank_flushes(ws, flush_rank):
+    res = H.run_world(worker_denormals, ws, flush_rank, env=dict(PLAIT_THREADS="2"), timeout_s=280)
+    failures = sum((r["failures"] for r in res), [])
+    assert not failures, "\n".join(failures[:30])
+    for r in range(1, ws):
+        diff = [k for k in res[0]["digests"] if res[r]["digests"][k] != res[0]["digests"][k]]
+        assert not diff, f"rank {r}'s results differ bitwise from rank 0's: {diff[:10]}"
+
+
+# KNOWN BUG (csrc/torch/backend.cc, not the kernels): AVG divides the result by the world size and PREMUL_SUM scales the
+# input with torch ops (t.div_ / t.mul_) on whichever thread runs the collective, in that thread's floating-point mode.
+# A rank whose caller thread flushes denormals then flushes its PREMUL_SUM contribution (every rank gets the same
+# wrong result) and its own AVG result (ranks disagree bitwise). Fix: do that arithmetic under
+# plait::IeeeFpScope (csrc/plait/kernels/reduce.h), as the reduction kernels do. strict=True: this xfail turns into a
+# failure once the bug is fixed, so the marker cannot outlive it. Expected to pass under the gloo self-validation.
+@pytest.mark.xfail(H.IS_PLAIT, strict=True, reason="KNOWN BUG: AVG / PREMUL_SUM scaling in csrc/torch/backend.cc runs in the "
+                                       "calling thread's flush-denormal mode (see the comment above this test)")
+@pytest.mark.timeout(300)
+def test_denormals_avg_and_premul_sum_when_one_rank_flushes():
+    ws = 3
+    res = H.run_world(worker_denormals, ws, 1, True, env=dict(PLAIT_THREADS="2"), timeout_s=280)
+    failures = sum((r["failures"] for r in res), [])
+    assert not failures, "\n".join(failures[:30])
+    for r in range(1, ws):
+        diff = [k for k in res[0]["digests"] if res[r]["digests"][k] != res[0]["digests"][k]]
+        assert not diff, f"rank {r}'s results differ bitwise from rank 0's: {diff[:10]}"

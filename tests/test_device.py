@@ -73,11 +73,11 @@ def worker_mismatch(rank, ws):
 
 def test_device_size_mismatch_is_loud():
     res = H.run_world(worker_mismatch, 2, env=EMULATE, expect_fail=True, pg_timeout_s=30, timeout_s=120)
-    assert any(not r.ok for r in res), "a size disagreement between ranks went unnoticed"
-    assert any("different number of bytes" in (r.exc_msg or "") for r in res), [r.exc_msg for r in res]
+    # every rank raises (not only the first to notice), naming the size disagreement and the peer
     for r in res:
-        if not r.ok:
-            assert "peer rank" in (r.exc_msg or ""), r.exc_msg
+        assert r.reported and not r.ok, f"rank {r.rank}: {r.describe()}"
+        assert "different number of bytes" in (r.exc_msg or ""), [x.exc_msg for x in res]
+        assert "peer rank" in (r.exc_msg or ""), r.exc_msg
 
 
 def worker_plan(rank, ws):

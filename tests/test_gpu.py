@@ -589,9 +589,9 @@ def worker_mixed_devices(rank, ws):
         lambda: dist.all_gather([torch.zeros(4, device=DEV) for _ in range(ws)], cpu4), "cpu", "cuda")
     msgs["all_to_all_single"] = H.expect_raise(
         lambda: dist.all_to_all_single(torch.zeros(ws * 4, device=DEV), torch.ones(ws * 4)), "cpu", "cuda")
-    if hasattr(dist, "all_reduce_coalesced"):
-        msgs["all_reduce_coalesced"] = H.expect_raise(
-            lambda: dist.all_reduce_coalesced([torch.ones(4), torch.ones(4, device=DEV)]), "cpu", "cuda")
+    assert hasattr(dist, "all_reduce_coalesced"), f"torch {torch.__version__} has no dist.all_reduce_coalesced"
+    msgs["all_reduce_coalesced"] = H.expect_raise(
+        lambda: dist.all_reduce_coalesced([torch.ones(4), torch.ones(4, device=DEV)]), "cpu", "cuda")
     # the group still works, on both devices
     x = torch.full((7,), float(rank + 1), device=DEV)
     dist.all_reduce(x)
@@ -634,8 +634,10 @@ def test_device_size_mismatch_raises(ws):
                       shutdown_grace_s=20)
     summary = "\n".join(r.describe() for r in res)
     assert not any(r.hung for r in res), f"a rank hung:\n{summary}\n" + "\n".join(r.log[-2000:] for r in res if r.hung)
-    hits = [r for r in res if not r.ok and "different number of bytes" in (r.exc_msg or "")]
-    assert hits, f"no rank reported the size mismatch:\n{summary}"
-    for r in hits:
+    # Every rank must raise (not only the first to notice), naming the size disagreement and the peer it saw it with.
+    for r in res:
+        assert r.reported and not r.ok, f"rank {r.rank} did not raise on the size mismatch:\n{summary}"
+        assert "different number of bytes" in (r.exc_msg or ""), \
+            f"rank {r.rank}'s error does not name the size mismatch:\n{summary}"
         assert "DistBackendError" in r.exc_mro, f"rank {r.rank} raised {r.exc_type}, not DistBackendError"
         assert "peer rank" in r.exc_msg, f"rank {r.rank}'s error does not name the peer: {r.exc_msg}"

@@ -71,6 +71,7 @@ struct Knobs {
   int64_t testDialDelayMs; // PLAIT_TEST_DIAL_DELAY_MS: tests only: wait this long before dialing TCP peers
   std::string device;      // PLAIT_DEVICE: auto (CUDA tensors use CUDA) | emulate (tests: CPU tensors run the device engine)
   size_t deviceBufferBytes;  // PLAIT_DEVICE_BUFFER_BYTES: initial staging buffer per rank for device collectives
+  std::string kernels;     // PLAIT_KERNELS: auto (AVX2/F16C when the CPU has them) | scalar (force the portable kernels)
 };
 const Knobs& knobs();
 

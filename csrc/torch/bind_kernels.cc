@@ -76,17 +76,19 @@ plait::DType dtypeOf(const at::Tensor& t) {
 void register_kernels(py::module_& m) {
   m.def(
       "reduce",
-      [](const std::string& op, at::Tensor dst, const at::Tensor& src) {
+      [](const std::string& op, at::Tensor dst, const at::Tensor& src, int threads) {
         TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "plait.reduce: CPU tensors only");
         TORCH_CHECK(dst.is_contiguous() && src.is_contiguous(), "plait.reduce: contiguous tensors only");
         TORCH_CHECK(dst.scalar_type() == src.scalar_type(), "plait.reduce: dtypes differ");
         TORCH_CHECK(dst.numel() == src.numel(), "plait.reduce: sizes differ");
+        TORCH_CHECK(threads >= 1, "plait.reduce: threads must be >= 1, got ", threads);
         plait::reduce(parseOp(op), dtypeOf(dst), dst.data_ptr(), dst.data_ptr(), src.data_ptr(),
-                      size_t(dst.numel()));
+                      size_t(dst.numel()), threads);
         return dst;
       },
-      py::arg("op"), py::arg("dst"), py::arg("src"),
-      "dst = dst (op) src elementwise, in place, with plait's CPU kernels.");
+      py::arg("op"), py::arg("dst"), py::arg("src"), py::arg("threads") = 1,
+      "dst = dst (op) src elementwise, in place, with plait's CPU kernels; buffers of 1 MiB and more are split "
+      "across up to `threads` threads (the calling thread and helper threads), as collectives do.");
   m.def("kernel_isa", [] { return std::string(plait::kernelIsa()); });
   m.def("cuda_compiled", [] { return plait::cudaCompiled(); });
   m.def("cuda_device_count", [] { return plait::cudaDeviceCount(); });

@@ -1,9 +1,14 @@
 """plait: native-accelerated collectives for PyTorch.
 
-``import plait`` registers the ``"plait"`` torch.distributed backend for CPU (and, later, CUDA) tensors::
+``import plait`` registers the ``"plait"`` torch.distributed backend for CPU and CUDA tensors (CUDA when plait was
+built with the CUDA toolkit; see ``cuda_available()``)::
 
     import plait
     dist.init_process_group("plait")   # the only change to a working DDP script
+
+Per-group settings go through ``pg_options=plait.Options(...)``; ``topology()`` and ``plan_allreduce()`` show what
+the cost model sees and picks; ``monitored_barrier()`` stands in for torch's gloo-only one. Environment knobs
+(``PLAIT_ALGO``, ``PLAIT_DEBUG``, ...) are listed in the README.
 """
 
 from ._backend import Options, monitored_barrier, plan_allreduce, topology

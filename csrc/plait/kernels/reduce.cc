@@ -13,7 +13,10 @@ struct Table {
   Table() {
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma")) {
+    // PLAIT_KERNELS=scalar forces the portable kernels (tests run both paths on an AVX2 machine).
+    const bool forceScalar = knobs().kernels == "scalar";
+    if (!forceScalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("fma")) {
       kernels_avx2::fill(fn);
       isa = "avx2";
       return;
@@ -36,6 +39,22 @@ ReduceFn reduceFn(RedOp op, DType dtype) {
 }
 
 const char* kernelIsa() { return table().isa; }
+
+IeeeFpScope::IeeeFpScope() {
+#if defined(__x86_64__) || defined(__i386__)
+  constexpr uint32_t kFtz = 1u << 15, kDaz = 1u << 6, kRound = 3u << 13, kMasks = 0x3fu << 7;
+  asm volatile("stmxcsr %0" : "=m"(saved_));
+  const uint32_t want = (saved_ & ~(kFtz | kDaz | kRound)) | kMasks;
+  changed_ = want != saved_;
+  if (changed_) asm volatile("ldmxcsr %0" : : "m"(want) : "memory");
+#endif
+}
+
+IeeeFpScope::~IeeeFpScope() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (changed_) asm volatile("ldmxcsr %0" : : "m"(saved_) : "memory");
+#endif
+}
 
 void reduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t n, int threads) {
   ReduceFn f = reduceFn(op, dtype);

@@ -2,6 +2,7 @@
 // with the matching -m flags). Loops are written so the compiler vectorizes them; half types widen to float32.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "plait/kernels/reduce.h"
 
@@ -9,12 +10,57 @@
 #include <immintrin.h>
 #endif
 
+
 namespace plait {
 namespace PLAIT_KERNEL_NS {
 namespace {
 
-struct OpSum { template <typename T> static T f(T a, T b) { return a + b; } };
-struct OpProd { template <typename T> static T f(T a, T b) { return a * b; } };
+// Floating-point mode of one kernel call. MXCSR (flush-to-zero, denormals-are-zero, rounding, exception masks) is
+// per thread: torch.set_flush_denormal(True) sets it on the caller's thread only, and a reduction runs on the
+// caller's thread, the group's worker thread or a helper thread depending on timing and size. Each float kernel
+// therefore switches to one fixed mode (IEEE: no FTZ, no DAZ, round to nearest, all exceptions masked) for its
+// duration and restores the caller's mode afterwards; reading MXCSR costs a few cycles, writing it happens only
+// when the caller's mode differs.
+// Defined inside each ISA's anonymous namespace: no inline function is shared between the two builds (ODR).
+class IeeeMode {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  IeeeMode() {
+    asm volatile("stmxcsr %0" : "=m"(saved_));
+    const uint32_t want = (saved_ & ~(kFtz | kDaz | kRound)) | kMasks;
+    changed_ = want != saved_;
+    if (changed_) asm volatile("ldmxcsr %0" : : "m"(want) : "memory");
+  }
+  ~IeeeMode() {
+    if (changed_) asm volatile("ldmxcsr %0" : : "m"(saved_) : "memory");
+  }
+
+ private:
+  static constexpr uint32_t kFtz = 1u << 15, kDaz = 1u << 6, kRound = 3u << 13, kMasks = 0x3fu << 7;
+  uint32_t saved_ = 0;
+  bool changed_ = false;
+#endif
+};
+
+// Sum and product: with two NaN operands x86 returns the first source operand's NaN, and which operand the compiler
+// puts first is its choice (it may commute a + b, and did differently in the scalar and AVX2 builds). Pin it: a's NaN
+// (made quiet) wins, else b's, so every implementation gives the same bits. a op (isnan(a) ? a : b) does that with
+// one arithmetic operation: a NaN a meets itself, anything else meets b. The select is between two loaded values,
+// which the compiler turns into a compare and blend and vectorizes.
+struct OpSum {
+  template <typename T>
+  static T f(T a, T b) {
+    if constexpr (std::is_floating_point_v<T>) return a + (a != a ? a : b);
+    else return a + b;
+  }
+};
+struct OpProd {
+  template <typename T>
+  static T f(T a, T b) {
+    if constexpr (std::is_floating_point_v<T>) return a * (a != a ? a : b);
+    else return a * b;
+  }
+};
 struct OpMin { template <typename T> static T f(T a, T b) { return b < a ? b : a; } };
 struct OpMax { template <typename T> static T f(T a, T b) { return a < b ? b : a; } };
 struct OpBand { template <typename T> static T f(T a, T b) { return a & b; } };
@@ -26,6 +72,8 @@ void plain(void* dst, const void* a, const void* b, size_t n) {
   T* d = static_cast<T*>(dst);
   const T* x = static_cast<const T*>(a);
   const T* y = static_cast<const T*>(b);
+  std::conditional_t<std::is_floating_point_v<T>, IeeeMode, char> mode{};
+  (void)mode;
   // d may alias x or y exactly (in-place), which is safe element by element.
   for (size_t i = 0; i < n; ++i) d[i] = static_cast<T>(Op::template f<T>(x[i], y[i]));
 }
@@ -58,10 +106,14 @@ void bf16(void* dst, const void* a, const void* b, size_t n) {
   uint16_t* d = static_cast<uint16_t*>(dst);
   const uint16_t* x = static_cast<const uint16_t*>(a);
   const uint16_t* y = static_cast<const uint16_t*>(b);
+  IeeeMode mode;
   for (size_t i = 0; i < n; ++i) d[i] = f32ToBf16(Op::template f<float>(bf16ToF32(x[i]), bf16ToF32(y[i])));
 }
 
-// IEEE half <-> float in software (scalar path); the F16C build uses the hardware conversions.
+// IEEE half <-> float in software (scalar path, and the tails of the F16C path); the F16C build uses the hardware
+// conversions for whole vectors. NaNs convert exactly as VCVTPH2PS / VCVTPS2PH do, so both paths give the same bits:
+// half -> float keeps sign and payload and sets the quiet bit; float -> half keeps sign and the payload's top ten
+// bits and sets the quiet bit.
 inline float halfToF32(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
   if (exp == 0) {
@@ -74,7 +126,7 @@ inline float halfToF32(uint16_t h) {
       u = sign | (exp << 23) | (man << 13);
     }
   } else if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);
+    u = sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0u);  // inf, or NaN made quiet
   } else {
     u = sign | ((exp + 127 - 15) << 23) | (man << 13);
   }
@@ -87,7 +139,7 @@ inline uint16_t f32ToHalf(float f) {
   std::memcpy(&u, &f, 4);
   uint32_t sign = (u >> 16) & 0x8000;
   uint32_t absu = u & 0x7fffffffu;
-  if (absu > 0x7f800000u) return uint16_t(sign | 0x7e00);           // NaN
+  if (absu > 0x7f800000u) return uint16_t(sign | 0x7e00 | ((absu >> 13) & 0x3ff));  // NaN: quiet, payload kept
   if (absu >= 0x477ff000u) return uint16_t(sign | 0x7c00);          // overflow -> inf (>= 65520)
   if (absu < 0x38800000u) {                                          // subnormal or zero
     if (absu < 0x33000000u) return uint16_t(sign);                   // < half of smallest subnormal
@@ -103,22 +155,35 @@ inline uint16_t f32ToHalf(float f) {
   return uint16_t(sign | half);
 }
 
+#if defined(PLAIT_KERNEL_F16C)
+// Op::f on eight floats at once, element for element the same bits as the scalar Op::f above.
+template <typename Op>
+inline __m256 vectorOp(__m256 a, __m256 b) {
+  if constexpr (std::is_same_v<Op, OpSum> || std::is_same_v<Op, OpProd>) {
+    const __m256 other = _mm256_blendv_ps(b, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));  // isnan(a) ? a : b
+    return std::is_same_v<Op, OpSum> ? _mm256_add_ps(a, other) : _mm256_mul_ps(a, other);
+  } else if constexpr (std::is_same_v<Op, OpMin>) {
+    return _mm256_min_ps(b, a);  // b < a ? b : a
+  } else {
+    static_assert(std::is_same_v<Op, OpMax>, "fp16 kernels exist for sum, prod, min and max");
+    return _mm256_max_ps(b, a);  // b > a ? b : a, i.e. a < b ? b : a
+  }
+}
+#endif
+
 template <typename Op>
 void fp16(void* dst, const void* a, const void* b, size_t n) {
   uint16_t* d = static_cast<uint16_t*>(dst);
   const uint16_t* x = static_cast<const uint16_t*>(a);
   const uint16_t* y = static_cast<const uint16_t*>(b);
+  IeeeMode mode;
   size_t i = 0;
 #if defined(PLAIT_KERNEL_F16C)
   for (; i + 8 <= n; i += 8) {
     __m256 fx = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
     __m256 fy = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
-    alignas(32) float ax[8], ay[8];
-    _mm256_store_ps(ax, fx);
-    _mm256_store_ps(ay, fy);
-    for (int k = 0; k < 8; ++k) ax[k] = Op::template f<float>(ax[k], ay[k]);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                     _mm256_cvtps_ph(_mm256_load_ps(ax), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                     _mm256_cvtps_ph(vectorOp<Op>(fx, fy), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 #endif
   for (; i < n; ++i) d[i] = f32ToHalf(Op::template f<float>(halfToF32(x[i]), halfToF32(y[i])));
