@@ -6,7 +6,7 @@ plait's own CPU kernel (``plait._C.reduce``) on the same data:
   aliasing b, all three shifted by one element (the peeled-head path) and shifted by different amounts (the scalar
   path); guard elements around every buffer must survive.
 - ``cuda_copy(dst_ptr, src_ptr, nbytes, stream)``: byte counts and byte offsets of every alignment class.
-- ``cuda_pull(...)``: the descriptor {offset, bytes} lives in a small CUDA int32 tensor read by the kernel; a length
+- ``cuda_pull(...)``: the descriptor {offset, bytes} lives in a small CUDA int64 tensor read by the kernel; a length
   mismatch writes nothing and sets the error word once.
 
 Half types: the reference is torch computing in float32, rounded once. Integer data spans the whole range, so sums
@@ -355,7 +355,7 @@ def test_pull(dtype):
                     peer_before = peer.clone()
                     d_full, d = _guarded(dst_cpu, od)
                     d_before = d_full.clone()
-                    desc = torch.tensor([base, n * es], dtype=torch.int32, device="cuda")
+                    desc = torch.tensor([base, n * es], dtype=torch.int64, device="cuda")
                     err = torch.zeros(1, dtype=torch.int32, device="cuda")
                     _pull(C, with_reduce, op, dtype, d, peer, desc, n * es, err, 7)
                     tag = f"pull {'reduce ' + op if with_reduce else 'copy'} {_ids(dtype)} n={n} dst+{od} src+{os_}"
@@ -393,17 +393,17 @@ def test_pull_length_mismatch_writes_nothing_and_reports_once(with_reduce):
         err = torch.zeros(1, dtype=torch.int32, device="cuda")
         bad_lengths = [(n - 1) * es, (n + 1) * es, 0]
         for i, length in enumerate(bad_lengths):
-            desc = torch.tensor([32, length], dtype=torch.int32, device="cuda")
+            desc = torch.tensor([32, length], dtype=torch.int64, device="cuda")
             _pull(C, with_reduce, "max", dtype, d, peer, desc, n * es, err, 100 + i)
             assert int(err.item()) == 100, (dtype, length, int(err.item()))  # the first code stays
             assert torch.equal(_bits(d.cpu()), _bits(dst_cpu)), f"{_ids(dtype)}: wrote on a length mismatch"
         # An error word already set by someone else is left alone, and a matching length still transfers.
         err.fill_(42)
-        desc = torch.tensor([32, n * es + es], dtype=torch.int32, device="cuda")
+        desc = torch.tensor([32, n * es + es], dtype=torch.int64, device="cuda")
         _pull(C, with_reduce, "max", dtype, d, peer, desc, n * es, err, 9)
         assert int(err.item()) == 42
         err.zero_()
-        desc = torch.tensor([32, n * es], dtype=torch.int32, device="cuda")
+        desc = torch.tensor([32, n * es], dtype=torch.int64, device="cuda")
         _pull(C, with_reduce, "max", dtype, d, peer, desc, n * es, err, 9)
         assert int(err.item()) == 0
         exp = _cpu_ref(C, "max", dst_cpu, src_cpu) if with_reduce else src_cpu
@@ -412,7 +412,7 @@ def test_pull_length_mismatch_writes_nothing_and_reports_once(with_reduce):
         if es > 1:
             d2 = dst_cpu.cuda()
             err.zero_()
-            desc = torch.tensor([33, n * es], dtype=torch.int32, device="cuda")
+            desc = torch.tensor([33, n * es], dtype=torch.int64, device="cuda")
             _pull(C, with_reduce, "max", dtype, d2, peer, desc, n * es, err, 5)
             assert int(err.item()) == 5, _ids(dtype)
             assert torch.equal(_bits(d2.cpu()), _bits(dst_cpu))
@@ -427,12 +427,12 @@ def test_pull_reads_the_descriptor_when_it_runs():
     peer = _peer_with(src, 4096)
     d = torch.zeros(n, device="cuda")
     err = torch.zeros(1, dtype=torch.int32, device="cuda")
-    desc = torch.zeros(2, dtype=torch.int32, device="cuda")
+    desc = torch.zeros(2, dtype=torch.int64, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         torch.cuda._sleep(1_000_000)  # the descriptor is filled in late, on the stream, not by the host
-        desc.copy_(torch.tensor([4096, n * 4], dtype=torch.int32, device="cuda"))
+        desc.copy_(torch.tensor([4096, n * 4], dtype=torch.int64, device="cuda"))
         C.cuda_pull(True, "sum", "float32", d.data_ptr(), peer.data_ptr(), desc.data_ptr(), n * 4, err.data_ptr(), 3,
                     side.cuda_stream)
     torch.cuda.current_stream().wait_stream(side)
@@ -448,7 +448,7 @@ def test_pull_error_word_in_pinned_host_memory():
     n = 64
     peer = _peer_with(torch.ones(n), 0)
     d = torch.zeros(n, device="cuda")
-    desc = torch.tensor([0, n * 4 + 4], dtype=torch.int32, device="cuda")
+    desc = torch.tensor([0, n * 4 + 4], dtype=torch.int64, device="cuda")
     C.cuda_pull(False, "sum", "float32", d.data_ptr(), peer.data_ptr(), desc.data_ptr(), n * 4, err.data_ptr(), 77,
                 _stream())
     torch.cuda.synchronize()

@@ -69,9 +69,14 @@ def worker_bad_args(rank, ws):
     msgs["pg.allreduce complex64"] = H.expect_raise(lambda: pg.allreduce([c]), "dtype")
     msgs["pg.broadcast complex128"] = H.expect_raise(
         lambda: pg.broadcast([torch.zeros(4, dtype=torch.complex128)], dist.BroadcastOptions()), "dtype")
-    # sparse
+    # sparse all-reduce is supported (SUM, as gloo); other ops on sparse tensors are refused
     sp = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([1.0, 2.0]), (8,))
-    msgs["all_reduce sparse"] = H.expect_raise(lambda: dist.all_reduce(sp), "sparse")
+    dist.all_reduce(sp)
+    want = torch.zeros(8)
+    want[0], want[3] = 1.0 * ws, 2.0 * ws
+    assert torch.equal(sp.to_dense(), want), sp.to_dense()
+    sp2 = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([1.0, 2.0]), (8,))
+    msgs["all_reduce sparse max"] = H.expect_raise(lambda: dist.all_reduce(sp2, op=dist.ReduceOp.MAX), "sparse")
     # wrong output sizes
     msgs["all_gather_into_tensor size"] = H.expect_raise(
         lambda: dist.all_gather_into_tensor(torch.empty(ws * 8 + 1), torch.ones(8)), "size")

@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -57,16 +58,6 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
-bool processGone(int pid) {
-  if (pid <= 0) return false;
-  if (kill(pid, 0) != 0 && errno == ESRCH) return true;
-  std::string stat = readFirstLine(cat("/proc/", pid, "/stat").c_str());
-  auto rp = stat.rfind(')');
-  if (rp == std::string::npos || rp + 2 >= stat.size()) return false;
-  char state = stat[rp + 2];
-  return state == 'Z' || state == 'X';
-}
-
 inline void cpuRelax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
@@ -116,7 +107,9 @@ Algo parseAlgo(const std::string& s) {
                   "' (PLAIT_ALGO / Options.algo take auto, ring, tree, direct, hier, hier_ring, hier_tree)"));
 }
 
-bool Comm::finished(const Xfer* x) { return x->hdrDone == sizeof(WireHeader) && x->done == x->len; }
+bool Comm::finished(const Xfer* x) {
+  return x->hdrDone == sizeof(WireHeader) && x->done == x->len && x->padDone == x->pad;
+}
 
 Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts)
     : rank_(rank), size_(size), timeout_(timeout) {
@@ -127,9 +120,13 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   p2pRecvSeq_.assign(size, 0);
   sendQ_.resize(size);
   recvQ_.resize(size);
+  p2pRecvQ_.resize(size);
+  unexpected_.resize(size);
+  in_.resize(size);
+  wakeFd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  PLAIT_CHECK(wakeFd_ >= 0, "plait: rank ", rank, ": eventfd failed: ", std::strerror(errno));
   channels_.resize(size);
   hostOf_.assign(size, 0);
-  pids_.assign(size, -1);
   store_ = store;
   rendezvous(*store, opts);
 }
@@ -157,9 +154,11 @@ void Comm::setDevice(int device, void* stream) {
 }
 
 void Comm::clearDevice() {
-  if (devActive_ && dev_) dev_->flush();
+  // Leave device mode whatever flush does: a throw must not leave the next host call thinking it is on the device.
+  const bool flush = devActive_ && dev_ != nullptr;
   devActive_ = false;
   topo_.device = false;
+  if (flush) dev_->flush();
 }
 
 void Comm::checkDeviceErrors() {
@@ -179,9 +178,12 @@ void Comm::checkDevicePeers() {
     if (by >= 0)
       fail(cat("plait: rank ", rank_, ": ", where(), " (device) aborted because peer rank ", by, " failed: ", why), true);
   }
-  for (int p = 0; p < size_; ++p)
-    if (p != rank_ && processGone(pids_[p]))
-      fail(cat("plait: rank ", rank_, ": peer rank ", p, " (pid ", pids_[p], ") died during ", where(), " (device)"));
+  // Liveness locks (transport/shm.h), not process ids: one fcntl per peer, valid across PID namespaces.
+  int gone = dev_ ? dev_->gonePeer() : -1;
+  for (int p = 0; p < size_ && gone < 0; ++p)
+    if (p != rank_ && shm_ && channels_[p] && channels_[p]->kind() == TransportKind::kShm && shm_->peerGone(p))
+      gone = p;
+  if (gone >= 0) fail(cat("plait: rank ", rank_, ": peer rank ", gone, " (same host) died during ", where(), " (device)"));
 }
 
 std::string Comm::deviceEngineName() const {
@@ -201,6 +203,7 @@ void Comm::localReduce(RedOp op, DType dtype, void* dst, const void* a, const vo
 }
 
 Comm::~Comm() {
+  if (wakeFd_ >= 0) close(wakeFd_);
   dev_.reset();
   if (viaHost_) {
     try {
@@ -238,7 +241,8 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   std::string hostId = detectHostId();
   size_t ringBytes = opts.shmRingBytes ? opts.shmRingBytes : knobs().shmRingBytes;
   std::string shmName = cat("/plait-", uuid, "-", rank_);
-  if (mode != "tcp" && size_ > 1) shm_ = std::make_unique<ShmDomain>(shmName, rank_, size_, ringBytes);
+  // The segment itself is made once the local peers are known (its rings are for them only).
+  const bool wantShm = mode != "tcp" && size_ > 1;
   if (size_ > 1) tcp_ = std::make_unique<TcpDomain>(rank_, size_, knobs().tcpStreams);
   std::string addr = tcp_ ? tcp_->listenAddress(opts.addressHint) : "-";
   const int cores = int(std::max(1u, std::thread::hardware_concurrency()));
@@ -248,8 +252,24 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   char hn[256] = {0};
   gethostname(hn, sizeof(hn) - 1);
   std::string machine = cat(hn, "/", readFirstLine("/proc/sys/kernel/random/boot_id"));
-  std::string myInfo =
-      cat(hostId, "\n", getpid(), "\n", shm_ ? shmName : "-", "\n", addr, "\n", cores, "\n", machine);
+  // Every knob that decides a schedule or a wire format, as this rank sees it: ranks that disagree would run different
+  // schedules for the same collective (wrong results) or wait for each other forever, so a mismatch raises here, on
+  // every rank, naming the knob and both values.
+  const std::vector<std::pair<std::string, std::string>> sched = {
+      {"algo (PLAIT_ALGO / Options.algo)", algoName(algo_)},
+      {"transport (PLAIT_TRANSPORT / Options.transport)", mode},
+      {"PLAIT_SHM_RING_BYTES / Options.shm_ring_bytes", cat(ringBytes)},
+      {"PLAIT_TCP_STREAMS", cat(knobs().tcpStreams)},
+      {"PLAIT_LINK_GBPS", cat(knobs().linkGbps)},
+      {"PLAIT_LINK_ALPHA_US", cat(knobs().linkAlphaUs)},
+      {"PLAIT_LINK_PROBE", cat(knobs().linkProbe)},
+      {"PLAIT_DEVICE", knobs().device},
+      {"PLAIT_DEVICE_BUFFER_BYTES", cat(knobs().deviceBufferBytes)},
+  };
+  std::string schedInfo;
+  for (const auto& kv : sched) schedInfo += cat(schedInfo.empty() ? "" : "\t", kv.second);
+  std::string myInfo = cat(hostId, "\n", getpid(), "\n", wantShm ? shmName : "-", "\n", addr, "\n", cores, "\n",
+                           machine, "\n", schedInfo);
   store.set(cat(prefix, "info/", rank_), myInfo);
 
   std::vector<std::string> hosts(size_), shmNames(size_), addrs(size_);
@@ -259,13 +279,23 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   std::map<std::string, std::pair<int, int>> machines;  // machine -> (ranks, cores)
   for (int p = 0; p < size_; ++p) {
     auto f = split(p == rank_ ? myInfo : store.get(cat(prefix, "info/", p)), '\n');
-    PLAIT_CHECK(f.size() == 6, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p);
+    PLAIT_CHECK(f.size() == 7, "plait: rank ", rank_, ": malformed rendezvous record from rank ", p,
+                " (a different plait version?)");
+    if (p != rank_) {
+      auto theirs = split(f[6], '\t');
+      PLAIT_CHECK(theirs.size() == sched.size(), "plait: rank ", rank_, ": rank ", p,
+                  " runs a different plait version (its rendezvous record has ", theirs.size(), " knobs, not ",
+                  sched.size(), ")");
+      for (size_t i = 0; i < sched.size(); ++i)
+        PLAIT_CHECK(theirs[i] == sched[i].second, "plait: ranks disagree on ", sched[i].first, ": rank ", p, " has ",
+                    theirs[i], ", rank ", rank_, " has ", sched[i].second, " (group '", opts.groupName,
+                    "'; every rank of a group must run the same schedules: set it the same everywhere)");
+    }
     coresOf[p] = std::atoi(f[4].c_str());
     if (f[5] == machine) ++onMachine;
     machines[f[5]].first += 1;
     machines[f[5]].second = std::max(1, coresOf[p]);
     hosts[p] = f[0];
-    pids_[p] = std::atoi(f[1].c_str());
     shmNames[p] = f[2];
     addrs[p] = f[3];
     auto it = hostIndex.emplace(f[0], int(hostIndex.size())).first;
@@ -288,6 +318,25 @@ void Comm::rendezvous(Store& store, const Options& opts) {
     if (local && mode != "tcp") shmPeers.push_back(p);
     else tcpPeers.push_back(p);
   }
+  if (!shmPeers.empty()) {
+    std::vector<int> local = shmPeers;
+    local.push_back(rank_);
+    std::sort(local.begin(), local.end());
+    // A rank that cannot make its segment says so under its key, so its local peers raise with the reason instead
+    // of waiting for the segment until the store's timeout.
+    try {
+      shm_ = std::make_unique<ShmDomain>(shmName, rank_, local, ringBytes);
+    } catch (const std::exception& e) {
+      store.set(cat(prefix, "shm/", rank_), cat("error: ", e.what()));
+      throw;
+    }
+    store.set(cat(prefix, "shm/", rank_), "ok");
+    for (int p : shmPeers) {
+      std::string st = store.get(cat(prefix, "shm/", p));
+      PLAIT_CHECK(st == "ok", "plait: rank ", rank_, ": local peer rank ", p,
+                  " could not set up shared memory: ", st.substr(std::min<size_t>(st.size(), 7)));
+    }
+  }
   topo_.allShm = tcpPeers.empty() && size_ > 1 && shm_ != nullptr;
   if (mode == "tcp") topo_.allShm = false;
   oversubscribed_ = onMachine > cores;
@@ -298,14 +347,24 @@ void Comm::rendezvous(Store& store, const Options& opts) {
   for (int p = 0; p < size_; ++p) topo_.oversubscribed |= ranksOnHost[hostOf_[p]] > coresOf[p];
   reduceThreads_ = knobs().threads > 0 ? knobs().threads : std::max(1, std::min(8, cores / localRanks));
 
-  for (int p : shmPeers) {
-    PLAIT_CHECK(shmNames[p] != "-", "plait: rank ", rank_, ": peer rank ", p, " has no shared memory segment");
-    shm_->attach(p, shmNames[p]);
-  }
   if (shm_) {
-    // Once every local peer has mapped this rank's segment its name can go: nothing is left in /dev/shm.
-    store.set(cat(prefix, "mapped/", rank_), "1");
-    for (int p : shmPeers) store.get(cat(prefix, "mapped/", p));
+    // Once every local peer has mapped this rank's segment its name can go: nothing is left in /dev/shm. A rank that
+    // cannot map a peer's segment says why under its key, so the others raise instead of waiting out the store.
+    try {
+      for (int p : shmPeers) {
+        PLAIT_CHECK(shmNames[p] != "-", "plait: rank ", rank_, ": peer rank ", p, " has no shared memory segment");
+        shm_->attach(p, shmNames[p]);
+      }
+    } catch (const std::exception& e) {
+      store.set(cat(prefix, "mapped/", rank_), cat("error: ", e.what()));
+      throw;
+    }
+    store.set(cat(prefix, "mapped/", rank_), "ok");
+    for (int p : shmPeers) {
+      std::string st = store.get(cat(prefix, "mapped/", p));
+      PLAIT_CHECK(st == "ok", "plait: rank ", rank_, ": local peer rank ", p,
+                  " could not map shared memory: ", st.substr(std::min<size_t>(st.size(), 7)));
+    }
     shm_->unlinkOwn();
   }
   if (tcp_) {
@@ -447,12 +506,19 @@ void Comm::probeLink(Store& store) {
 std::string Comm::where() const { return cat("rank ", rank_, ", ", collName(ctx_.coll), " seq ", seq_); }
 
 void Comm::begin(const CollCtx& ctx) {
+  checkAbort();
   if (!failure_.empty())
     throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
   PLAIT_CHECK(pendingColl_ == 0, "plait: internal: a collective began with transfers still pending");
   if (dev_) {
     checkDeviceErrors();
-    checkDevicePeers();
+    // Device work never makes the host wait, so this is where a dead peer is noticed between the watchdog's checks;
+    // at most every 10 ms (a handful of fcntl calls), not on every small collective.
+    auto now = Clock::now();
+    if (now - lastDevCheck_ > std::chrono::milliseconds(10)) {
+      lastDevCheck_ = now;
+      checkDevicePeers();
+    }
   }
   trimXfers();
   ctx_ = ctx;
@@ -468,17 +534,20 @@ Comm::Xfer* Comm::post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
   if (devActive_ && dev_) {
     PLAIT_CHECK(ctx_.coll != Coll::kSendRecv, "plait: internal: point-to-point in device mode");
-    xfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
-    dev_->record(&xfers_.back(), ctx_.op, ctx_.dtype);
-    return &xfers_.back();
+    // Device transfers live apart from the host engine's: point-to-point transfers still in flight there (an irecv
+    // posted before this collective) must survive the device collective's waitAll.
+    devXfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
+    dev_->record(&devXfers_.back(), ctx_.op, ctx_.dtype);
+    return &devXfers_.back();
   }
   xfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
   Xfer* x = &xfers_.back();
   const bool p2p = ctx_.coll == Coll::kSendRecv;
   uint32_t seq = !p2p ? seq_ : kind == Xfer::kSend ? p2pSendSeq_[peer]++ : p2pRecvSeq_[peer]++;
-  x->hdr = WireHeader{kWireMagic, seq, uint8_t(ctx_.coll), uint8_t(ctx_.dtype), uint8_t(ctx_.op), 0,
-                      ctx_.root, ctx_.count, bytes};
-  (kind == Xfer::kSend ? sendQ_ : recvQ_)[peer].push_back(x);
+  x->hdr = WireHeader{kWireMagic, seq, uint8_t(ctx_.coll), uint8_t(ctx_.dtype), uint8_t(ctx_.op),
+                      p2p ? uint8_t(0) : ctx_.sched, ctx_.root, ctx_.count, bytes};
+  x->pad = uint8_t((8 - bytes % 8) % 8);
+  (kind == Xfer::kSend ? sendQ_ : p2p ? p2pRecvQ_ : recvQ_)[peer].push_back(x);
   ++pending_;
   if (!p2p) ++pendingColl_;
   return x;
@@ -504,14 +573,15 @@ char* Comm::scratch(size_t bytes) {
 }
 
 std::string Comm::originOfFailure() {
-  for (int p = 0; p < size_; ++p) {
-    if (p == rank_) continue;
-    try {
-      std::string key = cat(prefix_, "failed/", p);
-      if (store_->check(key)) return cat(" (first failure in the group, at rank ", p, ": ", store_->get(key), ")");
-    } catch (...) {
-      return "";  // the store may be gone with the failed rank: report what this rank saw
+  // One key, written once by the first rank of the group to fail (it wins an add on "failures"): one round trip.
+  try {
+    const std::string key = cat(prefix_, "failed/first");
+    if (store_->check(key)) {
+      std::string v = store_->get(key);
+      return v.empty() ? "" : cat(" (first failure in the group: ", v, ")");
     }
+  } catch (...) {
+    // the store may be gone with the failed rank: report what this rank saw
   }
   return "";
 }
@@ -519,31 +589,49 @@ std::string Comm::originOfFailure() {
 void Comm::fail(const std::string& what, bool secondHand) {
   // A rank that learns of a failure second-hand (abort flag, a peer hanging up) adds what the first one saw: from
   // the failed peer's control connection if it said anything, else from the store.
+  // Peers hear of the failure first (shared-memory abort flags, TCP control connections: no store round trip, so a
+  // dead store host costs nobody a timeout); then this rank looks for an earlier cause and records its own.
+  const bool first = failure_.empty();
+  if (first) {
+    if (shm_) shm_->abortPeers(what);
+    if (tcp_) tellTcpPeers(what);
+  }
   std::string msg = what;
-  if (failure_.empty() && !secondHand) {
+  if (first && !secondHand) {
     std::string heard = tcp_ ? heardFromTcpPeers(std::chrono::milliseconds(50)) : "";
     msg = heard.empty() ? what + originOfFailure() : cat(what, " (", heard, ")");
   }
-  if (failure_.empty()) {
+  if (first) {
     failure_ = msg;
     try {
-      store_->set(cat(prefix_, "failed/", rank_), msg);
+      if (store_->add(cat(prefix_, "failures"), 1) == 1) store_->set(cat(prefix_, "failed/first"), cat("rank ", rank_, ": ", what));
     } catch (...) {
     }
   }
-  if (tcp_) tellTcpPeers(msg);
   std::vector<Done> toNotify;
-  for (auto* qs : {&sendQ_, &recvQ_})
+  for (auto* qs : {&sendQ_, &recvQ_, &p2pRecvQ_})
     for (auto& q : *qs) {
       for (Xfer* x : q)
         if (x->onDone) toNotify.push_back(std::move(x->onDone));
       q.clear();
     }
+  std::vector<AnyDone> anyNotify;
+  for (auto& a : anyQ_) anyNotify.push_back(std::move(a.done));
+  anyQ_.clear();
+  for (auto& u : unexpected_) u.clear();
+  for (auto& i : in_) i = Inbound{};
   pending_ = pendingColl_ = 0;
-  if (shm_) shm_->abortPeers(msg);
   if (tcp_) tcp_->abortAll();
   if (dev_) dev_->releaseWaits();
-  for (auto& d : toNotify) d(&msg);
+  // Callbacks must not throw (the torch layer's do not); one that does cannot stop the others from being told.
+  for (auto& d : toNotify) try {
+      d(&msg);
+    } catch (...) {
+    }
+  for (auto& d : anyNotify) try {
+      d(&msg, -1);
+    } catch (...) {
+    }
   throw Error(msg);
 }
 
@@ -590,11 +678,20 @@ std::string Comm::heardFromTcpPeers(std::chrono::milliseconds wait) {
   }
 }
 
+static std::string describeSchedule(uint8_t code) {
+  if (code == 0) return "";
+  const int a = (code & 0x7f) - 1;
+  std::string name = a >= 0 && a <= int(Algo::kHierTree) ? algoName(Algo(a)) : "?";
+  if (Algo(a) == Algo::kDirect) name += code & 0x80 ? " one-shot" : " two-shot";
+  return cat(", schedule ", name);
+}
+
 static std::string describeHeader(const WireHeader& h) {
   DType dt = DType(h.dtype);
   return cat(collName(Coll(h.coll)), "(seq ", h.seq, ", dtype ", dt < DType::kCount ? dtypeName(dt) : "?", ", op ",
              RedOp(h.op) < RedOp::kCount ? redOpName(RedOp(h.op)) : "?", ", count ", h.count,
-             Coll(h.coll) == Coll::kSendRecv ? ", tag " : ", root ", h.root, ", message ", h.bytes, " bytes)");
+             Coll(h.coll) == Coll::kSendRecv ? ", tag " : ", root ", h.root, describeSchedule(h.flags), ", message ",
+             h.bytes, " bytes)");
 }
 
 void Comm::checkHeader(const Xfer* x, const WireHeader& got) const {
@@ -602,13 +699,14 @@ void Comm::checkHeader(const Xfer* x, const WireHeader& got) const {
   PLAIT_CHECK(got.magic == kWireMagic, "plait: rank ", rank_, ": garbage on the stream from peer rank ", x->peer,
               " during ", where(), " (bad magic)");
   bool same = got.seq == e.seq && got.coll == e.coll && got.count == e.count && got.bytes == e.bytes &&
-              got.root == e.root;
+              got.root == e.root && got.flags == e.flags;
   bool reducing = Coll(e.coll) == Coll::kAllreduce || Coll(e.coll) == Coll::kReduce ||
                   Coll(e.coll) == Coll::kReduceScatter;
   if (reducing) same = same && got.op == e.op;
   if (Coll(e.coll) != Coll::kBarrier && Coll(e.coll) != Coll::kMonitoredBarrier) same = same && got.dtype == e.dtype;
   if (!same)
-    throw Error(cat("plait: collective mismatch between rank ", rank_, " and rank ", x->peer, ": rank ", x->peer,
+    throw Error(cat("plait: ", Coll(e.coll) == Coll::kSendRecv ? "point-to-point" : "collective",
+                    " mismatch between rank ", rank_, " and rank ", x->peer, ": rank ", x->peer,
                     " sent ", describeHeader(got), " but rank ", rank_, " expected ", describeHeader(e)));
 }
 
@@ -616,13 +714,16 @@ bool Comm::advanceSend(Xfer* x) {
   Channel* ch = channels_[x->peer].get();
   bool moved = false;
   constexpr size_t kSmall = 224;  // header and a small payload go out as one write
+  static const char kZeros[8] = {};
   if (x->hdrDone == 0 && x->len <= kSmall && (!x->dep || x->dep->done >= x->len)) {
-    alignas(16) char msg[sizeof(WireHeader) + kSmall];
+    alignas(16) char msg[sizeof(WireHeader) + kSmall + 8];
     std::memcpy(msg, &x->hdr, sizeof(WireHeader));
     if (x->len) std::memcpy(msg + sizeof(WireHeader), x->buf, x->len);
-    size_t w = ch->write(msg, sizeof(WireHeader) + x->len);
+    std::memset(msg + sizeof(WireHeader) + x->len, 0, x->pad);
+    size_t w = ch->write(msg, sizeof(WireHeader) + x->len + x->pad);
     x->hdrDone = std::min(w, sizeof(WireHeader));
-    x->done = w - x->hdrDone;
+    x->done = std::min(w - x->hdrDone, x->len);
+    x->padDone = uint8_t(w - x->hdrDone - x->done);
     return w > 0;
   }
   if (x->hdrDone < sizeof(WireHeader)) {
@@ -637,45 +738,191 @@ bool Comm::advanceSend(Xfer* x) {
     x->done += w;
     moved |= w > 0;
   }
+  if (x->done == x->len && x->padDone < x->pad) {
+    size_t w = ch->write(kZeros, size_t(x->pad - x->padDone));
+    x->padDone = uint8_t(x->padDone + w);
+    moved |= w > 0;
+  }
   return moved;
 }
 
 bool Comm::advanceRecv(Xfer* x) {
   Channel* ch = channels_[x->peer].get();
   bool moved = false;
-  if (x->hdrDone < sizeof(WireHeader)) {
-    size_t r = ch->read(reinterpret_cast<char*>(&x->got) + x->hdrDone, sizeof(WireHeader) - x->hdrDone);
-    x->hdrDone += r;
-    if (x->hdrDone < sizeof(WireHeader)) return r > 0;
-    checkHeader(x, x->got);
-    moved = true;
-  }
   size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
-  if (x->done >= limit) return moved;
-  if (x->kind == Xfer::kRecv) {
-    size_t r = ch->read(x->buf + x->done, std::min(limit - x->done, chunkBytes_));
-    x->done += r;
-    return moved || r > 0;
+  if (x->done < limit) {
+    if (x->kind == Xfer::kRecv) {
+      size_t r = ch->read(x->buf + x->done, std::min(limit - x->done, chunkBytes_));
+      x->done += r;
+      moved = r > 0;
+    } else {
+      const size_t es = elemBytes_;
+      size_t want = std::min(limit - x->done, std::max(chunkBytes_, es));
+      const void* p = nullptr;
+      size_t n = std::min(ch->peek(&p), want);
+      n -= n % es;
+      if (n > 0) {
+        reduceFn_(x->buf + x->done, x->buf + x->done, p, n / es);
+        ch->consume(n);
+        x->done += n;
+        moved = true;
+      } else if (want >= es && ch->available() >= es) {  // an element split where a TCP receive buffer ends
+        alignas(16) char tmp[16];
+        ch->read(tmp, es);
+        reduceFn_(x->buf + x->done, x->buf + x->done, tmp, 1);
+        x->done += es;
+        moved = true;
+      }
+    }
   }
-  const size_t es = elemBytes_;
-  size_t want = std::min(limit - x->done, std::max(chunkBytes_, es));
-  const void* p = nullptr;
-  size_t n = std::min(ch->peek(&p), want);
-  n -= n % es;
-  if (n > 0) {
-    reduceFn_(x->buf + x->done, x->buf + x->done, p, n / es);
-    ch->consume(n);
-    x->done += n;
-    return true;
-  }
-  if (want >= es && ch->available() >= es) {  // an element split by the ring's wrap-around
-    alignas(16) char tmp[16];
-    ch->read(tmp, es);
-    reduceFn_(x->buf + x->done, x->buf + x->done, tmp, 1);
-    x->done += es;
-    return true;
+  if (x->done == x->len && x->padDone < x->pad) {
+    char tmp[8];
+    size_t r = ch->read(tmp, size_t(x->pad - x->padDone));
+    x->padDone = uint8_t(x->padDone + r);
+    moved |= r > 0;
   }
   return moved;
+}
+
+bool Comm::wantRead(int p) const {
+  const Inbound& in = in_[p];
+  return !recvQ_[p].empty() || !p2pRecvQ_[p].empty() || (!anyQ_.empty() && !in.quiet) || in.x || in.unx ||
+         in.hdrDone > 0;
+}
+
+Comm::Xfer* Comm::bindAny(size_t k, int peer) {
+  AnyRecv a = std::move(anyQ_[k]);
+  anyQ_.erase(anyQ_.begin() + long(k));
+  --pending_;  // the bound transfer below counts instead
+  xfers_.push_back(Xfer{Xfer::kRecv, peer, a.buf, a.len, nullptr});
+  Xfer* x = &xfers_.back();
+  x->hdr = WireHeader{kWireMagic, p2pRecvSeq_[peer]++, uint8_t(Coll::kSendRecv), uint8_t(DType::kUInt8),
+                      uint8_t(RedOp::kSum), 0, a.tag, a.len, a.len};
+  x->pad = uint8_t((8 - a.len % 8) % 8);
+  x->deadline = a.deadline;
+  AnyDone done = std::move(a.done);
+  x->onDone = [done = std::move(done), peer](const std::string* err) { done(err, err ? -1 : peer); };
+  p2pRecvQ_[peer].push_back(x);
+  ++pending_;
+  return x;
+}
+
+bool Comm::bindP2P(int peer, const WireHeader& h) {
+  if (!unexpected_[peer].empty()) return false;  // older messages from this peer are still unclaimed: keep order
+  if (p2pRecvQ_[peer].empty()) {
+    size_t k = 0;
+    while (k < anyQ_.size() && anyQ_[k].tag != h.root) ++k;
+    if (k == anyQ_.size()) return false;
+    bindAny(k, peer);
+  }
+  Xfer* x = p2pRecvQ_[peer].front();
+  x->got = h;
+  x->hdrDone = sizeof(WireHeader);
+  checkHeader(x, h);
+  in_[peer].x = x;
+  return true;
+}
+
+void Comm::matchUnexpected(int peer) {
+  auto& uq = unexpected_[peer];
+  while (!uq.empty() && uq.front().complete()) {
+    Unexpected& u = uq.front();
+    if (p2pRecvQ_[peer].empty()) {
+      size_t k = 0;
+      while (k < anyQ_.size() && anyQ_[k].tag != u.hdr.root) ++k;
+      if (k == anyQ_.size()) return;
+      bindAny(k, peer);
+    }
+    Xfer* x = p2pRecvQ_[peer].front();
+    x->got = u.hdr;
+    x->hdrDone = sizeof(WireHeader);
+    checkHeader(x, u.hdr);
+    if (x->len) std::memcpy(x->buf, u.data.data(), x->len);
+    x->done = x->len;
+    x->padDone = x->pad;
+    uq.pop_front();
+    p2pRecvQ_[peer].pop_front();
+    retire(x);
+  }
+}
+
+void Comm::matchUnexpectedOrFail(int peer) {
+  try {
+    matchUnexpected(peer);
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
+}
+
+bool Comm::progressRecv(int p) {
+  Channel* ch = channels_[p].get();
+  Inbound& in = in_[p];
+  bool moved = false;
+  while (true) {
+    if (!in.x && !in.unx) {
+      if (in.hdrDone < sizeof(WireHeader)) {
+        // A new message is read only for a receive posted from this peer (or one from any source): a peer that
+        // finished and closed its connection has nothing more to say, and reading on would find the end of stream.
+        const bool directed = !recvQ_[p].empty() || !p2pRecvQ_[p].empty();
+        if (!directed && (anyQ_.empty() || in.quiet)) return moved;
+        size_t r = 0;
+        try {
+          r = ch->read(reinterpret_cast<char*>(&in.hdr) + in.hdrDone, sizeof(WireHeader) - in.hdrDone);
+        } catch (const Error&) {
+          if (directed || in.hdrDone > 0) throw;
+          in.quiet = true;  // only a receive from any source was listening: this peer is done, not failed
+          return moved;
+        }
+        in.hdrDone += r;
+        moved |= r > 0;
+        if (in.hdrDone < sizeof(WireHeader)) return moved;
+        PLAIT_CHECK(in.hdr.magic == kWireMagic, "plait: rank ", rank_, ": garbage on the stream from peer rank ", p,
+                    " during ", where(), " (bad magic)");
+      }
+      if (Coll(in.hdr.coll) == Coll::kSendRecv) {
+        if (!bindP2P(p, in.hdr)) {
+          // Nobody asked for it yet: buffer it, so that a collective behind it on the stream is not held up.
+          uint64_t n = in.hdr.bytes;
+          PLAIT_CHECK(n <= (uint64_t(1) << 40), "plait: rank ", rank_, ": peer rank ", p,
+                      " announced a point-to-point message of ", n, " bytes (corrupt stream?)");
+          unexpected_[p].push_back(Unexpected{in.hdr, std::vector<char>(size_t(n)), 0});
+          in.unx = &unexpected_[p].back();
+        }
+      } else {
+        if (recvQ_[p].empty()) return moved;  // parked until this rank's collective posts its receive
+        Xfer* x = recvQ_[p].front();
+        x->got = in.hdr;
+        x->hdrDone = sizeof(WireHeader);
+        checkHeader(x, in.hdr);
+        in.x = x;
+      }
+      in.hdrDone = 0;
+      moved = true;
+    }
+    if (in.unx) {
+      Unexpected& u = *in.unx;
+      const size_t total = u.data.size() + (8 - u.hdr.bytes % 8) % 8;
+      char pad[8];
+      while (u.got < total) {
+        size_t r = u.got < u.data.size() ? ch->read(u.data.data() + u.got, u.data.size() - u.got)
+                                         : ch->read(pad, total - u.got);
+        if (r == 0) return moved;
+        u.got += r;
+        moved = true;
+      }
+      in.unx = nullptr;
+      matchUnexpected(p);
+      continue;
+    }
+    Xfer* x = in.x;
+    moved |= advanceRecv(x);
+    if (!finished(x)) return moved;
+    in.x = nullptr;
+    auto& q = x->onDone ? p2pRecvQ_[p] : recvQ_[p];
+    PLAIT_CHECK(!q.empty() && q.front() == x, "plait: internal: rank ", rank_, ": receive queue out of order");
+    q.pop_front();
+    retire(x);
+  }
 }
 
 void Comm::trimXfers() {
@@ -689,7 +936,20 @@ void Comm::retire(Xfer* x) {
   if (x->onDone) {
     Done d = std::move(x->onDone);
     x->onDone = nullptr;
-    d(nullptr);
+    try {
+      d(nullptr);
+    } catch (const std::exception& e) {
+      // The completion itself failed (the torch layer's copy into a non-contiguous destination raised): its owner
+      // hears the error through the same callback, and the communicator fails (drive), so no transfer that may
+      // point at memory its owner is about to free stays queued.
+      std::string m = cat("plait: rank ", rank_, ": completing a ", x->kind == Xfer::kSend ? "send to" : "recv from",
+                          " rank ", x->peer, " failed: ", e.what());
+      try {
+        d(&m);
+      } catch (...) {
+      }
+      throw Error(m);
+    }
   } else {
     --pendingColl_;
   }
@@ -706,14 +966,7 @@ bool Comm::progressPass() {
       sq.pop_front();
       retire(x);
     }
-    auto& rq = recvQ_[p];
-    while (!rq.empty()) {
-      Xfer* x = rq.front();
-      moved |= advanceRecv(x);
-      if (!finished(x)) break;
-      rq.pop_front();
-      retire(x);
-    }
+    if (channels_[p] && wantRead(p)) moved |= progressRecv(p);
   }
   return moved;
 }
@@ -721,16 +974,18 @@ bool Comm::progressPass() {
 std::string Comm::describePending() const {
   std::string s;
   for (int p = 0; p < size_; ++p) {
-    for (const Xfer* x : sendQ_[p]) {
+    if (!sendQ_[p].empty()) {
+      const Xfer* x = sendQ_[p].front();
       s += cat(s.empty() ? "" : "; ", "send to rank ", p, " (", x->done, "/", x->len, " bytes)");
-      break;
     }
-    for (const Xfer* x : recvQ_[p]) {
-      s += cat(s.empty() ? "" : "; ", "receive from rank ", p, " (", x->done, "/", x->len, " bytes",
-               x->hdrDone < sizeof(WireHeader) ? ", nothing arrived" : "", ")");
-      break;
+    for (const auto* q : {&recvQ_[p], &p2pRecvQ_[p]}) {
+      if (q->empty()) continue;
+      const Xfer* x = q->front();
+      s += cat(s.empty() ? "" : "; ", x->onDone ? "point-to-point " : "", "receive from rank ", p, " (", x->done, "/",
+               x->len, " bytes", x->hdrDone < sizeof(WireHeader) ? ", nothing arrived" : "", ")");
     }
   }
+  if (!anyQ_.empty()) s += cat(s.empty() ? "" : "; ", anyQ_.size(), " receive(s) from any source");
   return s;
 }
 
@@ -744,21 +999,36 @@ void Comm::checkPeersAlive() {
       throw PeerFailed(cat("plait: rank ", rank_, ": ", where(), " aborted because peer rank ", by, " failed: ", why));
   }
   for (int p = 0; p < size_; ++p) {
-    if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty())) continue;
+    // Only peers something is waiting for: a peer that exits after its last send is not a failure for a receive
+    // from any source that another peer may still satisfy (that one ends at its timeout if nobody does).
+    // A collective's header parked with nothing posted is not a wait either (its payload is in the ring).
+    const Inbound& in = in_[p];
+    if (p == rank_ || (sendQ_[p].empty() && recvQ_[p].empty() && p2pRecvQ_[p].empty() && !in.x && !in.unx))
+      continue;
     if (!channels_[p] || channels_[p]->kind() != TransportKind::kShm) continue;
-    if (processGone(pids_[p]))
-      throw Error(cat("plait: rank ", rank_, ": peer rank ", p, " (pid ", pids_[p], ") died during ", where()));
+    if (shm_->peerGone(p))
+      throw Error(cat("plait: rank ", rank_, ": peer rank ", p, " (same host) died during ", where()));
   }
 }
 
 void Comm::addTcpPollFds(std::vector<pollfd>& fds) const {
+  fds.push_back(pollfd{wakeFd_, POLLIN, 0});
   for (int p = 0; p < size_; ++p) {
     if (!channels_[p] || channels_[p]->kind() != TransportKind::kTcp) continue;
-    if (!recvQ_[p].empty()) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
+    if (wantRead(p)) {
+      // Not when the bound receive can take nothing now (it waits on a dependency), nor for a collective's header
+      // parked until the collective is posted: the socket would stay readable and poll would return at once.
+      const Inbound& in = in_[p];
+      bool blocked = in.x && (in.x->dep ? std::min(in.x->len, in.x->dep->done) : in.x->len) <= in.x->done &&
+                     in.x->done < in.x->len;
+      bool parked = !in.x && !in.unx && in.hdrDone == sizeof(WireHeader);
+      if (!blocked && !parked) fds.push_back(pollfd{channels_[p]->pollFd(false), POLLIN, 0});
+    }
     if (sendQ_[p].empty()) continue;
     const Xfer* x = sendQ_[p].front();
     size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
-    if (x->hdrDone < sizeof(WireHeader) || x->done < limit) fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
+    if (x->hdrDone < sizeof(WireHeader) || x->done < limit || (x->done == x->len && x->padDone < x->pad))
+      fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
   }
 }
 
@@ -775,12 +1045,14 @@ bool Comm::slowWait(bool anyShm, bool anyTcp) {
     addTcpPollFds(fds);
     poll(fds.data(), fds.size(), 2);
     shm_->retractPoll();
+    drainWake();
     return false;
   }
   if (anyTcp) {
     std::vector<pollfd> fds;
     addTcpPollFds(fds);
-    if (!fds.empty()) poll(fds.data(), fds.size(), anyShm ? 0 : 2);
+    poll(fds.data(), fds.size(), anyShm ? 0 : 2);
+    drainWake();
   }
   if (anyShm) {
     uint32_t ticket = shm_->announce();
@@ -795,22 +1067,41 @@ bool Comm::slowWait(bool anyShm, bool anyTcp) {
   return false;
 }
 
+void Comm::drainWake() {
+  uint64_t v;
+  while (read(wakeFd_, &v, sizeof(v)) > 0) {
+  }
+}
+
 void Comm::checkP2PDeadlines(Clock::time_point now) {
-  for (auto* qs : {&sendQ_, &recvQ_})
+  for (auto* qs : {&sendQ_, &p2pRecvQ_})
     for (int p = 0; p < size_; ++p) {
       auto& q = (*qs)[p];
       if (q.empty() || !q.front()->onDone || now < q.front()->deadline) continue;
       const Xfer* x = q.front();
-      throw Error(cat("plait: rank ", rank_, ": timed out after ", timeout_.count(), " ms in ",
+      throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout_.count(), " ms in ",
                       x->kind == Xfer::kSend ? "send to" : "recv from", " rank ", p, " (tag ", x->hdr.root, ", ",
                       x->done, "/", x->len, " bytes done)"));
     }
+  for (const AnyRecv& a : anyQ_)
+    if (now >= a.deadline)
+      throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout_.count(),
+                      " ms in recv from any source (tag ", a.tag, ", ", a.len, " bytes): no peer sent it"));
 }
 
 bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
   if (devActive_ && dev_) {  // enqueue: the device does the waiting
-    dev_->flush();
-    xfers_.clear();
+    try {
+      dev_->flush();
+    } catch (const PeerFailed& e) {
+      devXfers_.clear();
+      fail(e.what(), true);
+    } catch (const std::exception& e) {
+      // The stream may hold half a schedule: the group cannot be trusted any more, and peers must hear of it.
+      devXfers_.clear();
+      fail(cat(e.what(), " (", where(), ", device)"));
+    }
+    devXfers_.clear();
     checkDeviceErrors();
     return true;
   }
@@ -820,13 +1111,36 @@ bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
 }
 
 void Comm::requestAbort(const std::string& why) {
-  (void)why;
+  {
+    std::lock_guard<std::mutex> lk(abortMu_);
+    if (abortWhy_.empty()) abortWhy_ = why.empty() ? std::string("plait: the process group was aborted") : why;
+  }
   abortRequested_.store(true, std::memory_order_release);
   interrupt();
 }
 
+void Comm::abortNow(const std::string& why) noexcept {
+  requestAbort(why);
+  try {
+    checkAbort();
+  } catch (...) {
+  }
+}
+
+void Comm::checkAbort() {
+  if (!abortRequested_.load(std::memory_order_acquire) || !failure_.empty()) return;
+  std::string why;
+  {
+    std::lock_guard<std::mutex> lk(abortMu_);
+    why = abortWhy_;
+  }
+  fail(cat("plait: rank ", rank_, ": ", why), true);
+}
+
 void Comm::interrupt() {
   interrupt_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  if (wakeFd_ >= 0) (void)!write(wakeFd_, &one, sizeof(one));
   if (shm_) shm_->poke();
 }
 
@@ -838,7 +1152,7 @@ bool Comm::progressP2P(std::chrono::microseconds budget) {
 
 bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, std::chrono::milliseconds timeout) {
   const auto start = Clock::now();
-  auto idleSince = start, lastCheck = start;
+  auto idleSince = start;
   bool idle = false;
   // Spin while the ranks have a core each; yield, then sleep on the doorbell. Never spin forever.
   const auto spinFor = std::chrono::microseconds(oversubscribed_ ? 0 : knobs().spinUs);
@@ -846,11 +1160,12 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
   // Nothing is posted while the engine is driven, so which transports are involved is fixed for this call.
   bool anyShm = false, anyTcp = false;
   for (int p = 0; p < size_; ++p) {
-    if (sendQ_[p].empty() && recvQ_[p].empty()) continue;
+    if (!channels_[p] || (sendQ_[p].empty() && !wantRead(p))) continue;
     (channels_[p]->kind() == TransportKind::kShm ? anyShm : anyTcp) = true;
   }
   try {
     while (p2pOnly ? pending_ > pendingColl_ : pendingColl_ > 0) {
+      if (abortRequested_.load(std::memory_order_relaxed)) checkAbort();
       if (p2pOnly && interrupt_.exchange(false, std::memory_order_acq_rel)) return false;
       if (progressPass()) {
         idle = false;
@@ -875,11 +1190,13 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
       if (pending_ > pendingColl_) checkP2PDeadlines(now);
       if (now >= deadline) {
         if (!throwOnTimeout) return false;
-        throw Error(cat("plait: rank ", rank_, ": timed out after ", timeout.count(), " ms in ", where(),
+        throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout.count(), " ms in ", where(),
                         " waiting for: ", describePending()));
       }
-      if (now - lastCheck > std::chrono::milliseconds(50)) {
-        lastCheck = now;
+      // The check interval spans calls: point-to-point progress runs in short drives (20 ms), and a local check
+      // that restarted with every drive would never fire.
+      if (now - lastPeerCheck_ > std::chrono::milliseconds(50)) {
+        lastPeerCheck_ = now;
         checkPeersAlive();
       }
       ++stats_.sleeps;
@@ -889,6 +1206,12 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
     fail(e.what(), true);
   } catch (const Error& e) {
     fail(e.what());
+  } catch (const std::exception& e) {
+    // Anything else (a completion callback's copy raising c10::Error, bad_alloc): the transfers still queued point
+    // at buffers their owners may free once this error reaches them, so the communicator must fail and drop them.
+    fail(cat("plait: rank ", rank_, ": ", where(), ": unexpected error while driving transfers: ", e.what()));
+  } catch (...) {
+    fail(cat("plait: rank ", rank_, ": ", where(), ": unknown exception while driving transfers"));
   }
   return true;
 }

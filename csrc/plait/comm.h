@@ -11,6 +11,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -143,6 +144,9 @@ class Comm {
   // milliseconds. Later calls raise. Used by torch's abort()/shutdown() and destroy with work in flight.
   void requestAbort(const std::string& why);
   bool aborted() const { return abortRequested_.load(std::memory_order_acquire); }
+  // requestAbort, then fails the communicator at once on this thread (peers told, pending transfers completed with
+  // the error). Only while no other thread drives the engine (the torch layer holds its work lock).
+  void abortNow(const std::string& why) noexcept;
   void barrier();
   void monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks);
 
@@ -155,6 +159,9 @@ class Comm {
     const Xfer* dep;
     size_t done = 0;
     size_t hdrDone = 0;
+    // Every message is padded to a multiple of 8 bytes on the wire, so the next header and typed payloads always
+    // start 8-aligned in a ring (receive-and-reduce reads elements in place).
+    uint8_t pad = 0, padDone = 0;
     WireHeader hdr{};  // sent, or expected
     WireHeader got{};  // received
     Done onDone;       // point-to-point only
@@ -166,7 +173,13 @@ class Comm {
     RedOp op;
     int root;
     uint64_t count;
+    // The schedule this rank runs (schedCode); carried in every message's header so that ranks which chose
+    // differently raise instead of exchanging the wrong bytes. 0: the collective has one schedule.
+    uint8_t sched = 0;
   };
+  static uint8_t schedCode(Algo a, bool oneShot = false) { return uint8_t(uint8_t(a) + 1) | (oneShot ? 0x80 : 0); }
+  // Records the schedule chosen after begin() (before anything is posted).
+  void setSchedule(uint8_t code) { ctx_.sched = code; }
   // Starts a collective: takes the next sequence number, checks the communicator is healthy.
   void begin(const CollCtx& ctx);
   Xfer* postSend(int peer, const void* buf, size_t bytes, const Xfer* dep = nullptr);
@@ -196,7 +209,21 @@ class Comm {
   void retire(Xfer* x);
   void trimXfers();
   bool advanceSend(Xfer* x);
+  // Moves payload (and padding) of a receive whose header was matched.
   bool advanceRecv(Xfer* x);
+  // The receive side of one peer's stream: reads the next header, hands the message to the collective receive or the
+  // point-to-point receive it belongs to (point-to-point messages nobody has asked for yet are buffered, so a
+  // collective behind them on the stream can go on), then moves its payload.
+  bool progressRecv(int peer);
+  bool wantRead(int peer) const;
+  // Binds a point-to-point header that just arrived from `peer` to a posted receive (directed, else any-source);
+  // false: nobody has asked for it yet.
+  bool bindP2P(int peer, const WireHeader& h);
+  // Completes posted point-to-point receives from messages already buffered.
+  void matchUnexpected(int peer);
+  // The same, outside drive(): a mismatch (or a completion that raises) fails the communicator as drive() would.
+  void matchUnexpectedOrFail(int peer);
+  Xfer* bindAny(size_t anyIndex, int peer);
   void checkHeader(const Xfer* x, const WireHeader& got) const;
   // Drives the engine until `pendingColl_` is 0 or, with p2pOnly, until no point-to-point transfer is pending,
   // the deadline passes, or interrupt() is called.
@@ -206,6 +233,9 @@ class Comm {
   void addTcpPollFds(std::vector<struct pollfd>& fds) const;
   Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
   void checkP2PDeadlines(Clock::time_point now);
+  void drainWake();
+  // Fails the communicator if requestAbort was called (on the thread that drives the engine).
+  void checkAbort();
   void checkPeersAlive();
   void tellTcpPeers(const std::string& msg);
   // A failed TCP peer's last words from its control connection ("peer rank P failed first: ..."), or "".
@@ -251,12 +281,38 @@ class Comm {
   std::vector<std::unique_ptr<Channel>> channels_;
   std::vector<int> hostOf_;
   std::vector<std::vector<int>> hostRanks_;  // host index -> its ranks, increasing; the leader is the first
-  std::vector<int> pids_;
   // engine state
   CollCtx ctx_{};
   uint32_t seq_ = 0;
   std::vector<uint32_t> p2pSendSeq_, p2pRecvSeq_;
-  std::deque<Xfer> xfers_;
+  // Receive side of each peer's stream (progressRecv): the header being read, and the message it was bound to.
+  struct Unexpected {  // a point-to-point message that arrived before its receive was posted
+    WireHeader hdr{};
+    std::vector<char> data;
+    size_t got = 0;  // payload bytes, then padding
+    bool complete() const { return got == data.size() + ((8 - hdr.bytes % 8) % 8); }
+  };
+  struct Inbound {
+    WireHeader hdr{};
+    size_t hdrDone = 0;
+    Xfer* x = nullptr;          // bound to a posted receive
+    Unexpected* unx = nullptr;  // being buffered
+    bool quiet = false;         // the peer closed its stream while only a receive from any source listened
+  };
+  struct AnyRecv {
+    char* buf;
+    size_t len;
+    int tag;
+    AnyDone done;
+    Clock::time_point deadline;
+  };
+  std::vector<Inbound> in_;
+  std::vector<std::deque<Unexpected>> unexpected_;
+  std::vector<std::deque<Xfer*>> p2pRecvQ_;
+  std::deque<AnyRecv> anyQ_;
+  int wakeFd_ = -1;  // eventfd in every poll set: interrupt() wakes a thread sleeping in poll(2)
+  std::deque<Xfer> xfers_;     // host engine transfers (collective and point-to-point)
+  std::deque<Xfer> devXfers_;  // device mode: the current device collective's transfers (enqueued at waitAll)
   std::vector<std::deque<Xfer*>> sendQ_, recvQ_;
   size_t pending_ = 0;      // every posted transfer not yet finished
   size_t pendingColl_ = 0;  // those of them that belong to the current collective
@@ -270,7 +326,10 @@ class Comm {
     uint64_t collectives = 0, yields = 0, sleeps = 0, spinsIdle = 0;
   } stats_;  // printed at destruction with PLAIT_DEBUG=TRACE
   std::atomic<bool> interrupt_{false};
+  Clock::time_point lastPeerCheck_{}, lastDevCheck_{};
   std::atomic<bool> abortRequested_{false};
+  std::mutex abortMu_;
+  std::string abortWhy_;
   std::unique_ptr<DeviceEngine> dev_;    // one host: the device engine
   std::unique_ptr<DeviceOps> viaHost_;  // several hosts: device buffers staged through host memory
   char* hostStage_ = nullptr;

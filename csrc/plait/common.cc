@@ -63,7 +63,7 @@ const Knobs& knobs() {
     k.debug = (d == "INFO" || d == "info" || d == "1") ? 1 : (d == "TRACE" || d == "trace" || d == "2") ? 2 : 0;
     k.chunkBytes = envSize("PLAIT_CHUNK_BYTES", 256 * 1024);
     k.shmRingBytes = envSize("PLAIT_SHM_RING_BYTES", 1024 * 1024);
-    k.inlineBytes = envSize("PLAIT_INLINE_BYTES", 64 * 1024);
+    k.inlineBytes = envSize("PLAIT_INLINE_BYTES", SIZE_MAX);
     k.threads = int(envSize("PLAIT_THREADS", 0));
     k.hostId = envStr("PLAIT_HOST_ID", "");
     k.socketAddr = envStr("PLAIT_SOCKET_ADDR", "");

@@ -57,7 +57,7 @@ struct Knobs {
   int debug;               // PLAIT_DEBUG: 0 = WARN, 1 = INFO, 2 = TRACE
   size_t chunkBytes;       // PLAIT_CHUNK_BYTES: pipelining segment
   size_t shmRingBytes;     // PLAIT_SHM_RING_BYTES: capacity of one directed shared-memory ring
-  size_t inlineBytes;      // PLAIT_INLINE_BYTES: collectives up to this size run on the caller's thread
+  size_t inlineBytes;      // PLAIT_INLINE_BYTES: synchronous calls up to this size run on the caller's thread (0: none)
   int threads;             // PLAIT_THREADS: reduction threads for large buffers (0 = auto)
   std::string hostId;      // PLAIT_HOST_ID: override host identity
   std::string socketAddr;  // PLAIT_SOCKET_ADDR: address advertised for TCP

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "plait/transport/auth.h"
+#include "plait/transport/shm.h"
 
 namespace plait {
 
@@ -25,6 +26,7 @@ DeviceEngine::DeviceEngine(Comm& comm, Store& store, const std::string& prefix, 
   peerStaging_.assign(size_, nullptr);
   peerFlags_.assign(size_, nullptr);
   peerFlagsDev_.assign(size_, nullptr);
+  peerFlagFd_.assign(size_, -1);
   sendSeq_.assign(size_, 0);
   recvSeq_.assign(size_, 0);
   ackWaited_.assign(size_, 0);
@@ -49,6 +51,17 @@ DeviceEngine::~DeviceEngine() {
     ops_->unmapHost(ownFlags_);
     munmap(ownFlags_, flagBytes_);
   }
+  for (int f : peerFlagFd_)
+    if (f >= 0) close(f);
+  closeLiveness(ownFlagFd_);
+}
+
+int DeviceEngine::gonePeer() const {
+  for (int q = 0; q < size_; ++q)
+    if (q != rank_ && peerFlagFd_[q] >= 0 && peerFlags_[q] && livenessWord(peerFlags_[q])[0] == 1 &&
+        lockGone(peerFlagFd_[q]))
+      return q;
+  return -1;
 }
 
 // Flag segment layout (every field on its own cache line, written by one peer): ready[from], ack[from], the error
@@ -56,6 +69,10 @@ DeviceEngine::~DeviceEngine() {
 uint32_t* DeviceEngine::readyOf(char* f, int from) const { return reinterpret_cast<uint32_t*>(f + from * kLine); }
 uint32_t* DeviceEngine::ackOf(char* f, int from) const {
   return reinterpret_cast<uint32_t*>(f + (size_ + from) * kLine);
+}
+// The error word's cache line also holds, one word after it, whether the owner holds its liveness lock.
+volatile uint32_t* DeviceEngine::livenessWord(char* f) const {
+  return reinterpret_cast<volatile uint32_t*>(f + 2 * size_ * kLine) + 1;
 }
 PullDesc* DeviceEngine::descOf(char* f, int from, uint32_t seq) const {
   return reinterpret_cast<PullDesc*>(f + (2 * size_ + 1) * kLine) + size_t(from) * kSlots + seq % kSlots;
@@ -69,18 +86,22 @@ void DeviceEngine::setup() {
   int fd = shm_open(flagName.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": shm_open(", flagName, ") for device flags failed: ",
               std::strerror(errno));
-  if (ftruncate(fd, off_t(flagBytes_)) != 0) {
+  try {
+    reserveShm(fd, flagBytes_, flagName, cat("plait: rank ", rank_, " (device flags)"));
+  } catch (...) {
     close(fd);
     shm_unlink(flagName.c_str());
-    throw Error(cat("plait: rank ", rank_, ": cannot size the device flag segment"));
+    throw;
   }
   void* p = mmap(nullptr, flagBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
   if (p == MAP_FAILED) {
+    close(fd);
     shm_unlink(flagName.c_str());
     throw Error(cat("plait: rank ", rank_, ": cannot map the device flag segment"));
   }
+  ownFlagFd_ = fd;
   ownFlags_ = static_cast<char*>(p);
+  livenessWord(ownFlags_)[0] = holdLiveness(fd) ? 1 : 0;
   try {
     ownFlagsDev_ = static_cast<char*>(ops_->mapHost(ownFlags_, flagBytes_));
     store_.set(cat(prefix_, "dev/flags/", rank_), flagName);
@@ -91,8 +112,9 @@ void DeviceEngine::setup() {
       PLAIT_CHECK(f >= 0, "plait: rank ", rank_, ": cannot open peer rank ", q, "'s device flags (", name,
                   "): ", std::strerror(errno), " (device collectives need every rank on this host)");
       void* m = mmap(nullptr, flagBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0);
-      close(f);
+      if (m == MAP_FAILED) close(f);
       PLAIT_CHECK(m != MAP_FAILED, "plait: rank ", rank_, ": cannot map peer rank ", q, "'s device flags");
+      peerFlagFd_[q] = f;
       peerFlags_[q] = static_cast<char*>(m);
       peerFlagsDev_[q] = static_cast<char*>(ops_->mapHost(peerFlags_[q], flagBytes_));
     }
@@ -235,11 +257,16 @@ void DeviceEngine::beforeWrite(const void* dst, size_t bytes) {
 void DeviceEngine::enqueueSend(Comm::Xfer* x) {
   const int p = x->peer;
   const uint32_t k = ++sendSeq_[p];
-  if (k > kSlots) waitAck(p, k - kSlots);  // the descriptor slot is free again
-  const size_t off = x->len ? size_t(x->buf - staging_) : 0;
-  PullDesc* d = descOf(peerFlagsDev_[p], rank_, k);
-  ops_->write32(&d->offset, uint32_t(off));
-  ops_->write32(&d->bytes, uint32_t(x->len));
+  // The descriptor slot is free again once the receiver acknowledged the send kSlots before this one. waitAck
+  // compares sequence numbers modulo 2^32, so this holds after the counter wraps too (and is a no-op for the first
+  // kSlots sends, whose predecessor numbers lie "before" zero).
+  waitAck(p, k - kSlots);
+  const uint64_t off = x->len ? uint64_t(x->buf - staging_) : 0, len = x->len;
+  auto* words = reinterpret_cast<uint32_t*>(descOf(peerFlagsDev_[p], rank_, k));
+  ops_->write32(words + 0, uint32_t(off));
+  ops_->write32(words + 1, uint32_t(off >> 32));
+  ops_->write32(words + 2, uint32_t(len));
+  ops_->write32(words + 3, uint32_t(len >> 32));
   ops_->write32(readyOf(peerFlagsDev_[p], rank_), k);
   if (x->len) exposed_.push_back(Exposed{off, off + x->len, p, k});
 }

@@ -60,6 +60,8 @@ class DeviceEngine {
 
   // The first size disagreement a receive found (the peer's rank), or -1; reading it does not wait for the device.
   int sizeMismatchPeer() const;
+  // A local peer whose process has ended (its liveness lock on its flag segment is gone), or -1.
+  int gonePeer() const;
   // After a failure: lets every wait this rank's stream has enqueued (or will) go through, so the stream drains
   // (with meaningless results) instead of waiting forever for a peer that is gone.
   void releaseWaits();
@@ -86,6 +88,7 @@ class DeviceEngine {
   uint32_t* readyOf(char* flagsDev, int from) const;
   uint32_t* ackOf(char* flagsDev, int from) const;
   PullDesc* descOf(char* flagsDev, int from, uint32_t seq) const;
+  volatile uint32_t* livenessWord(char* flagsHost) const;
 
   Comm& comm_;
   Store& store_;
@@ -98,6 +101,8 @@ class DeviceEngine {
   char* staging_ = nullptr;
   std::vector<char*> peerStaging_;
   size_t flagBytes_ = 0;
+  int ownFlagFd_ = -1;                    // kept open: holds this rank's liveness lock
+  std::vector<int> peerFlagFd_;           // peers' flag segments, to test their liveness locks
   char* ownFlags_ = nullptr;              // host address
   std::vector<char*> peerFlags_;          // host addresses of peers' segments
   char* ownFlagsDev_ = nullptr;           // device addresses

@@ -165,6 +165,12 @@ void PlaitWork::synchronize() {
 
 void PlaitWork::blockCurrentStream() { synchronize(); }
 
+int PlaitWork::sourceRank() const {
+  int src = srcRank_.load(std::memory_order_acquire);
+  if (src >= 0) return src;
+  return c10d::Work::sourceRank();  // raises: not a completed receive
+}
+
 c10::intrusive_ptr<c10::ivalue::Future> PlaitWork::getFuture() {
   c10::intrusive_ptr<c10::ivalue::Future> f;
   bool markNow = false;
@@ -185,6 +191,7 @@ void PlaitWork::complete(std::exception_ptr error) {
   c10::intrusive_ptr<c10::ivalue::Future> f;
   {
     std::lock_guard<std::mutex> lk(futureMu_);
+    if (done_) return;  // completed once already (a deferred transfer's callback ran before its task ended)
     error_ = error;
     done_ = true;
     f = future_;
@@ -196,7 +203,7 @@ void PlaitWork::complete(std::exception_ptr error) {
 
 PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                            std::chrono::milliseconds timeout, const plait::Options& opts)
-    : c10d::Backend(rank, size) {
+    : c10d::Backend(rank, size), opts_(opts), groupTimeout_(timeout) {
   struct StoreAdapter : plait::Store {
     c10::intrusive_ptr<c10d::Store> s;
     explicit StoreAdapter(c10::intrusive_ptr<c10d::Store> st) : s(std::move(st)) {}
@@ -219,22 +226,97 @@ PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int ran
 }
 
 PlaitBackend::~PlaitBackend() {
-  {
-    std::unique_lock<std::mutex> lk(mu_);
-    // Let queued collectives and transfers in flight finish (each is bounded by the group's timeout).
-    idleCv_.wait(lk, [&] { return queue_.empty() && !busy_ && p2pPending_ == 0; });
+  try {
+    stop(true, "destroyed");
+  } catch (...) {
   }
+}
+
+void PlaitBackend::stop(bool drain, const std::string& what) {
+  const std::string msg = plait::cat("plait: rank ", getRank(), ": the process group was ", what,
+                                     " with this operation pending");
+  std::unique_lock<std::mutex> lk(mu_);
+  if (stop_) return;
+  if (drain) {
+    // Queued collectives run (each is bounded by the group's timeout; the peers are expected to issue them too).
+    idleCv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+    // Sends in flight usually finish at once; a receive nobody will match never does: give them a moment.
+    auto grace = std::min<std::chrono::milliseconds>(comm_->timeout(), std::chrono::milliseconds(1000));
+    idleCv_.wait_for(lk, grace, [&] { return p2pPending_ == 0 && queue_.empty() && !busy_; });
+  }
+  if (stopped_.empty())
+    stopped_ = plait::cat("plait: rank ", getRank(), ": the process group was ", what, "; it takes no further calls");
+  std::deque<Item> dropped;
+  dropped.swap(queue_);
+  const bool inFlight = busy_ || p2pPending_ > 0 || !dropped.empty();
+  lk.unlock();
+  if (inFlight || !drain) comm_->requestAbort(msg);
+  for (auto& item : dropped) item.work->complete(asDistError(msg));
+  lk.lock();
+  // The abort makes the running task and the pending transfers fail within milliseconds (their Works complete with
+  // the error); the bound only guards against a transfer the core never reports.
+  idleCv_.wait_for(lk, std::chrono::seconds(10), [&] { return !busy_ && p2pPending_ == 0; });
+  stop_ = true;
+  lk.unlock();
+  std::vector<std::pair<uint64_t, P2PEntry>> left;
   {
-    std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
+    std::lock_guard<std::mutex> g(p2pMu_);
+    left.assign(p2pLive_.begin(), p2pLive_.end());
+  }
+  for (auto& [id, e] : left) {
+    if (e.fired->exchange(true)) continue;
+    e.work->complete(asDistError(msg));
+    settleP2P(id);
   }
   cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
+  comm_->interrupt();
+  if (worker_.joinable()) {
+    // stop() from the worker itself (a future callback that aborts or destroys the group): the thread cannot join
+    // itself; it finishes loop() on its own once stop_ is seen, so let it go rather than destroy what it uses.
+    if (worker_.get_id() != std::this_thread::get_id()) worker_.join();
+    else worker_.detach();
+  }
+  // Peers hear of an abort even when nothing was in flight here (nobody drives the engine any more).
+  if (!drain) comm_->abortNow(msg);
 }
+
+void PlaitBackend::abort() { stop(false, "aborted"); }
+
+void PlaitBackend::shutdown() { stop(true, "shut down"); }
 
 void PlaitBackend::setTimeout(std::chrono::milliseconds timeout) {
   waitForPendingWorks();
   comm_->setTimeout(timeout);
+  groupTimeout_ = timeout;
+}
+
+c10::intrusive_ptr<c10d::Backend::Options> PlaitBackend::getBackendOptions() {
+  auto o = c10::make_intrusive<c10d::Backend::Options>("plait", groupTimeout_);
+  o->group_name = getGroupUid();
+  o->group_desc = getGroupDesc();
+  return o;
+}
+
+void PlaitBackend::setSequenceNumberForGroup() { seqNum_.store(0); }
+
+uint64_t PlaitBackend::getSequenceNumberForGroup() { return seqNum_.load(); }
+
+c10::intrusive_ptr<c10d::Backend> PlaitBackend::split(const c10::intrusive_ptr<c10d::Store>& store,
+                                                      const std::vector<int>& ranks,
+                                                      const c10::intrusive_ptr<c10d::Backend::Options>& opts) {
+  std::vector<int> sorted = ranks;
+  std::sort(sorted.begin(), sorted.end());
+  auto it = std::find(sorted.begin(), sorted.end(), getRank());
+  if (it == sorted.end()) return nullptr;
+  for (int r : sorted)
+    TORCH_CHECK(r >= 0 && r < getSize(), "plait: split: rank ", r, " is outside the parent group of size ",
+                getSize());
+  plait::Options o = opts_;
+  o.groupName = opts && !opts->group_name.empty() ? opts->group_name : opts_.groupName + ":split";
+  auto timeout = opts && opts->timeout.count() > 0 ? opts->timeout : groupTimeout_;
+  auto child = c10::make_intrusive<PlaitBackend>(store, int(it - sorted.begin()), int(sorted.size()), timeout, o);
+  if (!o.groupName.empty()) child->setGroupUid(o.groupName);
+  return child;
 }
 
 void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn, bool deferred) {
@@ -251,13 +333,52 @@ void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn
   if (!deferred || err) work->complete(err);
 }
 
-plait::Comm::Done PlaitBackend::completer(c10::intrusive_ptr<PlaitWork> work, at::Tensor keep, at::Tensor copyBackTo) {
+void PlaitBackend::settleP2P(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lk(p2pMu_);
+    p2pLive_.erase(id);
+  }
+  if (--p2pPending_ == 0) {
+    { std::lock_guard<std::mutex> lk(mu_); }
+    idleCv_.notify_all();
+  }
+}
+
+void PlaitBackend::postP2P(const c10::intrusive_ptr<PlaitWork>& work, at::Tensor keep, at::Tensor copyBackTo,
+                           const std::function<void(AnyDone)>& post) {
+  // `fired` makes the completion one-shot, whichever comes first: the core's callback, a post that throws, or stop()
+  // failing a transfer the core never reported.
+  auto fired = std::make_shared<std::atomic<bool>>(false);
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lk(p2pMu_);
+    id = p2pNextId_++;
+    p2pLive_.emplace(id, P2PEntry{work, fired});
+  }
   ++p2pPending_;
-  return [this, work, keep, copyBackTo](const std::string* error) mutable {
-    if (!error && copyBackTo.defined() && !copyBackTo.is_same(keep)) copyBackTo.copy_(keep);
-    work->complete(error ? asDistError(*error) : nullptr);
-    if (--p2pPending_ == 0) idleCv_.notify_all();
-  };
+  try {
+    post([this, id, work, keep, copyBackTo, fired](const std::string* error, int src) mutable {
+      if (fired->exchange(true)) return;
+      // The copy back can raise (a view of a leaf that requires grad): the Work completes with that error either
+      // way, then the exception goes on to the core, which fails the group.
+      std::exception_ptr copyErr;
+      if (!error && copyBackTo.defined() && !copyBackTo.is_same(keep)) {
+        try {
+          copyBackTo.copy_(keep);
+        } catch (...) {
+          copyErr = std::current_exception();
+        }
+      }
+      if (!error && !copyErr && src >= 0) work->setSourceRank(src);
+      work->complete(error ? asDistError(*error) : copyErr);
+      settleP2P(id);
+      if (copyErr) std::rethrow_exception(copyErr);
+    });
+  } catch (...) {
+    // Nothing was posted (e.g. the group failed earlier): run() completes the Work with the error.
+    if (!fired->exchange(true)) settleP2P(id);
+    throw;
+  }
 }
 
 void PlaitBackend::loop() {
@@ -312,8 +433,25 @@ void PlaitBackend::loop() {
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes,
-                                                    bool sync, Task fn, bool deferred,
+                                                    When when, Task fn, bool deferred,
                                                     std::vector<at::Tensor> inputs) {
+  const bool sync = when.sync;
+  const auto timeout = when.timeout;
+  if (timeout != c10d::kUnsetTimeout && timeout.count() > 0) {
+    // A per-operation timeout: the communicator's timeout for this one task (set and restored on the thread that
+    // runs it, the only one that uses the communicator meanwhile).
+    fn = [this, timeout, fn = std::move(fn)]() {
+      auto before = comm_->timeout();
+      comm_->setTimeout(timeout);
+      try {
+        fn();
+      } catch (...) {
+        comm_->setTimeout(before);
+        throw;
+      }
+      comm_->setTimeout(before);
+    };
+  }
   at::Device device(at::kCPU);
   for (const auto* ts : {&outputs, &inputs})
     for (const auto& t : *ts)
@@ -351,9 +489,13 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vect
   auto work = c10::make_intrusive<PlaitWork>(getRank(), type, std::move(outputs));
   if (call) work->setCuda(call);
   std::unique_lock<std::mutex> lk(mu_);
-  if (queue_.empty() && !busy_ && (sync || bytes <= plait::knobs().inlineBytes)) {
-    // Nothing ahead of it, and the caller waits for it anyway (or it is small): run on the caller's thread,
-    // which keeps issue order and skips two thread hand-offs.
+  if (!stopped_.empty()) C10_THROW_ERROR(DistBackendError, stopped_);
+  if (!deferred) ++seqNum_;
+  if (queue_.empty() && !busy_ && (sync || deferred) && bytes <= plait::knobs().inlineBytes) {
+    // Nothing ahead of it, and the caller waits for it anyway (or it only posts a transfer): run on the caller's
+    // thread, which keeps issue order and skips two thread hand-offs. An async_op collective never runs here: it
+    // could block the caller until every peer arrives, which a program may only let happen later (another group,
+    // point-to-point on another group).
     busy_ = true;
     lk.unlock();
     run(work, fn, deferred);
@@ -379,12 +521,13 @@ void PlaitBackend::waitForPendingWorks() {
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce(std::vector<at::Tensor>& tensors,
                                                        const c10d::AllreduceOptions& opts) {
   TORCH_CHECK(!tensors.empty(), "plait: all_reduce needs at least one tensor");
+  if (tensors[0].defined() && tensors[0].layout() == at::kSparse) return sparseAllreduce(tensors, opts);
   for (auto& t : tensors) checkSameKind(t, tensors[0], "all_reduce", "tensor");
   Reduction red = toReduction(opts.reduceOp, tensors[0], "all_reduce");
   DType dt = toDType(tensors[0], "all_reduce", "tensor");
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);
-  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, !opts.asyncOp, [this, tensors, red, dt]() mutable {
+  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, When{!opts.asyncOp, opts.timeout}, [this, tensors, red, dt]() mutable {
     for (auto& t : tensors) {
       onContiguous(t, [&](at::Tensor& c) {
         preReduce(red, c);
@@ -392,6 +535,91 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce(std::vector<at::Tensor>& 
         postReduce(red, c, getSize());
       });
     }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                              const c10d::AllreduceOptions& opts) {
+  TORCH_CHECK(!tensors.empty(), "plait: all_reduce (sparse) needs at least one tensor");
+  return sparseAllreduce(tensors, opts);
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::sparseAllreduce(std::vector<at::Tensor>& tensors,
+                                                             const c10d::AllreduceOptions& opts) {
+  const char* op = "all_reduce (sparse)";
+  for (auto& t : tensors) {
+    TORCH_CHECK(t.defined() && t.layout() == at::kSparse, "plait: ", op,
+                ": every tensor must be a sparse COO tensor (no mixing with dense ones)");
+    TORCH_CHECK(t.device().is_cpu(), "plait: ", op, ": tensor is on ", t.device(),
+                "; plait reduces sparse tensors on the CPU only");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type() && t.sizes() == tensors[0].sizes(), "plait: ", op,
+                ": tensors of one call must share dtype and size");
+  }
+  TORCH_CHECK(opts.reduceOp.op_ == c10d::ReduceOp::SUM, "plait: ", op,
+              ": only ReduceOp.SUM is supported for sparse tensors (as in gloo)");
+  toDType(tensors[0], op, "tensor");
+  return submit(c10d::OpType::ALLREDUCE, tensors, 0, When{!opts.asyncOp, opts.timeout}, [this, tensors]() mutable {
+    at::Tensor in = tensors[0];
+    for (size_t i = 1; i < tensors.size(); ++i) in = in + tensors[i];
+    in = in.coalesce();
+    // 1. Metadata of every rank: nnz, sparse dims, dense dims, dims, sizes (fixed record, so ranks that disagree
+    //    about the shape still exchange equal byte counts and the mismatch is reported by name).
+    constexpr int kMaxDims = 16;
+    const int64_t ndim = in.dim();
+    TORCH_CHECK(ndim <= kMaxDims, "plait: all_reduce (sparse): tensors of more than ", kMaxDims,
+                " dimensions are not supported (got ", ndim, ")");
+    const int n = getSize();
+    const int64_t rec = 4 + kMaxDims;
+    at::Tensor meta = at::zeros({rec}, at::kLong);
+    auto* m = meta.data_ptr<int64_t>();
+    m[0] = in._nnz();
+    m[1] = in.sparse_dim();
+    m[2] = in.dense_dim();
+    m[3] = ndim;
+    for (int64_t d = 0; d < ndim; ++d) m[4 + d] = in.size(d);
+    at::Tensor all = at::empty({n, rec}, at::kLong);
+    comm_->allgather(meta.data_ptr(), all.data_ptr(), std::vector<size_t>(n, size_t(rec) * sizeof(int64_t)));
+    auto* a = all.data_ptr<int64_t>();
+    for (int r = 0; r < n; ++r)
+      for (int64_t k = 1; k < rec; ++k)
+        TORCH_CHECK(a[r * rec + k] == m[k], "plait: all_reduce (sparse): rank ", r,
+                    " has a sparse tensor of another shape or sparse/dense split than rank ", getRank(),
+                    " (sizes ", all[r].narrow(0, 4, a[r * rec + 3]), " vs ", in.sizes(), ")");
+    // 2. Indices ([sparse_dim, nnz] int64) and values ([nnz, dense...]) of every rank, packed rank after rank.
+    at::Tensor idx = in._indices().contiguous();
+    at::Tensor val = in._values().contiguous();
+    const size_t idxPerNnz = size_t(in.sparse_dim()) * sizeof(int64_t);
+    size_t valPerNnz = size_t(val.element_size());
+    for (int64_t d = 1; d < val.dim(); ++d) valPerNnz *= size_t(val.size(d));
+    std::vector<size_t> idxBytes(n), valBytes(n);
+    size_t idxTotal = 0, valTotal = 0;
+    for (int r = 0; r < n; ++r) {
+      idxBytes[r] = size_t(a[r * rec]) * idxPerNnz;
+      valBytes[r] = size_t(a[r * rec]) * valPerNnz;
+      idxTotal += idxBytes[r];
+      valTotal += valBytes[r];
+    }
+    at::Tensor idxAll = at::empty({int64_t(idxTotal)}, at::kByte);
+    at::Tensor valAll = at::empty({int64_t(valTotal)}, at::kByte);
+    comm_->allgather(idx.data_ptr(), idxAll.data_ptr(), idxBytes);
+    comm_->allgather(val.data_ptr(), valAll.data_ptr(), valBytes);
+    // 3. Sum in rank order and coalesce (what gloo returns).
+    std::vector<int64_t> valShape = val.sizes().vec();
+    at::Tensor out;
+    size_t io = 0, vo = 0;
+    for (int r = 0; r < n; ++r) {
+      int64_t nnz = a[r * rec];
+      at::Tensor ri = idxAll.narrow(0, int64_t(io), int64_t(idxBytes[r])).view(at::kLong).view({in.sparse_dim(), nnz});
+      valShape[0] = nnz;
+      at::Tensor rv =
+          valAll.narrow(0, int64_t(vo), int64_t(valBytes[r])).view(val.scalar_type()).view(valShape);
+      io += idxBytes[r];
+      vo += valBytes[r];
+      at::Tensor part = at::sparse_coo_tensor(ri, rv, in.sizes(), in.options());
+      out = r == 0 ? part : out + part;
+    }
+    out = out.coalesce();
+    for (auto& t : tensors) t.copy_(out);
   });
 }
 
@@ -403,7 +631,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce_coalesced(std::vector<at:
   DType dt = toDType(tensors[0], "all_reduce_coalesced", "tensor");
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);
-  return submit(c10d::OpType::ALLREDUCE_COALESCED, tensors, bytes, !opts.asyncOp, [this, tensors, red, dt]() mutable {
+  return submit(c10d::OpType::ALLREDUCE_COALESCED, tensors, bytes, When{!opts.asyncOp, opts.timeout}, [this, tensors, red, dt]() mutable {
     std::vector<at::Tensor> flat;
     for (auto& t : tensors) flat.push_back(t.reshape({-1}));
     at::Tensor buf = at::cat(flat);
@@ -426,7 +654,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::broadcast(std::vector<at::Tensor>& 
   TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: broadcast: root rank ", opts.rootRank,
               " is outside the group of size ", getSize());
   int root = int(opts.rootRank);
-  return submit(c10d::OpType::BROADCAST, tensors, nbytes(tensors[0]), !opts.asyncOp, [this, tensors, root]() mutable {
+  return submit(c10d::OpType::BROADCAST, tensors, nbytes(tensors[0]), When{!opts.asyncOp, opts.timeout}, [this, tensors, root]() mutable {
     onContiguous(tensors[0], [&](at::Tensor& c) { comm_->broadcast(c.data_ptr(), nbytes(c), root); });
   });
 }
@@ -439,7 +667,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce(std::vector<at::Tensor>& ten
   TORCH_CHECK(opts.rootRank >= 0 && opts.rootRank < getSize(), "plait: reduce: root rank ", opts.rootRank,
               " is outside the group of size ", getSize());
   int root = int(opts.rootRank);
-  return submit(c10d::OpType::REDUCE, tensors, nbytes(tensors[0]), !opts.asyncOp, [this, tensors, red, dt, root]() mutable {
+  return submit(c10d::OpType::REDUCE, tensors, nbytes(tensors[0]), When{!opts.asyncOp, opts.timeout}, [this, tensors, red, dt, root]() mutable {
     onContiguous(tensors[0], [&](at::Tensor& c) {
       at::Tensor work = c;
       if (red.premul && getRank() != root) work = c.clone();  // non-root inputs stay as they were
@@ -468,7 +696,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<a
   TORCH_CHECK(outs[getRank()].numel() == inputs[0].numel(), "plait: all_gather: output tensor ", getRank(),
               " has ", outs[getRank()].numel(), " elements but the input has ", inputs[0].numel(), " (size mismatch)");
   size_t total = std::accumulate(bytes.begin(), bytes.end(), size_t(0));
-  return submit(c10d::OpType::ALLGATHER, outs, total, !opts.asyncOp, [this, outs, inputs, bytes, total]() mutable {
+  return submit(c10d::OpType::ALLGATHER, outs, total, When{!opts.asyncOp, opts.timeout}, [this, outs, inputs, bytes, total]() mutable {
     at::Tensor in = inputs[0].contiguous();
     at::Tensor flat = at::empty({int64_t(total)}, in.options().dtype(at::kByte));
     comm_->allgather(in.data_ptr(), flat.data_ptr(), bytes);
@@ -489,7 +717,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output,
   TORCH_CHECK(output.numel() == input.numel() * getSize(), "plait: all_gather_into_tensor: output size ",
               output.numel(), " must be world size (", getSize(), ") times input size ", input.numel());
   std::vector<size_t> bytes(getSize(), nbytes(input));
-  return submit(c10d::OpType::_ALLGATHER_BASE, {output}, nbytes(output), !opts.asyncOp,
+  return submit(c10d::OpType::_ALLGATHER_BASE, {output}, nbytes(output), When{!opts.asyncOp, opts.timeout},
                 [this, output, input, bytes]() mutable {
                   at::Tensor in = input.contiguous();
                   onContiguous(output, [&](at::Tensor& c) { comm_->allgather(in.data_ptr(), c.data_ptr(), bytes); });
@@ -500,6 +728,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std
                                                                  std::vector<at::Tensor>& inputs,
                                                                  const c10d::AllgatherOptions& opts) {
   // output_tensor_lists[r][i] receives input i of rank r (torch's and gloo's layout).
+  TORCH_CHECK(!inputs.empty(), "plait: all_gather_coalesced needs at least one input tensor (got an empty list)");
   TORCH_CHECK(int(outputLists.size()) == getSize(), "plait: all_gather_coalesced: ", outputLists.size(),
               " output lists for a group of ", getSize(), " ranks (one list per rank)");
   for (size_t r = 0; r < outputLists.size(); ++r)
@@ -516,7 +745,9 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_coalesced(std::vector<std
   for (auto& list : outputLists)
     for (auto& t : list) all.push_back(t);
   // Collectives complete in issue order, so the last one completing means all did.
-  return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, !opts.asyncOp, [last]() { last->wait(); });
+  return submit(c10d::OpType::ALLGATHER_COALESCED, all, 0, When{!opts.asyncOp, opts.timeout}, [last]() {
+    if (last) last->wait();
+  });
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
@@ -526,7 +757,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather_into_tensor_coalesced(std
               " outputs for ", inputs.size(), " inputs");
   c10::intrusive_ptr<c10d::Work> last;
   for (size_t i = 0; i < inputs.size(); ++i) last = _allgather_base(outputs[i], inputs[i], opts);
-  return submit(c10d::OpType::COALESCED, outputs, 0, !opts.asyncOp, [last]() {
+  return submit(c10d::OpType::COALESCED, outputs, 0, When{!opts.asyncOp, opts.timeout}, [last]() {
     if (last) last->wait();
   });
 }
@@ -553,7 +784,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::gather(std::vector<std::vector<at::
     TORCH_CHECK(outputs.empty() || outputs[0].empty(), "plait: gather: non-root rank ", getRank(),
                 " must not pass output tensors");
   }
-  return submit(c10d::OpType::GATHER, outs, nbytes(inputs[0]), !opts.asyncOp, [this, outs, inputs, root]() mutable {
+  return submit(c10d::OpType::GATHER, outs, nbytes(inputs[0]), When{!opts.asyncOp, opts.timeout}, [this, outs, inputs, root]() mutable {
     at::Tensor in = inputs[0].contiguous();
     size_t b = nbytes(in);
     if (getRank() != root) {
@@ -587,7 +818,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::scatter(std::vector<at::Tensor>& ou
                   " elements but the output has ", outputs[0].numel(), " (size mismatch)");
     }
   }
-  return submit(c10d::OpType::SCATTER, outputs, nbytes(outputs[0]), !opts.asyncOp, [this, outputs, ins, root]() mutable {
+  return submit(c10d::OpType::SCATTER, outputs, nbytes(outputs[0]), When{!opts.asyncOp, opts.timeout}, [this, outputs, ins, root]() mutable {
     onContiguous(outputs[0], [&](at::Tensor& c) {
       if (getRank() != root) {
         comm_->scatter(nullptr, c.data_ptr(), nbytes(c), root);
@@ -620,7 +851,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter(std::vector<at::Tens
               " (size mismatch)");
   auto ins = inputs[0];
   size_t total = std::accumulate(counts.begin(), counts.end(), size_t(0)) * outputs[0].element_size();
-  return submit(c10d::OpType::REDUCE_SCATTER, outputs, total, !opts.asyncOp, [this, outputs, ins, counts, red, dt]() mutable {
+  return submit(c10d::OpType::REDUCE_SCATTER, outputs, total, When{!opts.asyncOp, opts.timeout}, [this, outputs, ins, counts, red, dt]() mutable {
     std::vector<at::Tensor> flat;
     for (auto& i : ins) flat.push_back(i.reshape({-1}));
     at::Tensor all = at::cat(flat);
@@ -641,7 +872,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_reduce_scatter_base(at::Tensor& ou
   TORCH_CHECK(input.numel() == output.numel() * getSize(), "plait: reduce_scatter_tensor: input size ", input.numel(),
               " must be world size (", getSize(), ") times output size ", output.numel());
   std::vector<size_t> counts(getSize(), size_t(output.numel()));
-  return submit(c10d::OpType::_REDUCE_SCATTER_BASE, {output}, nbytes(input), !opts.asyncOp,
+  return submit(c10d::OpType::_REDUCE_SCATTER_BASE, {output}, nbytes(input), When{!opts.asyncOp, opts.timeout},
                 [this, output, input, counts, red, dt]() mutable {
                   at::Tensor in = input.contiguous();
                   if (red.premul) {
@@ -662,7 +893,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter_tensor_coalesced(std
               " outputs for ", inputs.size(), " inputs");
   c10::intrusive_ptr<c10d::Work> last;
   for (size_t i = 0; i < inputs.size(); ++i) last = _reduce_scatter_base(outputs[i], inputs[i], opts);
-  return submit(c10d::OpType::COALESCED, outputs, 0, !opts.asyncOp, [last]() {
+  return submit(c10d::OpType::COALESCED, outputs, 0, When{!opts.asyncOp, opts.timeout}, [last]() {
     if (last) last->wait();
   });
 }
@@ -699,7 +930,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, a
   };
   std::vector<size_t> sendBytes = splits(input, inputSplitSizes, "input");
   std::vector<size_t> recvBytes = splits(output, outputSplitSizes, "output");
-  return submit(c10d::OpType::ALLTOALL_BASE, {output}, nbytes(input), !opts.asyncOp,
+  return submit(c10d::OpType::ALLTOALL_BASE, {output}, nbytes(input), When{!opts.asyncOp, opts.timeout},
                 [this, output, input, sendBytes, recvBytes]() mutable {
                   at::Tensor in = input.contiguous();
                   onContiguous(output, [&](at::Tensor& c) {
@@ -722,7 +953,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& o
     recvBytes.push_back(nbytes(outputs[i]));
   }
   size_t total = std::accumulate(sendBytes.begin(), sendBytes.end(), size_t(0));
-  return submit(c10d::OpType::ALLTOALL, outputs, total, !opts.asyncOp, [this, outputs, inputs, sendBytes, recvBytes]() mutable {
+  return submit(c10d::OpType::ALLTOALL, outputs, total, When{!opts.asyncOp, opts.timeout}, [this, outputs, inputs, sendBytes, recvBytes]() mutable {
     std::vector<at::Tensor> flat;
     for (auto& i : inputs) flat.push_back(i.reshape({-1}).view(at::kByte));
     at::Tensor in = at::cat(flat);
@@ -750,7 +981,10 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::send(std::vector<at::Tensor>& tenso
       [this, tensors, dstRank, tag]() {
         // CUDA tensors go through host memory (on the communication stream, after the caller's work).
         at::Tensor c = tensors[0].is_cuda() ? tensors[0].to(at::kCPU) : tensors[0].contiguous();
-        comm_->isend(c.data_ptr(), nbytes(c), dstRank, tag, completer(current_, c, at::Tensor()));
+        postP2P(current_, c, at::Tensor(), [&](AnyDone done) {
+          comm_->isend(c.data_ptr(), nbytes(c), dstRank, tag,
+                       [done](const std::string* error) { done(error, -1); });
+        });
       },
       true);
 }
@@ -766,22 +1000,36 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::recv(std::vector<at::Tensor>& tenso
       [this, tensors, srcRank, tag]() {
         at::Tensor c = tensors[0].is_cuda() ? at::empty(tensors[0].sizes(), tensors[0].options().device(at::kCPU))
                                             : tensors[0].contiguous();
-        comm_->irecv(c.data_ptr(), nbytes(c), srcRank, tag, completer(current_, c, tensors[0]));
+        postP2P(current_, c, tensors[0], [&](AnyDone done) {
+          comm_->irecv(c.data_ptr(), nbytes(c), srcRank, tag,
+                       [done, srcRank](const std::string* error) { done(error, error ? -1 : srcRank); });
+        });
       },
       true);
 }
 
-c10::intrusive_ptr<c10d::Work> PlaitBackend::recvAnysource(std::vector<at::Tensor>&, int) {
-  TORCH_CHECK(false, "plait: recv from any source is not supported; pass src=");
+c10::intrusive_ptr<c10d::Work> PlaitBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
+  checkSingle(tensors, "recv (any source)");
+  checkTensor(tensors[0], "recv (any source)", "tensor");
+  toDType(tensors[0], "recv (any source)", "tensor");
+  TORCH_CHECK(getSize() > 1, "plait: recv (any source): rank ", getRank(), " is alone in its group (no source)");
+  return submit(
+      c10d::OpType::RECVANYSOURCE, tensors, nbytes(tensors[0]), false,
+      [this, tensors, tag]() {
+        at::Tensor c = tensors[0].is_cuda() ? at::empty(tensors[0].sizes(), tensors[0].options().device(at::kCPU))
+                                            : tensors[0].contiguous();
+        postP2P(current_, c, tensors[0], [&](AnyDone done) { comm_->irecvAny(c.data_ptr(), nbytes(c), tag, done); });
+      },
+      true);
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::barrier(const c10d::BarrierOptions& opts) {
-  return submit(c10d::OpType::BARRIER, {}, 0, !opts.asyncOp, [this]() { comm_->barrier(); });
+  return submit(c10d::OpType::BARRIER, {}, 0, When{!opts.asyncOp, opts.timeout}, [this]() { comm_->barrier(); });
 }
 
 void PlaitBackend::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {
   auto timeout = opts.timeout.count() > 0 ? opts.timeout : comm_->timeout();
-  auto work = submit(c10d::OpType::BARRIER, {}, 0, !opts.asyncOp, [this, timeout, waitAllRanks]() {
+  auto work = submit(c10d::OpType::BARRIER, {}, 0, When{!opts.asyncOp, opts.timeout}, [this, timeout, waitAllRanks]() {
     comm_->monitoredBarrier(timeout, waitAllRanks);
   });
   work->wait();

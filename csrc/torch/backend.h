@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 
 #include "plait/comm.h"
 #include "torch/cuda_glue.h"
@@ -34,6 +35,9 @@ class PlaitWork : public c10d::Work {
   bool isCompleted() override;
   void synchronize() override;
   void blockCurrentStream() override;
+  // recv / recvAnysource: the rank the message came from (set before the Work completes).
+  int sourceRank() const override;
+  void setSourceRank(int src) { srcRank_.store(src, std::memory_order_release); }
 
  private:
   void markFuture(const c10::intrusive_ptr<c10::ivalue::Future>& f);
@@ -44,6 +48,7 @@ class PlaitWork : public c10d::Work {
   std::exception_ptr error_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   std::shared_ptr<CudaCall> cuda_;
+  std::atomic<int> srcRank_{-1};
 };
 
 class PlaitBackend : public c10d::Backend {
@@ -54,11 +59,34 @@ class PlaitBackend : public c10d::Backend {
 
   const std::string getBackendName() const override { return "plait"; }
   void setTimeout(std::chrono::milliseconds timeout) override;
+  // What torch reads back (split_group's default options, ProcessGroup.options): name, timeout, group name.
+  c10::intrusive_ptr<c10d::Backend::Options> getBackendOptions() override;
+
+  // Sequence numbers (TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper, split_group): every rank starts at 0 and counts the
+  // collectives it issued on this group, so ranks that issued the same collectives agree.
+  void setSequenceNumberForGroup() override;
+  uint64_t getSequenceNumberForGroup() override;
+
+  // split: a new plait communicator over `store` for the sorted group ranks `ranks` (nullptr if this rank is not
+  // among them); the parent's algorithm/transport settings carry over.
+  bool supportsSplitting() const override { return true; }
+  c10::intrusive_ptr<c10d::Backend> split(const c10::intrusive_ptr<c10d::Store>& store, const std::vector<int>& ranks,
+                                          const c10::intrusive_ptr<c10d::Backend::Options>& opts) override;
+
+  // abort(): fails the group now (peers are told): the collective or transfers in flight raise, queued work completes
+  // with the error. shutdown() (destroy_process_group): queued collectives run first; point-to-point transfers still
+  // pending after a short grace are aborted. Both join the progress thread; later calls raise.
+  void abort() override;
+  void shutdown() override;
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
                                            const c10d::BroadcastOptions& opts = c10d::BroadcastOptions()) override;
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts = c10d::AllreduceOptions()) override;
+  // Sparse COO tensors (DDP with sparse gradients): all-gather every rank's coalesced indices and values, add them in
+  // rank order, coalesce (gloo's result). CPU all_reduce of a sparse tensor comes here too.
+  c10::intrusive_ptr<c10d::Work> allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                  const c10d::AllreduceOptions& opts = c10d::AllreduceOptions()) override;
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
       std::vector<at::Tensor>& tensors,
       const c10d::AllreduceCoalescedOptions& opts = c10d::AllreduceCoalescedOptions()) override;
@@ -106,18 +134,38 @@ class PlaitBackend : public c10d::Backend {
 
  private:
   using Task = std::function<void()>;
-  // Runs fn in issue order (inline when nothing is queued and bytes is small). With `deferred`, fn posts a
+  // Runs fn in issue order. Only a synchronous call (the caller waits at once) or the posting of a point-to-point
+  // transfer runs on the caller's thread, when nothing is queued and bytes <= PLAIT_INLINE_BYTES; an async_op
+  // collective always goes to the progress thread, so the caller is free to issue other work meanwhile. With `deferred`, fn posts a
   // point-to-point transfer whose completion callback completes the Work later.
   // `sync`: the caller will wait at once (opts.asyncOp false), so it may as well run the collective itself.
+  // `timeout`: a per-operation timeout (opts.timeout; kUnsetTimeout: the group's).
   // CUDA tensors (outputs, else inputs, decide the device): fn runs on the communication stream after the caller's
   // (cuda_glue.h), with the communicator in device mode for collectives; PLAIT_DEVICE=emulate puts CPU collectives
   // through the device engine too (tests).
-  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, bool sync,
+  struct When {
+    bool sync;
+    std::chrono::milliseconds timeout = c10d::kUnsetTimeout;
+    When(bool s) : sync(s) {}  // NOLINT: point-to-point calls pass a plain bool
+    When(bool s, std::chrono::milliseconds t) : sync(s), timeout(t) {}
+  };
+  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, When when,
                                         Task fn, bool deferred = false, std::vector<at::Tensor> inputs = {});
+  c10::intrusive_ptr<c10d::Work> sparseAllreduce(std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& opts);
+  // Stops the group (abort / shutdown / destructor: `what` is "aborted", "shut down", "destroyed"); `drain`: let
+  // queued collectives run first.
+  void stop(bool drain, const std::string& what);
   void run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn, bool deferred);
-  plait::Comm::Done completer(c10::intrusive_ptr<PlaitWork> work, at::Tensor keep, at::Tensor copyBackTo);
+  // Posts a point-to-point transfer through `post(done)`; the Work completes when `done` runs. Counted in
+  // p2pPending_ only while the transfer is really posted (a post that throws leaves nothing pending).
+  using AnyDone = plait::Comm::AnyDone;
+  void postP2P(const c10::intrusive_ptr<PlaitWork>& work, at::Tensor keep, at::Tensor copyBackTo,
+               const std::function<void(AnyDone)>& post);
   void loop();
 
+  plait::Options opts_;
+  std::chrono::milliseconds groupTimeout_;
+  std::atomic<uint64_t> seqNum_{0};
   std::unique_ptr<plait::Comm> comm_;
   std::shared_ptr<CudaStreams> streams_ = cudaStreams();
   std::mutex mu_;  // guards queue_, busy_
@@ -129,9 +177,19 @@ class PlaitBackend : public c10d::Backend {
   };
   std::deque<Item> queue_;
   std::atomic<int> p2pPending_{0};
+  // Every posted transfer not yet completed (stop() fails those the core never reports).
+  struct P2PEntry {
+    c10::intrusive_ptr<PlaitWork> work;
+    std::shared_ptr<std::atomic<bool>> fired;
+  };
+  std::mutex p2pMu_;
+  uint64_t p2pNextId_ = 0;
+  std::unordered_map<uint64_t, P2PEntry> p2pLive_;
+  void settleP2P(uint64_t id);
   c10::intrusive_ptr<PlaitWork> current_;  // the Work a deferred task is posting
   bool busy_ = false;
   bool stop_ = false;
+  std::string stopped_;  // why the group no longer takes work ("" while it does); guarded by mu_
   std::thread worker_;
 };
 

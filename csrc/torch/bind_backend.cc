@@ -1,4 +1,5 @@
 #include <pybind11/chrono.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "plait/algo/cost_model.h"
@@ -19,12 +20,14 @@ static py::tuple planTuple(const plait::Comm& c, size_t bytes, bool device = fal
 void register_backend(py::module_& m) {
   py::class_<PlaitBackend, c10d::Backend, c10::intrusive_ptr<PlaitBackend>>(m, "PlaitBackend")
       .def("monitored_barrier",
-           [](PlaitBackend& self, std::chrono::milliseconds timeout, bool waitAll) {
-             c10d::BarrierOptions o;
-             o.timeout = timeout;
+           [](PlaitBackend& self, std::optional<std::chrono::milliseconds> timeout, bool waitAll) {
+             c10d::BarrierOptions o;  // no timeout: the group's
+             if (timeout) o.timeout = *timeout;
              self.monitoredBarrier(o, waitAll);
            },
-           py::arg("timeout"), py::arg("wait_all_ranks") = false, py::call_guard<py::gil_scoped_release>())
+           py::arg("timeout") = py::none(), py::arg("wait_all_ranks") = false,
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("group_timeout", [](PlaitBackend& self) { return self.comm().timeout(); })
       .def_property_readonly("topology",
                              [](PlaitBackend& self) {
                                const auto& t = self.comm().topology();

@@ -27,6 +27,17 @@ class Options:
     transport: str = ""
     chunk_bytes: int = 0
     shm_ring_bytes: int = 0
+    # The group's timeout; None: the one passed to init_process_group / new_group (torch's default).
+    timeout: datetime.timedelta | None = None
+
+    @property
+    def _timeout(self):
+        # What torch reads from backend options (DeviceMesh's backend_override passes it on to new_group).
+        return self.timeout
+
+    @_timeout.setter
+    def _timeout(self, value):
+        self.timeout = value
 
     def __post_init__(self):
         if self.algo and self.algo not in _ALGOS:
@@ -35,6 +46,8 @@ class Options:
             raise ValueError(f"plait.Options: transport must be one of {_TRANSPORTS}, got {self.transport!r}")
         if self.chunk_bytes < 0 or self.shm_ring_bytes < 0:
             raise ValueError("plait.Options: chunk_bytes and shm_ring_bytes must be >= 0")
+        if self.timeout is not None and not isinstance(self.timeout, datetime.timedelta):
+            raise TypeError(f"plait.Options: timeout must be a datetime.timedelta, got {type(self.timeout).__name__}")
 
 
 def _address_hint(store) -> str:
@@ -54,7 +67,7 @@ def _create(dist_opts, pg_options):
     opts = pg_options if isinstance(pg_options, Options) else Options()
     if pg_options is not None and not isinstance(pg_options, Options):
         raise TypeError(f"plait: pg_options must be plait.Options, got {type(pg_options).__name__}")
-    timeout = dist_opts.timeout
+    timeout = opts.timeout if opts.timeout is not None else dist_opts.timeout
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
     return _C.create_backend(
@@ -79,7 +92,15 @@ def _register():
 
 def _backend_of(group):
     group = group if group is not None else dist.group.WORLD
+    if group is None:
+        raise RuntimeError("plait: no process group (call init_process_group first)")
     b = group._get_backend(torch.device("cpu"))
+    # TORCH_DISTRIBUTED_DEBUG=DETAIL wraps every backend in torch's ProcessGroupWrapper: look inside.
+    for _ in range(8):
+        inner = getattr(b, "wrapped_pg", None)
+        if inner is None or isinstance(b, _C.PlaitBackend):
+            break
+        b = inner
     if not isinstance(b, _C.PlaitBackend):
         raise RuntimeError(f"plait: the group's CPU backend is {type(b).__name__}, not plait")
     return b
@@ -87,10 +108,8 @@ def _backend_of(group):
 
 def monitored_barrier(group=None, timeout: datetime.timedelta | None = None, wait_all_ranks: bool = False):
     """Like ``dist.monitored_barrier`` (which torch allows only for gloo): rank 0 waits up to ``timeout`` for
-    every rank and raises naming the rank(s) that did not arrive."""
+    every rank and raises naming the rank(s) that did not arrive. ``timeout`` defaults to the group's timeout."""
     b = _backend_of(group)
-    if timeout is None:
-        timeout = datetime.timedelta(minutes=30)
     b.monitored_barrier(timeout, wait_all_ranks)
 
 

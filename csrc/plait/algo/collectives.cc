@@ -12,6 +12,7 @@ void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) 
   const size_t es = dtypeSize(dtype), bytes = count * es;
   if (size_ == 1) return;
   AllreducePlan plan = planAllreduce(topo_, bytes, algo != Algo::kAuto ? algo : algo_);
+  setSchedule(schedCode(plan.algo, plan.algo == Algo::kDirect && plan.oneShot));
   if (infoEnabled()) {
     static thread_local std::string last;
     std::string line = cat("rank ", rank_, ": all_reduce of ", bytes, " B: ", algoName(plan.algo),
@@ -94,6 +95,7 @@ void Comm::allgather(const void* in, void* out, const std::vector<size_t>& bytes
   char* o = static_cast<char*>(out);
   if (in != o + b.off[rank_]) localCopy(o + b.off[rank_], in, b.len[rank_]);
   if (size_ == 1) return;
+  setSchedule(schedCode(algo_ == Algo::kRing ? Algo::kRing : Algo::kDirect));
   if (algo_ == Algo::kRing) {
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
     const Xfer* last = nullptr;
@@ -122,6 +124,7 @@ void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& c
   begin(CollCtx{Coll::kReduceScatter, dtype, op, 0, totalOf(counts)});
   const char* i8 = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
+  setSchedule(schedCode(algo_ == Algo::kRing ? Algo::kRing : Algo::kDirect));
   if (size_ > 1 && algo_ == Algo::kRing) {
     // Ring on a copy of the input, shifted so that rank r finishes with block r.
     char* s = scratch(totalOf(bytes));
@@ -154,8 +157,9 @@ void Comm::alltoall(const void* in, const std::vector<size_t>& sendBytes, void* 
   begin(CollCtx{Coll::kAlltoall, DType::kUInt8, RedOp::kSum, 0, 0});
   const char* i8 = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
-  PLAIT_CHECK(sb.len[rank_] == rb.len[rank_], "plait: rank ", rank_, ": all_to_all sends ", sb.len[rank_],
-              " bytes to itself but expects to receive ", rb.len[rank_]);
+  if (sb.len[rank_] != rb.len[rank_])  // fail(): the peers hear of it instead of waiting out the timeout
+    fail(cat("plait: rank ", rank_, ": all_to_all (seq ", seq_, ") sends ", sb.len[rank_],
+             " bytes to itself but expects to receive ", rb.len[rank_], " (size mismatch)"));
   localCopy(o + rb.off[rank_], i8 + sb.off[rank_], sb.len[rank_]);
   for (int k = 1; k < size_; ++k) {  // staggered so that not every rank starts with the same peer
     int p = (rank_ + k) % size_, q = (rank_ - k + size_) % size_;
@@ -209,12 +213,17 @@ void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
   Xfer* x = postRecv(peer, buf, bytes);
   x->onDone = std::move(done);
   x->deadline = Clock::now() + timeout_;
+  matchUnexpectedOrFail(peer);  // the message may be here already
 }
 
 void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
-  (void)buf, (void)bytes, (void)tag;
-  PLAIT_CHECK(false, "plait: rank ", rank_, ": recv from any source is not implemented yet");
-  (void)done;
+  PLAIT_CHECK(size_ > 1, "plait: rank ", rank_, ": recv from any source in a group of one rank would never finish");
+  begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
+  anyQ_.push_back(AnyRecv{static_cast<char*>(buf), bytes, tag, std::move(done), Clock::now() + timeout_});
+  ++pending_;
+  // A message already buffered from some peer (lowest rank first) may be the one.
+  for (int p = 0; p < size_ && !anyQ_.empty(); ++p)
+    if (p != rank_ && p2pRecvQ_[p].empty()) matchUnexpectedOrFail(p);
 }
 
 void Comm::barrier() {

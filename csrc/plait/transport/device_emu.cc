@@ -88,7 +88,7 @@ class EmulatedDeviceOps : public DeviceOps {
   void pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
             uint32_t* err, uint32_t errCode) override {
     const volatile PullDesc* d = desc;
-    uint32_t off = d->offset, len = d->bytes;
+    uint64_t off = d->offset, len = d->bytes;
     std::atomic_thread_fence(std::memory_order_acquire);
     if (len != bytes) {
       if (*err == 0) *err = errCode;

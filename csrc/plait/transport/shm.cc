@@ -5,8 +5,10 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -16,7 +18,11 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <mutex>
 #include <new>
+#include <vector>
+
+#include <pthread.h>
 
 #include "plait/common.h"
 
@@ -34,6 +40,7 @@ struct alignas(64) ShmSegHeader {
   std::atomic<uint32_t> waiters;
   std::atomic<uint32_t> pollers;  // threads of the owner sleeping in poll(2) (on TCP and bellFd) instead of the futex
   char bellName[96];                // abstract UNIX datagram socket that wakes them (without the leading NUL)
+  int32_t livenessLock;                      // 1: the owner holds its liveness lock (lockGone works)
   alignas(64) std::atomic<int32_t> abortBy;  // rank + 1 of the rank that aborted, 0 if none
   std::atomic<int32_t> abortClaim;           // the first aborter claims abortMsg, fills it, then sets abortBy
   char abortMsg[1024];                       // the aborting rank's error, NUL-terminated
@@ -90,30 +97,102 @@ void ringBell(ShmSegHeader* h) {
   futex(&h->bell, FUTEX_WAKE, INT_MAX, nullptr);
 }
 
-ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringBytes)
-    : name_(name), rank_(rank), nranks_(nranks), ringBytes_((std::max<size_t>(ringBytes, 64) + 63) & ~size_t(63)) {
-  segBytes_ = kHdrBytes + size_t(nranks) * (kRingHdrBytes + ringBytes_);
+void reserveShm(int fd, size_t bytes, const std::string& name, const std::string& what) {
+  int e = ftruncate(fd, off_t(bytes)) == 0 ? 0 : errno;
+  if (e == 0) e = posix_fallocate(fd, 0, off_t(bytes));
+  if (e == EOPNOTSUPP || e == EINVAL) e = 0;  // a file system without fallocate: ftruncate is all there is
+  if (e != 0) {
+    struct statvfs sv{};
+    std::string room;
+    if (statvfs("/dev/shm", &sv) == 0)
+      room = cat(" (/dev/shm: ", (uint64_t(sv.f_bavail) * sv.f_frsize) >> 20, " MiB free of ",
+                 (uint64_t(sv.f_blocks) * sv.f_frsize) >> 20, " MiB)");
+    throw Error(cat(what, ": cannot reserve ", bytes, " bytes of shared memory for ", name, " in /dev/shm: ",
+                    std::strerror(e), room,
+                    "; make /dev/shm larger (docker run --shm-size=1g) or use smaller rings (PLAIT_SHM_RING_BYTES)"));
+  }
+}
+
+namespace {
+// Descriptors holding a liveness lock. A child made by fork (DataLoader workers) inherits them, and with them the
+// lock: the rank could die while its children keep it "alive". The child closes its copies at once; the lock stays
+// with the parent's descriptor.
+std::mutex gLiveMu;
+std::vector<int>& liveFds() {
+  static auto* v = new std::vector<int>();
+  return *v;
+}
+void liveForkPrepare() { gLiveMu.lock(); }
+void liveForkParent() { gLiveMu.unlock(); }
+void liveForkChild() {
+  for (int fd : liveFds()) close(fd);
+  liveFds().clear();
+  gLiveMu.unlock();
+}
+}  // namespace
+
+bool holdLiveness(int fd) {
+  struct flock fl{};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 1;
+  if (fcntl(fd, F_OFD_SETLK, &fl) != 0) return false;
+  static std::once_flag once;
+  std::call_once(once, [] { pthread_atfork(liveForkPrepare, liveForkParent, liveForkChild); });
+  std::lock_guard<std::mutex> lk(gLiveMu);
+  liveFds().push_back(fd);
+  return true;
+}
+
+void closeLiveness(int fd) {
+  if (fd < 0) return;
+  {
+    std::lock_guard<std::mutex> lk(gLiveMu);
+    auto& v = liveFds();
+    v.erase(std::remove(v.begin(), v.end(), fd), v.end());
+  }
+  close(fd);
+}
+
+bool lockGone(int fd) {
+  struct flock fl{};
+  fl.l_type = F_RDLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 1;
+  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return false;  // cannot tell: assume alive
+  return fl.l_type == F_UNLCK;
+}
+
+ShmDomain::ShmDomain(const std::string& name, int rank, const std::vector<int>& local, size_t ringBytes)
+    : name_(name), rank_(rank), nranks_(int(local.size())), local_(local),
+      ringBytes_((std::max<size_t>(ringBytes, 64) + 63) & ~size_t(63)) {
+  segBytes_ = kHdrBytes + size_t(nranks_) * (kRingHdrBytes + ringBytes_);
+  const std::string who = cat("plait: rank ", rank);
   int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  PLAIT_CHECK(fd >= 0, "plait: rank ", rank, ": shm_open(", name_, ") failed: ", std::strerror(errno));
-  if (ftruncate(fd, off_t(segBytes_)) != 0) {
+  PLAIT_CHECK(fd >= 0, who, ": shm_open(", name_, ") failed: ", std::strerror(errno));
+  try {
+    reserveShm(fd, segBytes_, name_, cat(who, " (", nranks_, " rings of ", ringBytes_, " B)"));
+  } catch (...) {
+    close(fd);
+    shm_unlink(name_.c_str());
+    throw;
+  }
+  void* p = mmap(nullptr, segBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
     int e = errno;
     close(fd);
     shm_unlink(name_.c_str());
-    throw Error(cat("plait: rank ", rank, ": ftruncate of shared memory ", name_, " to ", segBytes_,
-                    " bytes failed: ", std::strerror(e)));
+    throw Error(cat(who, ": mmap of ", name_, " failed: ", std::strerror(e)));
   }
-  void* p = mmap(nullptr, segBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
-  if (p == MAP_FAILED) {
-    int e = errno;
-    shm_unlink(name_.c_str());
-    throw Error(cat("plait: rank ", rank, ": mmap of ", name_, " failed: ", std::strerror(e)));
-  }
+  ownFd_ = fd;  // kept open: it holds the liveness lock
   own_ = {p, segBytes_};
   auto* h = new (p) ShmSegHeader();
   h->rank = rank;
-  h->nranks = nranks;
+  h->nranks = nranks_;
   h->pid = int32_t(getpid());
+  h->livenessLock = holdLiveness(fd) ? 1 : 0;
   h->ringBytes = ringBytes_;
   h->bell.store(0);
   h->waiters.store(0);
@@ -129,11 +208,13 @@ ShmDomain::ShmDomain(const std::string& name, int rank, int nranks, size_t ringB
   h->abortBy.store(0);
   h->abortClaim.store(0);
   h->abortMsg[0] = '\0';
-  for (int i = 0; i < nranks; ++i) new (ringAt(p, i, ringBytes_)) RingHdr();
+  for (int i = 0; i < nranks_; ++i) new (ringAt(p, i, ringBytes_)) RingHdr();
   std::atomic_thread_fence(std::memory_order_seq_cst);
   h->magic = kMagic;
-  peers_.assign(nranks, nullptr);
-  peerMaps_.assign(nranks, Mapping{});
+  const int maxRank = local_.empty() ? 0 : *std::max_element(local_.begin(), local_.end());
+  peers_.assign(size_t(maxRank) + 1, nullptr);
+  peerMaps_.assign(size_t(maxRank) + 1, Mapping{});
+  peerFds_.assign(size_t(maxRank) + 1, -1);
 }
 
 ShmDomain::~ShmDomain() {
@@ -141,25 +222,53 @@ ShmDomain::~ShmDomain() {
   if (bellFd_ >= 0) close(bellFd_);
   for (auto& m : peerMaps_)
     if (m.base) munmap(m.base, m.bytes);
+  for (int fd : peerFds_)
+    if (fd >= 0) close(fd);
   if (own_.base) munmap(own_.base, own_.bytes);
+  closeLiveness(ownFd_);  // releases the liveness lock
+}
+
+int ShmDomain::slot(int r) const {
+  auto it = std::find(local_.begin(), local_.end(), r);
+  PLAIT_CHECK(it != local_.end(), "plait: internal: rank ", r, " is not a local peer of rank ", rank_);
+  return int(it - local_.begin());
 }
 
 void ShmDomain::attach(int peer, const std::string& name) {
+  slot(peer);
   int fd = shm_open(name.c_str(), O_RDWR, 0600);
   PLAIT_CHECK(fd >= 0, "plait: rank ", rank_, ": cannot open shared memory ", name, " of peer rank ", peer, ": ",
               std::strerror(errno));
   struct stat st;
   fstat(fd, &st);
-  PLAIT_CHECK(size_t(st.st_size) == segBytes_, "plait: rank ", rank_, ": shared memory of peer rank ", peer,
-              " has ", st.st_size, " bytes, expected ", segBytes_, " (PLAIT_SHM_RING_BYTES differs between ranks?)");
+  if (size_t(st.st_size) != segBytes_) {
+    close(fd);
+    throw Error(cat("plait: rank ", rank_, ": shared memory of peer rank ", peer, " has ", st.st_size,
+                    " bytes, expected ", segBytes_, " (PLAIT_SHM_RING_BYTES differs between ranks?)"));
+  }
   void* p = mmap(nullptr, segBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
-  PLAIT_CHECK(p != MAP_FAILED, "plait: rank ", rank_, ": mmap of peer rank ", peer, "'s segment failed");
+  if (p == MAP_FAILED) {
+    close(fd);
+    throw Error(cat("plait: rank ", rank_, ": mmap of peer rank ", peer, "'s segment failed"));
+  }
   auto* h = header(p);
-  PLAIT_CHECK(h->magic == kMagic && h->rank == peer, "plait: rank ", rank_, ": segment ", name,
-              " is not peer rank ", peer, "'s");
+  if (!(h->magic == kMagic && h->rank == peer)) {
+    munmap(p, segBytes_);
+    close(fd);
+    throw Error(cat("plait: rank ", rank_, ": segment ", name, " is not peer rank ", peer, "'s"));
+  }
   peerMaps_[peer] = {p, segBytes_};
+  peerFds_[peer] = fd;  // kept: it tells whether the peer still holds its liveness lock
   peers_[peer] = h;
+}
+
+bool ShmDomain::peerGone(int peer) const {
+  const ShmSegHeader* h = peers_[peer];
+  if (!h) return false;
+  if (h->livenessLock) return lockGone(peerFds_[peer]);
+  // No OFD locks on this kernel: the process id, valid only within one PID namespace.
+  const int pid = h->pid;
+  return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
 }
 
 void ShmDomain::unlinkOwn() {
@@ -225,17 +334,19 @@ int ShmDomain::abortedBy(std::string* why) const {
 
 class ShmChannel : public Channel {
  public:
-  ShmChannel(ShmSegHeader* peerHdr, RingHdr* out, RingHdr* in, size_t cap)
-      : peerHdr_(peerHdr), out_(out), in_(in), cap_(cap) {}
+  ShmChannel(ShmSegHeader* peerHdr, RingHdr* out, RingHdr* in, size_t cap, int rank, int peer)
+      : peerHdr_(peerHdr), out_(out), in_(in), cap_(cap), rank_(rank), peer_(peer) {}
   TransportKind kind() const override { return TransportKind::kShm; }
 
   size_t write(const void* src, size_t n) override {
     uint64_t tail = out_->tail.load(std::memory_order_relaxed);
     // The reader's position is re-read only when the cached one leaves too little room: one shared line less
     // per message on the busy path.
-    size_t space = cap_ - size_t(tail - headCache_);
+    size_t space = cap_ - std::min(cap_, size_t(tail - headCache_));
     if (space < n) {
       headCache_ = out_->head.load(std::memory_order_acquire);
+      // The reader's index lives in memory the peer writes: never trust it past the ring's bounds.
+      if (headCache_ > tail || tail - headCache_ > cap_) corrupt("read", headCache_, tail);
       space = cap_ - size_t(tail - headCache_);
     }
     if (n > space) n = space;
@@ -252,7 +363,7 @@ class ShmChannel : public Channel {
   size_t peek(const void** p) override {
     uint64_t head = in_->head.load(std::memory_order_relaxed);
     uint64_t tail = in_->tail.load(std::memory_order_acquire);
-    size_t avail = size_t(tail - head);
+    size_t avail = checkedAvail(head, tail);
     if (avail == 0) return 0;
     size_t pos = size_t(head % cap_);
     *p = ringData(in_) + pos;
@@ -267,7 +378,7 @@ class ShmChannel : public Channel {
   size_t read(void* dst, size_t n) override {
     uint64_t head = in_->head.load(std::memory_order_relaxed);
     uint64_t tail = in_->tail.load(std::memory_order_acquire);
-    n = std::min(n, size_t(tail - head));
+    n = std::min(n, checkedAvail(head, tail));
     if (n == 0) return 0;
     size_t pos = size_t(head % cap_), first = std::min(n, cap_ - pos);
     const char* data = ringData(in_);
@@ -278,21 +389,33 @@ class ShmChannel : public Channel {
   }
 
   size_t available() override {
-    return size_t(in_->tail.load(std::memory_order_acquire) - in_->head.load(std::memory_order_relaxed));
+    uint64_t head = in_->head.load(std::memory_order_relaxed);
+    return checkedAvail(head, in_->tail.load(std::memory_order_acquire));
   }
 
  private:
+  // The writer's index lives in memory the peer writes: bytes beyond the ring's capacity would be read out of
+  // bounds, so a tail outside [head, head + cap] is a corrupt ring, not data.
+  size_t checkedAvail(uint64_t head, uint64_t tail) const {
+    if (tail < head || tail - head > cap_) corrupt("write", head, tail);
+    return size_t(tail - head);
+  }
+  [[noreturn]] void corrupt(const char* side, uint64_t head, uint64_t tail) const {
+    throw Error(cat("plait: rank ", rank_, ": the shared-memory ring with peer rank ", peer_, " is corrupt (", side,
+                    " index out of bounds: head ", head, ", tail ", tail, ", capacity ", cap_, ")"));
+  }
   ShmSegHeader* peerHdr_;
   RingHdr* out_;
   RingHdr* in_;
   size_t cap_;
+  int rank_, peer_;
   uint64_t headCache_ = 0;
 };
 
 std::unique_ptr<Channel> ShmDomain::channel(int peer) {
   PLAIT_CHECK(peers_[peer] != nullptr, "plait: rank ", rank_, ": no shared memory mapped for peer rank ", peer);
-  return std::make_unique<ShmChannel>(peers_[peer], ringAt(peers_[peer], rank_, ringBytes_),
-                                      ringAt(own_.base, peer, ringBytes_), ringBytes_);
+  return std::make_unique<ShmChannel>(peers_[peer], ringAt(peers_[peer], slot(rank_), ringBytes_),
+                                      ringAt(own_.base, slot(peer), ringBytes_), ringBytes_, rank_, peer);
 }
 
 }  // namespace plait

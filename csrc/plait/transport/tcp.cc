@@ -187,11 +187,37 @@ void TcpDomain::dial(int p, int stream, const std::string& hp, const std::string
     PLAIT_CHECK(getaddrinfo(host.c_str(), port.c_str(), &hints, &res) == 0 && res, "plait: rank ", rank_,
                 ": cannot resolve ", hp, " of peer rank ", p);
     fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      int e = errno;
+      freeaddrinfo(res);
+      throw Error(cat("plait: rank ", rank_, ": socket() for the connection to peer rank ", p, " at ", hp,
+                      " failed: ", std::strerror(e)));
+    }
     tuneSocket(fd);  // buffer sizes must be set before connect to take effect on the window
+    // Non-blocking connect, waited for with the deadline: a blocking one to an address that drops SYNs waits the
+    // kernel's retry schedule (minutes), whatever the group timeout says.
+    setNonBlocking(fd, true);
     int rc = connect(fd, res->ai_addr, res->ai_addrlen);
     freeaddrinfo(res);
-    if (rc == 0) break;
-    int e = errno;
+    int e = rc == 0 ? 0 : errno;
+    if (rc != 0 && e == EINPROGRESS) {
+      pollfd pfd{fd, POLLOUT, 0};
+      int ms = int(std::max<int64_t>(
+          0, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count()));
+      int pr = poll(&pfd, 1, ms);
+      if (pr > 0) {
+        int soErr = 0;
+        socklen_t sl = sizeof(soErr);
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &soErr, &sl);
+        e = soErr;
+      } else {
+        e = ETIMEDOUT;
+      }
+    }
+    if (e == 0) {
+      setNonBlocking(fd, false);
+      break;
+    }
     close(fd);
     PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": cannot connect to peer rank ", p, " at ", hp,
                 ": ", std::strerror(e));
@@ -236,6 +262,7 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
     for (int s = 0; s <= streams_; ++s) dial(p, s, addrs[p], secret, jobId, deadlineMs);
   }
   std::vector<Pending> pend;
+  std::string acceptTrouble;
   auto refuse = [&](size_t i, const std::string& why) {
     logWarn(cat("rank ", rank_, ": refused a TCP connection from ", pend[i].from, ": ", why));
     close(pend[i].fd);
@@ -245,7 +272,7 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
     while (expect > 0) {
       auto now = Clock::now();
       PLAIT_CHECK(now < deadline, "plait: rank ", rank_, ": timed out after ", timeoutMs, " ms waiting for ",
-                  expect, " connection(s) from higher-ranked peer(s)");
+                  expect, " connection(s) from higher-ranked peer(s)", acceptTrouble);
       for (size_t i = 0; i < pend.size();)
         if (now >= pend[i].deadline) refuse(i, "no complete handshake within 10 s");
         else ++i;
@@ -254,6 +281,12 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
       if (poll(pfds.data(), pfds.size(), 100) <= 0) continue;
       if (pfds[0].revents & POLLIN) {
         int fd = accept4(listenFd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
+          // The connection stays queued and the listener stays readable: without a pause, poll returns at once
+          // and this loop spins a core until the deadline. Remember why, for the timeout's message.
+          acceptTrouble = cat(" (accept failed: ", std::strerror(errno), ", raise the open-files limit: ulimit -n)");
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
         if (fd >= 0) {
           tuneSocket(fd);
           Pending q{fd, peerName(fd), Clock::now() + kHandshakeLimit};

@@ -23,12 +23,15 @@ int reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t n
 // dst[0, bytes) = src[0, bytes); 16-byte vectorized when aligned. dst and src must not overlap partially.
 int copy(void* dst, const void* src, size_t bytes, void* stream);
 
-// A descriptor a peer published for one transfer (two 32-bit words in memory the device can read): the offset of
-// the bytes in the peer's buffer and their length.
+// A descriptor a peer published for one transfer (in memory the device can read): the offset of the bytes in the
+// peer's buffer and their length, 64 bits each (staging buffers may exceed 4 GiB). The publisher writes each as two
+// 32-bit words (stream memory operations are 32-bit) before it raises the ready flag, so a reader that saw the flag
+// reads whole values.
 struct PullDesc {
-  uint32_t offset;
-  uint32_t bytes;
+  uint64_t offset;
+  uint64_t bytes;
 };
+static_assert(sizeof(PullDesc) == 16, "PullDesc is four 32-bit words");
 
 // The fused receive step of an algorithm over CUDA IPC: reads `*desc` on the device (the host does not know it when
 // it enqueues), takes src = peerBase + desc->offset, and
@@ -36,7 +39,7 @@ struct PullDesc {
 //   withReduce true:  dst[i] = dst[i] op src[i] over bytes / sizeof(dt) elements (one pass over memory)
 // If desc->bytes != bytes (or src is not aligned to an element of dt) nothing is written and, if *err is 0,
 // *err = errCode (atomically): the host reads *err (mapped host memory) and reports which peer disagreed. bytes must
-// be whole elements, at most 2^32 - 1, and dst element-aligned (else cudaErrorInvalidValue, nothing enqueued). Alignment is decided on the device (16-byte vector path
+// be whole elements and dst element-aligned (else cudaErrorInvalidValue, nothing enqueued). Alignment is decided on the device (16-byte vector path
 // when dst and src are aligned, else scalar).
 int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
          uint32_t* err, uint32_t errCode, void* stream);

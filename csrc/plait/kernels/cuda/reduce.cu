@@ -163,7 +163,7 @@ template <typename E, typename Op>
 __global__ void __launch_bounds__(kThreads) pullKernel(typename E::T* dst, const char* peerBase, const PullDesc* desc,
                                                        size_t bytes, uint32_t* err, uint32_t errCode) {
   using T = typename E::T;
-  __shared__ uint32_t offset, length;
+  __shared__ uint64_t offset, length;
   if (threadIdx.x == 0) {
     const volatile PullDesc* v = desc;
     offset = v->offset;
@@ -321,8 +321,8 @@ int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, c
   if (!validIndex(withReduce ? op : RedOp::kSum, dt)) return int(cudaErrorInvalidValue);
   const PullLaunch launch = withReduce ? tables().op[int(op)][int(dt)].pull : tables().copy[int(dt)];
   if (launch == nullptr) return int(cudaErrorInvalidValue);
-  // The descriptor's length is 32 bits; the length must be whole elements and dst element-aligned.
-  if (bytes > UINT32_MAX || bytes % elementSize(dt) != 0 || uintptr_t(dst) % elementSize(dt) != 0)
+  // The length must be whole elements and dst element-aligned.
+  if (bytes % elementSize(dt) != 0 || uintptr_t(dst) % elementSize(dt) != 0)
     return int(cudaErrorInvalidValue);
   if (bytes == 0) return 0;
   return launch(dst, peerBase, desc, bytes, err, errCode, stream);
