@@ -827,14 +827,9 @@ def test_denormals_exact_and_identical_when_one_rank_flushes(ws, flush_rank):
         assert not diff, f"rank {r}'s results differ bitwise from rank 0's: {diff[:10]}"
 
 
-# KNOWN BUG (csrc/torch/backend.cc, not the kernels): AVG divides the result by the world size and PREMUL_SUM scales the
-# input with torch ops (t.div_ / t.mul_) on whichever thread runs the collective, in that thread's floating-point mode.
-# A rank whose caller thread flushes denormals then flushes its PREMUL_SUM contribution (every rank gets the same
-# wrong result) and its own AVG result (ranks disagree bitwise). Fix: do that arithmetic under
-# plait::IeeeFpScope (csrc/plait/kernels/reduce.h), as the reduction kernels do. strict=True: this xfail turns into a
-# failure once the bug is fixed, so the marker cannot outlive it. Expected to pass under the gloo self-validation.
-@pytest.mark.xfail(H.IS_PLAIT, strict=True, reason="KNOWN BUG: AVG / PREMUL_SUM scaling in csrc/torch/backend.cc runs in the "
-                                       "calling thread's flush-denormal mode (see the comment above this test)")
+# AVG divides the result by the world size and PREMUL_SUM scales the input with torch ops (t.div_ / t.mul_) on whichever
+# thread runs the collective: they run under plait::IeeeFpScope (csrc/torch/backend.cc), as the reduction kernels do,
+# so a rank whose caller thread flushes denormals neither flushes its PREMUL_SUM contribution nor its AVG result.
 @pytest.mark.timeout(300)
 def test_denormals_avg_and_premul_sum_when_one_rank_flushes():
     ws = 3

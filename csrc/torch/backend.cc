@@ -95,14 +95,18 @@ Reduction toReduction(const c10d::ReduceOp& rop, const at::Tensor& t, const char
   return r;
 }
 
+// The scaling runs in the kernels' fixed floating-point mode (no flush-to-zero), whatever the calling thread set:
+// otherwise a rank whose thread flushes denormals scales differently from the others.
 void preReduce(const Reduction& r, at::Tensor& t) {
   if (!r.premul) return;
+  plait::IeeeFpScope fp;
   if (r.tensorFactor.defined()) t.mul_(r.tensorFactor.to(t.device()));
   else t.mul_(r.factor);
 }
 
 void postReduce(const Reduction& r, at::Tensor& t, int size) {
   if (!r.avg) return;
+  plait::IeeeFpScope fp;
   if (at::isFloatingType(t.scalar_type())) t.div_(size);
   else t.div_(size, "trunc");
 }
