@@ -535,6 +535,36 @@ def test_send_recv_on_gpu(ws):
     _assert_no_failures(H.run_world(worker_p2p, ws, timeout_s=280), min_checks=15 * ws)
 
 
+def worker_irecv_across_cuda_collectives(rank, ws):
+    """Issue 10 item 1: an irecv on a CUDA tensor stays in flight while CUDA all-reduces run on the same group (the
+    device engine's transfers must not free the point-to-point one)."""
+    dev = _setup()
+    n = 4099
+    sums = []
+    if rank == 1:
+        r = torch.zeros(n, dtype=torch.int64, device=dev)
+        w = dist.irecv(r, 0)
+    for i in range(4):
+        t = torch.full((1000 + i,), float(i + rank), device=dev)
+        dist.all_reduce(t)
+        sums.append(float(t.sum()))
+    dist.barrier()
+    if rank == 0:
+        dist.send(torch.arange(n, device=dev) * 3, 1)
+        return dict(ok=True, sums=sums)
+    w.wait()
+    torch.cuda.synchronize()
+    return dict(ok=bool(torch.equal(r.cpu(), torch.arange(n) * 3)), sums=sums)
+
+
+@pytest.mark.timeout(300)
+def test_irecv_survives_cuda_collectives():
+    res = H.run_world(worker_irecv_across_cuda_collectives, 2, timeout_s=280)
+    want = [float((1000 + i) * (2 * i + 1)) for i in range(4)]
+    for v in res:
+        assert v["ok"] and v["sums"] == want, v
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # f. ranks on different (fake) hosts: CUDA tensors staged through host memory
 
