@@ -589,18 +589,22 @@ std::string Comm::originOfFailure() {
 void Comm::fail(const std::string& what, bool secondHand) {
   // A rank that learns of a failure second-hand (abort flag, a peer hanging up) adds what the first one saw: from
   // the failed peer's control connection if it said anything, else from the store.
-  // Peers hear of the failure first (shared-memory abort flags, TCP control connections: no store round trip, so a
-  // dead store host costs nobody a timeout); then this rank looks for an earlier cause and records its own.
+  // Peers hear of the failure before any store round trip (shared-memory abort flags, TCP control connections), so a
+  // dead store host costs nobody a timeout. What a failed TCP peer said on its control connection (local, at most
+  // 50 ms) goes with it, so the original cause travels on; the store's record of the first failure is looked up
+  // after the peers were told.
   const bool first = failure_.empty();
-  if (first) {
-    if (shm_) shm_->abortPeers(what);
-    if (tcp_) tellTcpPeers(what);
-  }
   std::string msg = what;
-  if (first && !secondHand) {
-    std::string heard = tcp_ ? heardFromTcpPeers(std::chrono::milliseconds(50)) : "";
-    msg = heard.empty() ? what + originOfFailure() : cat(what, " (", heard, ")");
+  std::string heard;
+  if (first && !secondHand && tcp_) {
+    heard = heardFromTcpPeers(std::chrono::milliseconds(50));
+    if (!heard.empty()) msg = cat(what, " (", heard, ")");
   }
+  if (first) {
+    if (shm_) shm_->abortPeers(msg);
+    if (tcp_) tellTcpPeers(msg);
+  }
+  if (first && !secondHand && heard.empty()) msg = what + originOfFailure();
   if (first) {
     failure_ = msg;
     try {
