@@ -243,10 +243,12 @@ void PlaitBackend::stop(bool drain, const std::string& what) {
   if (stop_) return;
   if (drain) {
     // Queued collectives run (each is bounded by the group's timeout; the peers are expected to issue them too).
-    idleCv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+    // (taskRunning_, not busy_: with point-to-point pending the worker holds the lock from one 20 ms progress slice
+    // to the next whenever busy_ is false, so a wait for !busy_ could starve.)
+    idleCv_.wait(lk, [&] { return queue_.empty() && !taskRunning_; });
     // Sends in flight usually finish at once; a receive nobody will match never does: give them a moment.
     auto grace = std::min<std::chrono::milliseconds>(comm_->timeout(), std::chrono::milliseconds(1000));
-    idleCv_.wait_for(lk, grace, [&] { return p2pPending_ == 0 && queue_.empty() && !busy_; });
+    idleCv_.wait_for(lk, grace, [&] { return p2pPending_ == 0 && queue_.empty() && !taskRunning_; });
   }
   if (stopped_.empty())
     stopped_ = plait::cat("plait: rank ", getRank(), ": the process group was ", what, "; it takes no further calls");
@@ -391,11 +393,11 @@ void PlaitBackend::loop() {
     if (!queue_.empty() && !busy_) {
       Item item = std::move(queue_.front());
       queue_.pop_front();
-      busy_ = true;
+      busy_ = taskRunning_ = true;
       lk.unlock();
       run(item.work, item.fn, item.deferred);
       lk.lock();
-      busy_ = false;
+      busy_ = taskRunning_ = false;
       idleCv_.notify_all();
       continue;
     }
@@ -500,11 +502,11 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::submit(c10d::OpType type, std::vect
     // thread, which keeps issue order and skips two thread hand-offs. An async_op collective never runs here: it
     // could block the caller until every peer arrives, which a program may only let happen later (another group,
     // point-to-point on another group).
-    busy_ = true;
+    busy_ = taskRunning_ = true;
     lk.unlock();
     run(work, fn, deferred);
     lk.lock();
-    busy_ = false;
+    busy_ = taskRunning_ = false;
     idleCv_.notify_all();
     cv_.notify_one();
   } else {

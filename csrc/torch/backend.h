@@ -188,6 +188,7 @@ class PlaitBackend : public c10d::Backend {
   void settleP2P(uint64_t id);
   c10::intrusive_ptr<PlaitWork> current_;  // the Work a deferred task is posting
   bool busy_ = false;
+  bool taskRunning_ = false;  // a queued or inline task is running (busy_ also covers point-to-point progress)
   bool stop_ = false;
   std::string stopped_;  // why the group no longer takes work ("" while it does); guarded by mu_
   std::thread worker_;
