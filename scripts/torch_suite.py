@@ -86,7 +86,10 @@ from torch.testing._internal.distributed.distributed_test import DistributedTest
 class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
     def setUp(self):
         super().setUp()
-        self._spawn_processes()
+        if os.environ.get("PLAIT_TORCH_SUITE_START", "spawn") == "fork":
+            self._start_processes(torch.multiprocessing.get_context("fork").Process)
+        else:
+            self._spawn_processes()
 
 
 _suffix = {"gloo": "GLOO", "plait": "PLAIT", "plait-as-gloo": "PLAIT_AS_GLOO"}[GATING]
@@ -107,7 +110,11 @@ def _main():
     ap.add_argument("-k", action="append", default=[], help="run only tests whose name contains this (repeatable)")
     ap.add_argument("-v", action="store_true", help="one line per test")
     ap.add_argument("--json", help="write {test: outcome, message} here")
+    ap.add_argument("--start", choices=("spawn", "fork"), default=os.environ.get("PLAIT_TORCH_SUITE_START", "spawn"),
+                    help="how the two rank processes start: spawn (as torch's test_distributed_spawn; a fresh "
+                         "interpreter per rank) or fork (children inherit the imported torch: several times faster)")
     args = ap.parse_args()
+    os.environ["PLAIT_TORCH_SUITE_START"] = args.start
 
     cls = globals()[f"TestDistBackendWithSpawn{_suffix}"]
     names = unittest.TestLoader().getTestCaseNames(cls)

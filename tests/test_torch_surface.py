@@ -251,7 +251,9 @@ def _ddp_sparse(rank, world):
 def test_ddp_sparse_embedding_matches_gloo():
     res = H.run_world(_ddp_sparse, 2, timeout_s=180)
     assert res[0][0] == res[1][0]
-    # torch names custom backends "custom" (ProcessGroup::getBackendName, see docs/torch-suite.md); gloo "gloo"
+    # item 21: torch names every plugin backend "custom" (ProcessGroup::getBackendName); plait corrects DDP's
+    # logging data for its groups (python/plait/_backend.py, _name_in_ddp_logging_data); gloo stays "gloo"
+    assert res[0][1] == "plait" and res[1][1] == "plait"
     assert res[0][2] == "gloo"
 
 

@@ -88,6 +88,38 @@ def _register():
     if "PLAIT" in dist.Backend._plugins:  # already registered (module reloaded)
         return
     dist.Backend.register_backend("plait", _create, extended_api=True, devices=["cpu", "cuda"])
+    _name_in_ddp_logging_data()
+
+
+def _name_in_ddp_logging_data():
+    """DDP's logging data (``DistributedDataParallel._get_ddp_logging_data()``) names the backend from torch's own
+    backend enum (C++ ``ProcessGroup::getBackendName``), which says ``"custom"`` for every plugin backend. Where the
+    group's backend is plait, plait reports ``"plait"`` instead. Only that key of the returned dict changes; torch's
+    own C++ usage log still says "custom" (only torch can change that). PLAIT_DDP_LOGGING_NAME=0 leaves DDP alone."""
+    if os.environ.get("PLAIT_DDP_LOGGING_NAME", "1") == "0":
+        return
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+    except ImportError:  # pragma: no cover (torch without DDP)
+        return
+    orig = getattr(DDP, "_get_ddp_logging_data", None)
+    if orig is None or getattr(orig, "_plait", False):
+        return
+
+    def _get_ddp_logging_data(self):
+        data = orig(self)
+        if data.get("backend_name") == "custom":
+            try:
+                if dist.get_backend(self.process_group) == "plait":
+                    data["backend_name"] = "plait"
+            except Exception:  # noqa: BLE001 (a group torch cannot name: leave torch's answer)
+                pass
+        return data
+
+    _get_ddp_logging_data._plait = True
+    _get_ddp_logging_data.__doc__ = orig.__doc__
+    _get_ddp_logging_data.__wrapped__ = orig
+    DDP._get_ddp_logging_data = _get_ddp_logging_data
 
 
 def _backend_of(group):
