@@ -3,6 +3,7 @@ env:// variables set by the test. Each writes its findings as JSON into the dire
 
     python _cluster_worker.py ddp OUTDIR      DDP parity plait vs gloo, every all-reduce algorithm exact
     python _cluster_worker.py fault OUTDIR    all-reduce in a loop until the group fails; records the error
+    python _cluster_worker.py store OUTDIR    the rendezvous store's server alone (not a rank), until killed
     python _cluster_worker.py job OUTDIR      init + all_reduce (the job the rogue client attacks)
     python _cluster_worker.py rogue OUTDIR    the rogue client (not a rank): attacks rank 0's listener
 """
@@ -98,6 +99,15 @@ def fault(out):
     os._exit(0)  # the group is dead: skip destroy_process_group
 
 
+def store(out):
+    s = dist.TCPStore("0.0.0.0", int(os.environ["MASTER_PORT"]), is_master=True,
+                      timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    _write(out, "store.json", {})
+    while True:
+        time.sleep(1)
+    del s
+
+
 def job(out):
     import plait  # noqa: F401
 
@@ -124,4 +134,4 @@ def rogue(out):
 
 
 if __name__ == "__main__":
-    {"ddp": ddp, "fault": fault, "job": job, "rogue": rogue}[sys.argv[1]](sys.argv[2])
+    {"ddp": ddp, "fault": fault, "store": store, "job": job, "rogue": rogue}[sys.argv[1]](sys.argv[2])

@@ -157,3 +157,48 @@ def test_a_host_that_goes_silent_is_declared_lost_without_waiting_for_the_group_
         assert "(ranks 2)" in e["msg"], e["msg"]
         assert e["at"] - t_cut < 30, f"rank {r} took {e['at'] - t_cut:.1f} s"
         print(f"rank {r}: {e['at'] - t_cut:.1f} s: {e['msg']}")
+
+
+def test_a_failure_with_the_store_host_gone_is_reported_without_waiting_for_the_store(cluster_factory, tmp_path):
+    # Issue 10, item 10: the rendezvous store lives on a host of its own (host 0, no rank), which goes silent (its
+    # interface down: no FIN, no RST), then the host of rank 2 dies. Ranks 0 and 1 must report the lost rank at
+    # once: the failure's bookkeeping in the store (first-failure key, its lookup) must not hold the error back
+    # until the store's own 60 s timeout.
+    c = cluster_factory(4, rate="1gbit")
+    port = H.free_port()
+    out = str(tmp_path)
+    store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    end = time.time() + 60
+    while not os.path.exists(os.path.join(out, "store.json")):
+        assert time.time() < end and store.poll() is None, "the store did not start"
+        time.sleep(0.1)
+    procs = [c.popen(r + 1, [sys.executable, WORKER, "fault", out],
+                     env=_env_rank(c, r, 3, port, TORCHELASTIC_USE_AGENT_STORE="True"),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(3)]
+    try:
+        end = time.time() + 120
+        while len(_read(out, "started*.json")) < 3:
+            assert time.time() < end and all(p.poll() is None for p in procs), (
+                "ranks did not start: " + "\n".join(p.communicate()[0][-2000:] for p in procs if p.poll() is not None))
+            time.sleep(0.1)
+        time.sleep(0.5)
+        c.run(0, ["ip", "link", "set", "eth0", "down"], check=True)  # the store host goes silent
+        c.kill_host(3)  # rank 2's host dies
+        t_kill = time.time()
+        with open(os.path.join(out, "killed"), "w"):
+            pass
+        for r in (0, 1):
+            procs[r].communicate(timeout=90)
+        errors = _read(out, "error*.json")
+        for r in (0, 1):
+            e = errors.get(f"error{r}.json")
+            assert e, (errors, procs[r].stdout)
+            assert "rank 2" in e["msg"] or "ranks 2" in e["msg"], e["msg"]
+            assert e["at"] - t_kill < 10, f"rank {r} took {e['at'] - t_kill:.1f} s: {e['msg']}"
+            print(f"rank {r}: {e['at'] - t_kill:.1f} s: {e['msg']}")
+    finally:
+        for p in procs + [store]:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()

@@ -403,3 +403,68 @@ def test_abort_with_nothing_in_flight_reaches_peers():
     assert r1.ok, _explain(res)
     assert "abort" in r1.value["msg"], r1.value
     assert r1.value["s"] < 10, r1.value
+
+
+# ---- item 12: running out of file descriptors while the TCP mesh forms --------------------------------------------
+# A rank whose open-files limit leaves no descriptor for its part of the mesh. The lower rank accepts (accept4 fails
+# with EMFILE: the connection stays queued and the listener readable, so a loop without a pause spins a core until
+# the deadline) and must say why it timed out; the higher rank connects (socket() fails: it must say so at once, not
+# use descriptor -1 and retry until the deadline). The limit is found by leaving k descriptors free, k = 1, 2, ...:
+# the first k at which init gets as far as the TCP mesh is the scenario.
+
+
+def worker_fd_limit(rank, ws, limited, k, path):
+    import resource
+
+    fds = []
+    if rank == limited:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 512), hard))
+        try:
+            while True:
+                fds.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for _ in range(k):
+            os.close(fds.pop())
+    t0, r0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+
+    def measured(msg):
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        for fd in fds:  # before the failed init's store is released (its destructor needs a descriptor)
+            os.close(fd)
+        fds.clear()
+        cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        return dict(msg=msg, wall=time.monotonic() - t0, cpu=cpu)
+
+    try:
+        dist.init_process_group("plait", init_method=f"file://{path}", rank=rank, world_size=ws,
+                                timeout=__import__("datetime").timedelta(seconds=4))
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        return measured("ok")
+    except Exception as e:  # noqa: BLE001
+        return measured(str(e))
+
+
+@pytest.mark.parametrize("limited", [0, 1], ids=["accepting_rank", "connecting_rank"])
+def test_out_of_file_descriptors_while_connecting(limited, tmp_path):
+    seen = []
+    for k in range(1, 9):
+        res = H.run_world(worker_fd_limit, 2, limited, k, str(tmp_path / f"store{k}"), init=None, expect_fail=True,
+                          timeout_s=90, env={"PLAIT_TRANSPORT": "tcp"})
+        assert all(r.ok for r in res), _explain(res)
+        v = res[limited].value
+        seen.append((k, v["msg"][:300]))
+        if v["msg"] == "ok":
+            pytest.fail(f"never failed in the TCP mesh: {seen}")
+        if limited == 0 and "waiting for" in v["msg"]:  # got as far as accepting
+            assert "open-files limit" in v["msg"] and "Too many open files" in v["msg"], v["msg"]
+            # paused between attempts: no spinning core while it waited out the deadline
+            assert v["cpu"] < 0.5 * v["wall"], f"{v['cpu']:.1f} s of CPU in {v['wall']:.1f} s: {v['msg']}"
+            return
+        if limited == 1 and "peer rank 0" in v["msg"]:  # got as far as connecting
+            assert "socket()" in v["msg"] and "Too many open files" in v["msg"], v["msg"]
+            assert v["wall"] < 3, f"took {v['wall']:.1f} s: {v['msg']}"
+            return
+    pytest.fail(f"no k reached the TCP mesh: {seen}")

@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <condition_variable>
 #include <map>
 #include <random>
 #include <thread>
@@ -572,18 +573,51 @@ char* Comm::scratch(size_t bytes) {
   return scratch_.data();
 }
 
-std::string Comm::originOfFailure() {
-  // One key, written once by the first rank of the group to fail (it wins an add on "failures"): one round trip.
+std::string Comm::recordFailure(const std::string& what, bool wantOrigin) {
+  // The store's part of a failure: look up the first failure in the group (one key, written once by the rank that
+  // wins an add on "failures"), then record this one. It runs on a thread of its own and the failing thread waits
+  // for it at most a second: with the store's host gone silent (no FIN, no RST), a store round trip blocks for the
+  // store's own timeout or longer, and the error must reach the caller now (it waits only for the lookup). A lookup that did not finish in time
+  // only costs the message its "first failure" detail; the thread finishes (or stays blocked) on its own and
+  // holds nothing of this communicator but the store.
+  struct Outcome {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    std::string origin;
+  };
+  auto out = std::make_shared<Outcome>();
+  std::shared_ptr<Store> store = store_;
+  const std::string prefix = prefix_, mine = cat("rank ", rank_, ": ", what);
   try {
-    const std::string key = cat(prefix_, "failed/first");
-    if (store_->check(key)) {
-      std::string v = store_->get(key);
-      return v.empty() ? "" : cat(" (first failure in the group: ", v, ")");
-    }
+    std::thread([out, store, prefix, mine, wantOrigin] {
+      std::string origin;
+      try {
+        const std::string key = cat(prefix, "failed/first");
+        if (wantOrigin && store->check(key)) {
+          std::string v = store->get(key);
+          if (!v.empty()) origin = cat(" (first failure in the group: ", v, ")");
+        }
+      } catch (...) {
+        // the store may be gone with the failed rank: report what this rank saw
+      }
+      try {
+        if (store->add(cat(prefix, "failures"), 1) == 1) store->set(cat(prefix, "failed/first"), mine);
+      } catch (...) {
+      }
+      std::lock_guard<std::mutex> g(out->m);
+      out->origin = std::move(origin);
+      out->done = true;
+      out->cv.notify_all();
+    }).detach();
   } catch (...) {
-    // the store may be gone with the failed rank: report what this rank saw
+    return "";  // no thread to be had: the failure goes on without the store
   }
-  return "";
+  if (!wantOrigin) return "";  // nothing to wait for: the record is written when the store answers
+  std::unique_lock<std::mutex> lk(out->m);
+  const auto wait = std::min<std::chrono::milliseconds>(timeout(), std::chrono::milliseconds(1000));
+  out->cv.wait_for(lk, wait, [&] { return out->done; });
+  return out->done ? out->origin : std::string();
 }
 
 void Comm::fail(const std::string& what, bool secondHand) {
@@ -604,13 +638,10 @@ void Comm::fail(const std::string& what, bool secondHand) {
     if (shm_) shm_->abortPeers(msg);
     if (tcp_) tellTcpPeers(msg);
   }
-  if (first && !secondHand && heard.empty()) msg = what + originOfFailure();
   if (first) {
+    std::string origin = recordFailure(what, !secondHand && heard.empty());
+    if (!secondHand && heard.empty()) msg = what + origin;
     failure_ = msg;
-    try {
-      if (store_->add(cat(prefix_, "failures"), 1) == 1) store_->set(cat(prefix_, "failed/first"), cat("rank ", rank_, ": ", what));
-    } catch (...) {
-    }
   }
   std::vector<Done> toNotify;
   for (auto* qs : {&sendQ_, &recvQ_, &p2pRecvQ_})

@@ -203,8 +203,9 @@ class Comm {
  private:
   struct Peer;
   void rendezvous(Store& store, const Options& opts);
-  // The first failure another rank of the group published, as " (first failure in the group: ...)", or "".
-  std::string originOfFailure();
+  // The failure's store bookkeeping (look up the group's first failure when wantOrigin, then record this one),
+  // bounded in time whatever state the store is in; returns " (first failure in the group: ...)" or "".
+  std::string recordFailure(const std::string& what, bool wantOrigin);
   bool progressPass();
   void retire(Xfer* x);
   void trimXfers();
