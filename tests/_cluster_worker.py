@@ -4,6 +4,8 @@ env:// variables set by the test. Each writes its findings as JSON into the dire
     python _cluster_worker.py ddp OUTDIR      DDP parity plait vs gloo, every all-reduce algorithm exact
     python _cluster_worker.py fault OUTDIR    all-reduce in a loop until the group fails; records the error
     python _cluster_worker.py store OUTDIR    the rendezvous store's server alone (not a rank), until killed
+    python _cluster_worker.py init OUTDIR     init + all_reduce with a short timeout (PLAIT_TEST_PG_TIMEOUT_S); records
+                                              the outcome and when it came
     python _cluster_worker.py job OUTDIR      init + all_reduce (the job the rogue client attacks)
     python _cluster_worker.py rogue OUTDIR    the rogue client (not a rank): attacks rank 0's listener
 """
@@ -108,6 +110,22 @@ def store(out):
     del s
 
 
+def init(out):
+    import plait  # noqa: F401
+
+    rank = int(os.environ["RANK"])
+    t0 = time.time()
+    try:
+        dist.init_process_group("plait", timeout=datetime.timedelta(seconds=float(os.environ["PLAIT_TEST_PG_TIMEOUT_S"])))
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        msg = "ok"
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+    _write(out, f"init{rank}.json", dict(msg=msg, start=t0, at=time.time()))
+    os._exit(0)
+
+
 def job(out):
     import plait  # noqa: F401
 
@@ -134,4 +152,4 @@ def rogue(out):
 
 
 if __name__ == "__main__":
-    {"ddp": ddp, "fault": fault, "store": store, "job": job, "rogue": rogue}[sys.argv[1]](sys.argv[2])
+    {"ddp": ddp, "fault": fault, "store": store, "init": init, "job": job, "rogue": rogue}[sys.argv[1]](sys.argv[2])

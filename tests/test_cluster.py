@@ -202,3 +202,54 @@ def test_a_failure_with_the_store_host_gone_is_reported_without_waiting_for_the_
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def test_connect_to_a_silent_peer_keeps_the_deadline(cluster_factory, tmp_path):
+    # Issue 10, item 12: a TCP connect honours the group's deadline. Rank 0 (host 1) publishes its address, then its
+    # host goes silent (a tbf whose bucket is smaller than any packet drops everything it sends: no SYN-ACK, no RST),
+    # then rank 1 (host 2) starts and connects to it. A blocking connect would sit in SYN_SENT for the kernel's
+    # retries (about two minutes); rank 1 must fail at its 6 s timeout, naming rank 0. The store is on host 0.
+    c = cluster_factory(3, rate="1gbit")
+    port = H.free_port()
+    out = str(tmp_path)
+    store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [store]
+    try:
+        end = time.time() + 60
+        while not os.path.exists(os.path.join(out, "store.json")):
+            assert time.time() < end and store.poll() is None, "the store did not start"
+            time.sleep(0.1)
+        env = dict(TORCHELASTIC_USE_AGENT_STORE="True", PLAIT_TEST_PG_TIMEOUT_S="6")
+        procs.append(c.popen(1, [sys.executable, WORKER, "init", out], env=_env_rank(c, 0, 2, port, **env),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        # Wait for rank 0's rendezvous record (plait's key under the default group's store prefix).
+        import datetime
+
+        import torch.distributed as dist
+
+        client = dist.TCPStore(c.addr(0), port, is_master=False, timeout=datetime.timedelta(seconds=60),
+                               wait_for_workers=False)
+        client.wait(["default_pg/0//cpu//plait/0/info/0"])
+        # Host 2 knows host 1's link address already (as after any earlier traffic): without it, the silent host
+        # would not answer ARP and the connect would fail at once with "no route to host", not hang.
+        mac = c.run(1, ["cat", "/sys/class/net/eth0/address"], check=True).stdout.strip()
+        c.run(2, ["ip", "neigh", "replace", c.addr(1), "lladdr", mac, "dev", "eth0", "nud", "permanent"], check=True)
+        c.run(1, ["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "8bit", "burst", "16", "limit",
+                  "16"], check=True)
+        t_start = time.time()
+        procs.append(c.popen(2, [sys.executable, WORKER, "init", out], env=_env_rank(c, 1, 2, port, **env),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        log = procs[2].communicate(timeout=180)[0]
+        res = _read(out, "init1.json")
+        assert "init1.json" in res, log[-3000:]
+        e = res["init1.json"]
+        print(f"rank 1: {e['at'] - t_start:.1f} s: {e['msg']}")
+        assert e["msg"] != "ok"
+        assert "peer rank 0" in e["msg"], e["msg"]
+        assert e["at"] - e["start"] < 6 + 5, f"took {e['at'] - e['start']:.1f} s: {e['msg']}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
