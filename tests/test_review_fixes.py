@@ -566,3 +566,58 @@ def worker_device_op_syscalls(rank, ws, n):
 def test_device_ops_do_not_probe_peers_each_time():
     res = H.run_world(worker_device_op_syscalls, 2, 2000, pg_timeout_s=PG_TIMEOUT_S, env={"PLAIT_DEVICE": "emulate"})
     assert all(v < 0.1 for v in res), f"read(2) calls per all-reduce: {res} (the old code: 1.0)"
+
+
+# ---- item 6: a ring index a peer wrote out of bounds is a clear error, not a read past the ring ----------------
+# Rank 1 (the writer of its ring in rank 0's segment) overwrites that ring's tail with a value far beyond the ring,
+# as a buggy or hostile local process could. Rank 0's next receive must raise naming the corrupt ring, on every
+# rank, instead of reading (or reducing) bytes beyond the ring's end. The ring is found from the segment's own
+# header (magic "PLAIT1", owner rank, ring count, ring bytes) through /proc/self/maps.
+
+
+def _peer_segment(owner):
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "/dev/shm/" not in line:
+                continue
+            rng = line.split()[0]
+            lo, hi = (int(x, 16) for x in rng.split("-"))
+            magic = ctypes.c_uint64.from_address(lo).value
+            rank = ctypes.c_int32.from_address(lo + 8).value
+            if magic == 0x31544941_4C50 and rank == owner:
+                nslots = ctypes.c_int32.from_address(lo + 12).value
+                ring = ctypes.c_uint64.from_address(lo + 24).value
+                size = os.stat(f"/proc/self/map_files/{rng}").st_size
+                return lo, size, nslots, ring
+    raise AssertionError(f"no mapping of rank {owner}'s shared-memory segment")
+
+
+def worker_corrupt_ring(rank, ws):
+    import ctypes
+
+    t = torch.ones(8)
+    dist.all_reduce(t)
+    dist.barrier()
+    if rank == 1:
+        lo, size, nslots, ring = _peer_segment(0)
+        hdr = size - nslots * (128 + ring)  # the segment header, rounded up to 64 B
+        tail = lo + hdr + 1 * (128 + ring) + 64  # ring of sender slot 1 (rank 1), its tail index
+        head = ctypes.c_uint64.from_address(tail - 64).value
+        assert ctypes.c_uint64.from_address(tail).value == head  # idle: everything written was read
+        ctypes.c_uint64.from_address(tail).value = head + 10 * ring
+    try:
+        dist.all_reduce(torch.ones(8))
+        return "no error"
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_corrupt_ring_index_is_a_clear_error():
+    res = H.run_world(worker_corrupt_ring, 2, pg_timeout_s=PG_TIMEOUT_S, env={"PLAIT_TRANSPORT": "shm"},
+                      expect_fail=True, timeout_s=120)
+    assert all(r.ok for r in res), _explain(res)
+    msgs = [r.value for r in res]
+    assert "ring with peer rank 1 is corrupt" in msgs[0], msgs[0]
+    assert "corrupt" in msgs[1], msgs[1]  # rank 1 hears of it from rank 0
