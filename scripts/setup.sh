@@ -23,7 +23,7 @@ PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 TORCH_VERSION="2.13.0"
-BUILD_DEPS=(scikit-build-core ninja cmake pybind11 pytest pytest-timeout numpy matplotlib)
+BUILD_DEPS=(scikit-build-core ninja cmake pybind11 pytest pytest-timeout numpy matplotlib expecttest)
 STAMP="$VENV/.plait-install-stamp"
 
 log() { echo "[setup] $*" >&2; }

@@ -30,14 +30,28 @@ M = 1 * MiB  # every other block
 
 
 def _mem_available() -> int:
+    """MemAvailable, capped by this container's cgroup memory limit (where /proc/meminfo shows the host's)."""
+    avail = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    for path, used_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(path) as f:
+                lim = f.read().strip()
+            if lim == "max":
+                continue
+            with open(used_path) as f:
+                used = int(f.read().strip())
+            avail = min(avail, int(lim) - used)
+        except (OSError, ValueError):
+            continue
+    return avail
 
 
 pytestmark = [

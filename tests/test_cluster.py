@@ -167,16 +167,20 @@ def test_a_failure_with_the_store_host_gone_is_reported_without_waiting_for_the_
     c = cluster_factory(4, rate="1gbit")
     port = H.free_port()
     out = str(tmp_path)
-    store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    end = time.time() + 60
-    while not os.path.exists(os.path.join(out, "store.json")):
-        assert time.time() < end and store.poll() is None, "the store did not start"
-        time.sleep(0.1)
-    procs = [c.popen(r + 1, [sys.executable, WORKER, "fault", out],
-                     env=_env_rank(c, r, 3, port, TORCHELASTIC_USE_AGENT_STORE="True"),
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(3)]
+    procs = []
     try:
+        store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(store)
+        end = time.time() + 60
+        while not os.path.exists(os.path.join(out, "store.json")):
+            assert time.time() < end and store.poll() is None, "the store did not start"
+            time.sleep(0.1)
+        for r in range(3):
+            procs.append(c.popen(r + 1, [sys.executable, WORKER, "fault", out],
+                                 env=_env_rank(c, r, 3, port, TORCHELASTIC_USE_AGENT_STORE="True"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs = procs[1:] + [store]  # ranks 0..2, then the store
         end = time.time() + 120
         while len(_read(out, "started*.json")) < 3:
             assert time.time() < end and all(p.poll() is None for p in procs), (
@@ -198,7 +202,7 @@ def test_a_failure_with_the_store_host_gone_is_reported_without_waiting_for_the_
             assert e["at"] - t_kill < 10, f"rank {r} took {e['at'] - t_kill:.1f} s: {e['msg']}"
             print(f"rank {r}: {e['at'] - t_kill:.1f} s: {e['msg']}")
     finally:
-        for p in procs + [store]:
+        for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
@@ -212,10 +216,11 @@ def test_connect_to_a_silent_peer_keeps_the_deadline(cluster_factory, tmp_path):
     c = cluster_factory(3, rate="1gbit")
     port = H.free_port()
     out = str(tmp_path)
-    store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    procs = [store]
+    procs = []
     try:
+        store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(store)
         end = time.time() + 60
         while not os.path.exists(os.path.join(out, "store.json")):
             assert time.time() < end and store.poll() is None, "the store did not start"
@@ -230,7 +235,11 @@ def test_connect_to_a_silent_peer_keeps_the_deadline(cluster_factory, tmp_path):
 
         client = dist.TCPStore(c.addr(0), port, is_master=False, timeout=datetime.timedelta(seconds=60),
                                wait_for_workers=False)
-        client.wait(["default_pg/0//cpu//plait/0/info/0"])
+        key = "default_pg/0//cpu//plait/0/info/0"  # torch's prefix for the default group + plait's rendezvous key
+        try:
+            client.wait([key], datetime.timedelta(seconds=60))
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"rank 0 never published {key!r} (did torch's store prefix or plait's key change?): {e}")
         # Host 2 knows host 1's link address already (as after any earlier traffic): without it, the silent host
         # would not answer ARP and the connect would fail at once with "no route to host", not hang.
         mac = c.run(1, ["cat", "/sys/class/net/eth0/address"], check=True).stdout.strip()

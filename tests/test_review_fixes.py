@@ -427,6 +427,10 @@ def worker_fd_limit(rank, ws, limited, k, path):
             pass
         for _ in range(k):
             os.close(fds.pop())
+    # Both ranks start init together (import times differ on a loaded machine): a file barrier.
+    open(f"{path}.ready{rank}", "w").close()
+    while not os.path.exists(f"{path}.ready{1 - rank}"):
+        time.sleep(0.01)
     t0, r0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
 
     def measured(msg):
@@ -439,7 +443,7 @@ def worker_fd_limit(rank, ws, limited, k, path):
 
     try:
         dist.init_process_group("plait", init_method=f"file://{path}", rank=rank, world_size=ws,
-                                timeout=__import__("datetime").timedelta(seconds=4))
+                                timeout=__import__("datetime").timedelta(seconds=6))
         t = torch.ones(4)
         dist.all_reduce(t)
         return measured("ok")
@@ -465,7 +469,7 @@ def test_out_of_file_descriptors_while_connecting(limited, tmp_path):
             return
         if limited == 1 and "peer rank 0" in v["msg"]:  # got as far as connecting
             assert "socket()" in v["msg"] and "Too many open files" in v["msg"], v["msg"]
-            assert v["wall"] < 3, f"took {v['wall']:.1f} s: {v['msg']}"
+            assert v["wall"] < 4, f"took {v['wall']:.1f} s: {v['msg']}"  # at once, not at the 6 s deadline
             return
     pytest.fail(f"no k reached the TCP mesh: {seen}")
 
@@ -480,20 +484,24 @@ def test_out_of_file_descriptors_while_connecting(limited, tmp_path):
 def worker_wait_with_parked_data(rank, ws, n):
     import resource
 
+    import plait
+
+    g = dist.new_group(backend="plait", pg_options=plait.Options(algo="ring"))
     t = torch.full((n,), float(rank + 1))
+    dist.barrier()
     if rank == 0:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=g)
         return dict(sum=float(t[0]))
     if rank == 2:
         time.sleep(3)
         dist.send(torch.arange(4.0), 1)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=g)
         return dict(sum=float(t[0]))
     got = torch.empty(4)
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     dist.recv(got, 2)
     r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - t0
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=g)
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     return dict(sum=float(t[0]), got=got.tolist(), cpu=cpu, wall=wall)
 
@@ -505,7 +513,7 @@ def test_waiting_beside_parked_data_does_not_spin(transport):
     assert [r["sum"] for r in res] == [6.0, 6.0, 6.0]
     r1 = res[1]
     assert r1["got"] == [0.0, 1.0, 2.0, 3.0]
-    assert r1["wall"] > 2.5
+    assert r1["wall"] > 2.0
     assert r1["cpu"] < 0.3 * r1["wall"], f"{r1['cpu']:.2f} s of CPU while waiting {r1['wall']:.2f} s"
 
 
@@ -539,7 +547,7 @@ def test_waiting_for_a_late_rank_does_not_spin(algo):
                       env={"PLAIT_TRANSPORT": "tcp"})
     assert [r["sum"] for r in res] == [18.0] * 3  # (1+2+3) twice
     for r, v in enumerate(res[:2]):
-        assert v["wall"] > 2.5, (r, v)
+        assert v["wall"] > 2.0, (r, v)
         assert v["cpu"] < 0.3 * v["wall"], f"rank {r}: {v['cpu']:.2f} s of CPU while waiting {v['wall']:.2f} s"
 
 
@@ -604,8 +612,13 @@ def worker_corrupt_ring(rank, ws):
         lo, size, nslots, ring = _peer_segment(0)
         hdr = size - nslots * (128 + ring)  # the segment header, rounded up to 64 B
         tail = lo + hdr + 1 * (128 + ring) + 64  # ring of sender slot 1 (rank 1), its tail index
-        head = ctypes.c_uint64.from_address(tail - 64).value
-        assert ctypes.c_uint64.from_address(tail).value == head  # idle: everything written was read
+        deadline = time.monotonic() + 10
+        while True:  # idle: everything rank 1 wrote was read (rank 0 may still be draining the barrier)
+            head = ctypes.c_uint64.from_address(tail - 64).value
+            if ctypes.c_uint64.from_address(tail).value == head:
+                break
+            assert time.monotonic() < deadline, "the ring did not drain"
+            time.sleep(0.01)
         ctypes.c_uint64.from_address(tail).value = head + 10 * ring
     try:
         dist.all_reduce(torch.ones(8))
@@ -619,5 +632,7 @@ def test_corrupt_ring_index_is_a_clear_error():
                       expect_fail=True, timeout_s=120)
     assert all(r.ok for r in res), _explain(res)
     msgs = [r.value for r in res]
-    assert "ring with peer rank 1 is corrupt" in msgs[0], msgs[0]
-    assert "corrupt" in msgs[1], msgs[1]  # rank 1 hears of it from rank 0
+    # Whichever side touches the ring first names it (rank 0 reading, rank 1 writing past its own tail); the other
+    # hears of it. The old code read past the tail instead ("garbage ... bad magic").
+    assert any("ring with peer rank" in m and "is corrupt (" in m for m in msgs), msgs
+    assert all("corrupt" in m for m in msgs), msgs

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <fstream>
 #include <condition_variable>
+#include <cxxabi.h>
 #include <map>
 #include <random>
 #include <thread>
@@ -113,7 +114,7 @@ bool Comm::finished(const Xfer* x) {
 }
 
 Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts)
-    : rank_(rank), size_(size), timeout_(timeout) {
+    : rank_(rank), size_(size), timeoutMs_(int64_t(timeout.count())) {
   PLAIT_CHECK(size >= 1 && rank >= 0 && rank < size, "plait: invalid rank ", rank, " of world size ", size);
   algo_ = parseAlgo(opts.algo.empty() ? knobs().algo : opts.algo);
   chunkBytes_ = std::max<size_t>(1, opts.chunkBytes ? opts.chunkBytes : knobs().chunkBytes);
@@ -136,7 +137,7 @@ void Comm::setDevice(int device, void* stream) {
   if (!dev_ && !viaHost_) {
     std::unique_ptr<DeviceOps> ops;
     if (knobs().device == "emulate") {
-      ops = makeEmulatedDeviceOps(timeout_);
+      ops = makeEmulatedDeviceOps(timeout());
     } else {
       std::string why;
       ops = makeCudaDeviceOps(&why);
@@ -369,7 +370,7 @@ void Comm::rendezvous(Store& store, const Options& opts) {
     shm_->unlinkOwn();
   }
   if (tcp_) {
-    tcp_->connectAll(tcpPeers, addrs, fromHex(secret), prefix + uuid, timeout_.count());
+    tcp_->connectAll(tcpPeers, addrs, fromHex(secret), prefix + uuid, timeout().count());
     tcp_->closeListener();
   }
   for (int p : shmPeers) channels_[p] = shm_->channel(p);
@@ -421,7 +422,7 @@ void Comm::probeLink(Store& store) {
   for (int h = 0; h < nh; ++h)
     if (hostRanks_[h][0] == rank_) me = h;
   if (me >= 0) {
-    const auto deadline = Clock::now() + timeout_;
+    const auto deadline = Clock::now() + timeout();
     double alpha = 0;
     if (me <= 1) {
       // Latency: ping-pong of 8 bytes between the leaders of hosts 0 and 1; half the median round trip.
@@ -573,22 +574,33 @@ char* Comm::scratch(size_t bytes) {
   return scratch_.data();
 }
 
+namespace {
+// Failure-bookkeeping threads still talking to a store (see recordFailure): past a few, the store is not answering
+// and more threads would only queue behind the same dead connection.
+std::atomic<int> gStoreThreads{0};
+constexpr int kMaxStoreThreads = 4;
+}  // namespace
+
 std::string Comm::recordFailure(const std::string& what, bool wantOrigin) {
   // The store's part of a failure: look up the first failure in the group (one key, written once by the rank that
-  // wins an add on "failures"), then record this one. It runs on a thread of its own and the failing thread waits
-  // for it at most a second: with the store's host gone silent (no FIN, no RST), a store round trip blocks for the
-  // store's own timeout or longer, and the error must reach the caller now (it waits only for the lookup). A lookup that did not finish in time
-  // only costs the message its "first failure" detail; the thread finishes (or stays blocked) on its own and
-  // holds nothing of this communicator but the store.
+  // wins an add on "failures"; only when wantOrigin), then record this one. It runs on a thread of its own and the
+  // failing thread waits for both at most a second: with the store's host gone silent (no FIN, no RST), a store
+  // round trip blocks for the store's own timeout or longer, and the error must reach the caller now. What did not
+  // finish in time costs the message its "first failure" detail (and the group its record, if it never gets
+  // through); the thread finishes, or stays blocked in the store client, on its own: it holds nothing of this
+  // communicator but the store. While it is blocked, other users of the same store client may wait behind it (the
+  // store is not answering them either).
   struct Outcome {
     std::mutex m;
     std::condition_variable cv;
     bool done = false;
     std::string origin;
   };
+  if (gStoreThreads.load() >= kMaxStoreThreads) return "";
   auto out = std::make_shared<Outcome>();
   std::shared_ptr<Store> store = store_;
   const std::string prefix = prefix_, mine = cat("rank ", rank_, ": ", what);
+  gStoreThreads.fetch_add(1);
   try {
     std::thread([out, store, prefix, mine, wantOrigin] {
       std::string origin;
@@ -598,24 +610,28 @@ std::string Comm::recordFailure(const std::string& what, bool wantOrigin) {
           std::string v = store->get(key);
           if (!v.empty()) origin = cat(" (first failure in the group: ", v, ")");
         }
+        if (store->add(cat(prefix, "failures"), 1) == 1) store->set(cat(prefix, "failed/first"), mine);
+      } catch (abi::__forced_unwind&) {
+        gStoreThreads.fetch_sub(1);
+        throw;  // thread cancellation (pthread_exit while the interpreter finalizes): must not be swallowed
       } catch (...) {
         // the store may be gone with the failed rank: report what this rank saw
       }
-      try {
-        if (store->add(cat(prefix, "failures"), 1) == 1) store->set(cat(prefix, "failed/first"), mine);
-      } catch (...) {
+      {
+        std::lock_guard<std::mutex> g(out->m);
+        out->origin = std::move(origin);
+        out->done = true;
       }
-      std::lock_guard<std::mutex> g(out->m);
-      out->origin = std::move(origin);
-      out->done = true;
       out->cv.notify_all();
+      gStoreThreads.fetch_sub(1);
     }).detach();
   } catch (...) {
+    gStoreThreads.fetch_sub(1);
     return "";  // no thread to be had: the failure goes on without the store
   }
-  if (!wantOrigin) return "";  // nothing to wait for: the record is written when the store answers
+  auto wait = timeout();
+  if (wait.count() <= 0 || wait > std::chrono::milliseconds(1000)) wait = std::chrono::milliseconds(1000);
   std::unique_lock<std::mutex> lk(out->m);
-  const auto wait = std::min<std::chrono::milliseconds>(timeout(), std::chrono::milliseconds(1000));
   out->cv.wait_for(lk, wait, [&] { return out->done; });
   return out->done ? out->origin : std::string();
 }
@@ -1118,13 +1134,13 @@ void Comm::checkP2PDeadlines(Clock::time_point now) {
       auto& q = (*qs)[p];
       if (q.empty() || !q.front()->onDone || now < q.front()->deadline) continue;
       const Xfer* x = q.front();
-      throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout_.count(), " ms in ",
+      throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout().count(), " ms in ",
                       x->kind == Xfer::kSend ? "send to" : "recv from", " rank ", p, " (tag ", x->hdr.root, ", ",
                       x->done, "/", x->len, " bytes done)"));
     }
   for (const AnyRecv& a : anyQ_)
     if (now >= a.deadline)
-      throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout_.count(),
+      throw Error(cat("plait: rank ", rank_, ": Timed out after ", timeout().count(),
                       " ms in recv from any source (tag ", a.tag, ", ", a.len, " bytes): no peer sent it"));
 }
 
@@ -1184,7 +1200,7 @@ void Comm::interrupt() {
 }
 
 bool Comm::progressP2P(std::chrono::microseconds budget) {
-  if (pending_ > pendingColl_) drive(Clock::now() + budget, true, false, timeout_);
+  if (pending_ > pendingColl_) drive(Clock::now() + budget, true, false, timeout());
   trimXfers();
   return pending_ > 0;
 }

@@ -86,8 +86,9 @@ class Comm {
   int size() const { return size_; }
   const Topology& topology() const { return topo_; }
   Algo forcedAlgo() const { return algo_; }
-  std::chrono::milliseconds timeout() const { return timeout_; }
-  void setTimeout(std::chrono::milliseconds t) { timeout_ = t; }
+  std::chrono::milliseconds timeout() const { return std::chrono::milliseconds(timeoutMs_.load(std::memory_order_relaxed)); }
+  // Any thread (the torch layer sets it from the caller's thread while the worker reads it).
+  void setTimeout(std::chrono::milliseconds t) { timeoutMs_.store(int64_t(t.count()), std::memory_order_relaxed); }
 
   // ---- device buffers (plait/device.h) ----
   // While set, the collectives below take device pointers (CUDA, or PLAIT_DEVICE=emulate) and enqueue their work on
@@ -188,7 +189,7 @@ class Comm {
   // Drives every posted transfer to completion. On the deadline: throws naming the peers still pending,
   // or, with throwOnTimeout false, returns false leaving the unfinished transfers to be inspected.
   bool waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout = true);
-  void waitAll() { waitAll(timeout_); }
+  void waitAll() { waitAll(timeout()); }
   static bool finished(const Xfer* x);
   // Scratch memory owned by the communicator (grows, reused across collectives).
   char* scratch(size_t bytes);
@@ -271,7 +272,7 @@ class Comm {
   std::string describePending() const;
 
   int rank_, size_;
-  std::chrono::milliseconds timeout_;
+  std::atomic<int64_t> timeoutMs_;
   Algo algo_ = Algo::kAuto;
   size_t chunkBytes_;
   Topology topo_;

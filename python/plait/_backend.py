@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -86,6 +87,7 @@ def _create(dist_opts, pg_options):
 
 def _register():
     if "PLAIT" in dist.Backend._plugins:  # already registered (module reloaded)
+        _name_in_ddp_logging_data()
         return
     dist.Backend.register_backend("plait", _create, extended_api=True, devices=["cpu", "cuda"])
     _name_in_ddp_logging_data()
@@ -106,19 +108,20 @@ def _name_in_ddp_logging_data():
     if orig is None or getattr(orig, "_plait", False):
         return
 
+    @functools.wraps(orig)
     def _get_ddp_logging_data(self):
         data = orig(self)
         if data.get("backend_name") == "custom":
             try:
-                if dist.get_backend(self.process_group) == "plait":
-                    data["backend_name"] = "plait"
+                # "plait", or a per-device string such as "cpu:gloo,cuda:plait"
+                name = str(dist.get_backend(self.process_group))
+                if name == "plait" or "plait" in {p.split(":")[-1] for p in name.split(",")}:
+                    data["backend_name"] = "plait" if name == "plait" else name
             except Exception:  # noqa: BLE001 (a group torch cannot name: leave torch's answer)
                 pass
         return data
 
     _get_ddp_logging_data._plait = True
-    _get_ddp_logging_data.__doc__ = orig.__doc__
-    _get_ddp_logging_data.__wrapped__ = orig
     DDP._get_ddp_logging_data = _get_ddp_logging_data
 
 

@@ -203,7 +203,7 @@ void Comm::isend(const void* buf, size_t bytes, int peer, int tag, Done done) {
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
   Xfer* x = postSend(peer, buf, bytes);
   x->onDone = std::move(done);
-  x->deadline = Clock::now() + timeout_;
+  x->deadline = Clock::now() + timeout();
 }
 
 void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
@@ -212,14 +212,14 @@ void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
   Xfer* x = postRecv(peer, buf, bytes);
   x->onDone = std::move(done);
-  x->deadline = Clock::now() + timeout_;
+  x->deadline = Clock::now() + timeout();
   matchUnexpectedOrFail(peer);  // the message may be here already
 }
 
 void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
   PLAIT_CHECK(size_ > 1, "plait: rank ", rank_, ": recv from any source in a group of one rank would never finish");
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
-  anyQ_.push_back(AnyRecv{static_cast<char*>(buf), bytes, tag, std::move(done), Clock::now() + timeout_});
+  anyQ_.push_back(AnyRecv{static_cast<char*>(buf), bytes, tag, std::move(done), Clock::now() + timeout()});
   ++pending_;
   // A message already buffered from some peer (lowest rank first) may be the one.
   for (int p = 0; p < size_ && !anyQ_.empty(); ++p)
