@@ -159,6 +159,19 @@ def test_a_host_that_goes_silent_is_declared_lost_without_waiting_for_the_group_
         print(f"rank {r}: {e['at'] - t_cut:.1f} s: {e['msg']}")
 
 
+def _start_store_host(c, out, port, procs):
+    """Runs the rendezvous store's server alone on host 0 (appended to procs, for the caller's cleanup) and waits
+    until it listens."""
+    store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.append(store)
+    end = time.time() + 60
+    while not os.path.exists(os.path.join(out, "store.json")):
+        assert time.time() < end and store.poll() is None, "the store did not start"
+        time.sleep(0.1)
+    return store
+
+
 def test_a_failure_with_the_store_host_gone_is_reported_without_waiting_for_the_store(cluster_factory, tmp_path):
     # Issue 10, item 10: the rendezvous store lives on a host of its own (host 0, no rank), which goes silent (its
     # interface down: no FIN, no RST), then the host of rank 2 dies. Ranks 0 and 1 must report the lost rank at
@@ -169,13 +182,7 @@ def test_a_failure_with_the_store_host_gone_is_reported_without_waiting_for_the_
     out = str(tmp_path)
     procs = []
     try:
-        store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        procs.append(store)
-        end = time.time() + 60
-        while not os.path.exists(os.path.join(out, "store.json")):
-            assert time.time() < end and store.poll() is None, "the store did not start"
-            time.sleep(0.1)
+        store = _start_store_host(c, out, port, procs)
         for r in range(3):
             procs.append(c.popen(r + 1, [sys.executable, WORKER, "fault", out],
                                  env=_env_rank(c, r, 3, port, TORCHELASTIC_USE_AGENT_STORE="True"),
@@ -218,13 +225,7 @@ def test_connect_to_a_silent_peer_keeps_the_deadline(cluster_factory, tmp_path):
     out = str(tmp_path)
     procs = []
     try:
-        store = c.popen(0, [sys.executable, WORKER, "store", out], env={"MASTER_PORT": str(port)},
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        procs.append(store)
-        end = time.time() + 60
-        while not os.path.exists(os.path.join(out, "store.json")):
-            assert time.time() < end and store.poll() is None, "the store did not start"
-            time.sleep(0.1)
+        store = _start_store_host(c, out, port, procs)
         env = dict(TORCHELASTIC_USE_AGENT_STORE="True", PLAIT_TEST_PG_TIMEOUT_S="6")
         procs.append(c.popen(1, [sys.executable, WORKER, "init", out], env=_env_rank(c, 0, 2, port, **env),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
