@@ -17,6 +17,9 @@ int copy(void*, const void*, size_t, void*) { return kNotBuilt; }
 int pull(bool, RedOp, DType, void*, const char*, const PullDesc*, size_t, uint32_t*, uint32_t, void*) {
   return kNotBuilt;
 }
+int codecEncode(uint8_t, uint32_t, DType, const void*, size_t, float, void*, void*) { return kNotBuilt; }
+int codecDecode(uint8_t, uint32_t, const void*, size_t, DType, void*, void*) { return kNotBuilt; }
+int codecDecodeAccumulate(uint8_t, uint32_t, const void*, size_t, float*, void*) { return kNotBuilt; }
 int smCount() { return 0; }
 }  // namespace cuda
 }  // namespace plait

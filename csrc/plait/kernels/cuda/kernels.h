@@ -44,6 +44,23 @@ static_assert(sizeof(PullDesc) == 16, "PullDesc is four 32-bit words");
 int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
          uint32_t* err, uint32_t errCode, void* stream);
 
+// Block-quantization codecs (cuda/codec.cu): the wire format, rounding and NaN rules of kernels/codec.h, computed
+// with the same functions as the CPU kernels (kernels/codec_impl.h), so the bytes written and the values decoded are
+// bit for bit the CPU's. `codec` is a plait::codec::Codec value (int8 1, int4 2, fp8 3, bf16 4; none is invalid
+// here); block 0 means the codec's default, any other block must be a multiple of 8 in [8, 65536]; dt is float32,
+// bfloat16 or float16. Value buffers (src of encode, dst of decode, acc) must be aligned to their element; encoded
+// buffers may start at any byte. Buffers must not overlap. Invalid arguments return cudaErrorInvalidValue and
+// enqueue nothing; n == 0 enqueues nothing.
+//
+// Encodes n values of src (each divided by div unless div == 1; div must be finite and nonzero) into
+// plait::codec::encodedBytes({codec, block}, n) bytes at dst.
+int codecEncode(uint8_t codec, uint32_t block, DType dt, const void* src, size_t n, float div, void* dst,
+                void* stream);
+// dst[i] = decoded value i rounded to nearest even to dt, for i < n.
+int codecDecode(uint8_t codec, uint32_t block, const void* src, size_t n, DType dt, void* dst, void* stream);
+// acc[i] = acc[i] + decoded value i (float32, one rounding, not fused), for i < n.
+int codecDecodeAccumulate(uint8_t codec, uint32_t block, const void* src, size_t n, float* acc, void* stream);
+
 // Multiprocessors of the current device (cached per device); 0 if unknown.
 int smCount();
 
