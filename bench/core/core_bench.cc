@@ -18,7 +18,7 @@
 #include <thread>
 #include <vector>
 
-#include "plait/comm.h"
+#include "plait/algo/collectives.h"
 
 namespace {
 
@@ -94,9 +94,9 @@ int main(int argc, char** argv) {
       std::vector<double> ts;
       for (int i = 0; i < it + 3; ++i) {
         std::fill(buf.begin(), buf.begin() + std::min<size_t>(count, 16), 1.0f);
-        if (!std::getenv("NOBARRIER")) comm.barrier();
+        if (!std::getenv("NOBARRIER")) plait::coll::barrier(comm);
         auto t0 = std::chrono::steady_clock::now();
-        comm.allreduce(buf.data(), count, plait::DType::kFloat32, plait::RedOp::kSum);
+        plait::coll::allreduce(comm, buf.data(), count, plait::DType::kFloat32, plait::RedOp::kSum);
         if (i >= 3) ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
       if (buf[0] != float(n)) std::fprintf(stderr, "rank %d: wrong result %f\n", r, buf[0]);

@@ -1,5 +1,6 @@
-// A communicator: one process group's ranks, their channels (shared memory or TCP per peer, decided at
-// rendezvous), and the engine that every algorithm is written against: post a send / receive / receive-and-reduce
+// A communicator: one process group's ranks, their channels (shared memory or TCP per peer, set up by bootstrap.h),
+// the failure state of the group (comm.cc), and the engine (engine.cc) that every algorithm (algo/collectives.h) is
+// written against: post a send / receive / receive-and-reduce
 // of a byte range to a peer, then wait for all of them with a deadline. Every message starts with a WireHeader so
 // that ranks which disagree about a collective fail loudly instead of corrupting data.
 #pragma once
@@ -15,15 +16,15 @@
 #include <string>
 #include <vector>
 
+#include "plait/bootstrap.h"
 #include "plait/common.h"
+#include "plait/kernels/codec.h"
 #include "plait/kernels/reduce.h"
 #include "plait/store.h"
 #include "plait/transport/channel.h"
 
 namespace plait {
 
-class ShmDomain;
-class TcpDomain;
 class DeviceEngine;
 class DeviceOps;
 
@@ -32,20 +33,6 @@ enum class Coll : uint8_t {
   kSendRecv, kMonitoredBarrier
 };
 const char* collName(Coll c);
-
-// kHier: hierarchical, the cost model picks ring or tree across hosts; kHierRing / kHierTree force that choice.
-enum class Algo : uint8_t { kAuto, kRing, kTree, kDirect, kHier, kHierRing, kHierTree };
-const char* algoName(Algo a);
-Algo parseAlgo(const std::string& s);
-
-struct Options {
-  std::string algo = "";       // empty: PLAIT_ALGO
-  std::string transport = "";  // empty: PLAIT_TRANSPORT
-  size_t chunkBytes = 0;       // 0: PLAIT_CHUNK_BYTES
-  size_t shmRingBytes = 0;     // 0: PLAIT_SHM_RING_BYTES
-  std::string addressHint;     // host of the rendezvous store, to pick the interface to advertise
-  std::string groupName;
-};
 
 struct WireHeader {
   uint32_t magic;
@@ -56,24 +43,8 @@ struct WireHeader {
   uint64_t bytes;  // payload bytes of this message
 };
 static_assert(sizeof(WireHeader) == 32, "wire header is 32 bytes");
-
-// Where ranks live: the cost model's input, identical on every rank.
-struct Topology {
-  int nranks = 1;
-  int nhosts = 1;
-  bool allShm = true;           // every peer pair uses shared memory
-  bool oversubscribed = false;  // some host runs more ranks of this group than it has cores
-  int maxLocal = 1;             // the most ranks of this group on one host
-  double cpuLoad = 1;           // the most ranks of this group per core on one machine (emulated hosts share one)
-  // The link between hosts (nhosts > 1): one-way latency and inverse bandwidth, measured once at group creation
-  // between the leaders of hosts 0 and 1 (or set by PLAIT_LINK_ALPHA_US / PLAIT_LINK_GBPS), the same on every rank.
-  double linkAlphaUs = 0, linkUsPerByte = 0;
-  std::string linkSource;
-  // Bytes each all-reduce schedule moves through the busiest host's link (in or out), per byte of the buffer.
-  double crossRing = 0, crossTree = 0, crossOneShot = 0, crossTwoShot = 0, crossHierRing = 0, crossHierTree = 0;
-  // The collective runs on device memory through the device engine (set only while one does).
-  bool device = false;
-};
+inline constexpr uint32_t kWireMagic = 0x504c5431;   // "PLT1"
+inline constexpr uint32_t kAbortMagic = 0x504c5458;  // "PLTX": a failing rank's last words to a TCP peer
 
 class Comm {
  public:
@@ -85,6 +56,11 @@ class Comm {
   int rank() const { return rank_; }
   int size() const { return size_; }
   const Topology& topology() const { return topo_; }
+  // host index -> its ranks (increasing; the leader first), and rank -> host index.
+  const std::vector<std::vector<int>>& hostRanks() const { return hostRanks_; }
+  const std::vector<int>& hostOf() const { return hostOf_; }
+  // The current collective's sequence number (carried in every message header).
+  uint32_t seq() const { return seq_; }
   Algo forcedAlgo() const { return algo_; }
   std::chrono::milliseconds timeout() const { return std::chrono::milliseconds(timeoutMs_.load(std::memory_order_relaxed)); }
   // Any thread (the torch layer sets it from the caller's thread while the worker reads it).
@@ -112,19 +88,6 @@ class Comm {
   void localCopy(void* dst, const void* src, size_t bytes);
   void localReduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t count);
 
-  // ---- collectives (algo/*.cc); buffers are host memory (device memory in device mode), counts are elements ----
-  void allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo = Algo::kAuto);
-  void broadcast(void* buf, size_t bytes, int root);
-  // Result lands in buf on root; other ranks' buf are left unchanged.
-  void reduce(void* buf, size_t count, DType dtype, RedOp op, int root);
-  // out holds size() blocks of bytes[i] each, packed; in is this rank's block (may alias its place in out).
-  void allgather(const void* in, void* out, const std::vector<size_t>& bytes);
-  // in holds size() packed blocks of counts[i] elements; out receives the reduction of block rank().
-  void reduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op);
-  // Block i of in (sendBytes[i]) goes to rank i; block j of out (recvBytes[j]) comes from rank j.
-  void alltoall(const void* in, const std::vector<size_t>& sendBytes, void* out, const std::vector<size_t>& recvBytes);
-  void gather(const void* in, size_t bytes, void* out, int root);
-  void scatter(const void* in, void* out, size_t bytes, int root);
   // Point-to-point transfers are posted and return at once; `done` runs (with nullptr, or the error message) when
   // the transfer finishes, from whichever thread drives the engine (a collective's wait, or progressP2P).
   // Sends and receives to one peer are matched in the order they are posted; tags must agree.
@@ -148,17 +111,38 @@ class Comm {
   // requestAbort, then fails the communicator at once on this thread (peers told, pending transfers completed with
   // the error). Only while no other thread drives the engine (the torch layer holds its work lock).
   void abortNow(const std::string& why) noexcept;
-  void barrier();
-  void monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks);
+
+  // ---- device staging (algo/device_collectives.cc copies each device collective through it) ----
+  // True when a collective should take the staged device path (device mode, not yet inside a staged call).
+  bool stageOnDevice() const { return devActive_ && !devStaged_; }
+  // The staging buffer a device collective copies through: the device engine's (`need` must be the same on every
+  // rank: it may grow, collectively) or the page-locked host buffer (grows locally).
+  char* stageBuf(size_t need);
+  size_t stageSlice() const;  // bytes an element-wise collective handles per pass
+  // Scratch for the schedule starts this far into the device engine's staging buffer (no-op via host).
+  void setStageScratchBase(size_t off);
+  // Runs a collective's body on the staged pointers: on the device engine, or on the host after the copies in.
+  void runStaged(const std::function<void()>& body);
+  // Runs body on the host engine in the middle of a device collective, returning to device mode however it ends.
+  void runOnHost(const std::function<void()>& body);
 
   // ---- engine verbs the algorithms use ----
   struct Xfer {
-    enum Kind : uint8_t { kSend, kRecv, kRecvReduce } kind;
+    // kSendEnc / kRecvDec / kRecvDecAcc are codec transfers (postSendEnc and friends): `len`, `done` and a
+    // dependency's progress count wire bytes of the encoded stream, which moves in whole codec blocks.
+    enum Kind : uint8_t { kSend, kRecv, kRecvReduce, kSendEnc, kRecvDec, kRecvDecAcc } kind;
     int peer;
     char* buf;
     size_t len;
     const Xfer* dep;
     size_t done = 0;
+    // Codec transfers: the values buf holds (kSendEnc: `vdt` source values, each divided by `div` before encoding;
+    // kRecvDec: `vdt` destination; kRecvDecAcc: float32 accumulator), and the encoded segment a send is writing out.
+    size_t values = 0;
+    DType vdt = DType::kFloat32;
+    float div = 1.0f;
+    std::unique_ptr<char[]> seg;
+    size_t segLen = 0, segOff = 0;
     size_t hdrDone = 0;
     // Every message is padded to a multiple of 8 bytes on the wire, so the next header and typed payloads always
     // start 8-aligned in a ring (receive-and-reduce reads elements in place).
@@ -177,8 +161,16 @@ class Comm {
     // The schedule this rank runs (schedCode); carried in every message's header so that ranks which chose
     // differently raise instead of exchanging the wrong bytes. 0: the collective has one schedule.
     uint8_t sched = 0;
+    // The codec of the collective's codec transfers (all_reduce with compression); the header's root field carries
+    // codecWord(spec) so that ranks which disagree on codec or block raise the usual mismatch error.
+    codec::Spec spec{};
   };
+  static int32_t codecWord(const codec::Spec& s) { return int32_t((uint32_t(s.codec) << 24) | s.block); }
   static uint8_t schedCode(Algo a, bool oneShot = false) { return uint8_t(uint8_t(a) + 1) | (oneShot ? 0x80 : 0); }
+  // Set in a compressed all-reduce's schedule code (the header's root field then carries codecWord(spec)).
+  static constexpr uint8_t kSchedCompressed = 0x40;
+  // The current collective (as passed to begin(), with its schedule).
+  const CollCtx& ctx() const { return ctx_; }
   // Records the schedule chosen after begin() (before anything is posted).
   void setSchedule(uint8_t code) { ctx_.sched = code; }
   // Starts a collective: takes the next sequence number, checks the communicator is healthy.
@@ -186,6 +178,14 @@ class Comm {
   Xfer* postSend(int peer, const void* buf, size_t bytes, const Xfer* dep = nullptr);
   Xfer* postRecv(int peer, void* buf, size_t bytes, const Xfer* dep = nullptr);
   Xfer* postRecvReduce(int peer, void* buf, size_t bytes, const Xfer* dep = nullptr);
+  // Codec transfers of `values` values with the collective's codec (CollCtx::spec), fused into the transport: the
+  // sender encodes one segment (whole codec blocks) at a time straight from src and writes it out; the receiver
+  // decodes straight out of the ring / receive buffer into dst (rounded to vdt), or adds the decoded values to a
+  // float32 accumulator (RecvDecAcc), with no tensor-sized intermediate. A dependency must be a codec transfer of
+  // the same number of values (progress is compared in wire bytes).
+  Xfer* postSendEnc(int peer, const void* src, size_t values, DType vdt, float div, const Xfer* dep = nullptr);
+  Xfer* postRecvDec(int peer, void* dst, size_t values, DType vdt, const Xfer* dep = nullptr);
+  Xfer* postRecvDecAcc(int peer, float* acc, size_t values, const Xfer* dep = nullptr);
   // Drives every posted transfer to completion. On the deadline: throws naming the peers still pending,
   // or, with throwOnTimeout false, returns false leaving the unfinished transfers to be inspected.
   bool waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout = true);
@@ -203,7 +203,6 @@ class Comm {
 
  private:
   struct Peer;
-  void rendezvous(Store& store, const Options& opts);
   // The failure's store bookkeeping (look up the group's first failure when wantOrigin, then record this one),
   // bounded in time whatever state the store is in; returns " (first failure in the group: ...)" or "".
   std::string recordFailure(const std::string& what, bool wantOrigin);
@@ -213,6 +212,10 @@ class Comm {
   bool advanceSend(Xfer* x);
   // Moves payload (and padding) of a receive whose header was matched.
   bool advanceRecv(Xfer* x);
+  // Codec transfers: encode a segment and write it out / decode whole blocks straight out of the channel.
+  bool advanceSendEnc(Xfer* x);
+  bool advanceRecvDec(Xfer* x);
+  size_t codecLimit(const Xfer* x) const;
   // The receive side of one peer's stream: reads the next header, hands the message to the collective receive or the
   // point-to-point receive it belongs to (point-to-point messages nobody has asked for yet are buffered, so a
   // collective behind them on the stream can go on), then moves its payload.
@@ -242,32 +245,6 @@ class Comm {
   void tellTcpPeers(const std::string& msg);
   // A failed TCP peer's last words from its control connection ("peer rank P failed first: ..."), or "".
   std::string heardFromTcpPeers(std::chrono::milliseconds wait);
-  // Measures the inter-host link (latency by ping-pong, bandwidth by a stream long enough to drain any token
-  // bucket) between the leaders of hosts 0 and 1 and shares the result through the store.
-  void probeLink(Store& store);
-  // Device mode: the collectives copy their buffers through the staging buffer (algo/collectives.cc).
-  void deviceAllreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo);
-  void deviceBroadcast(void* buf, size_t bytes, int root);
-  void deviceReduce(void* buf, size_t count, DType dtype, RedOp op, int root);
-  void deviceAllgather(const void* in, void* out, const std::vector<size_t>& bytes);
-  void deviceReduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op);
-  void deviceAlltoall(const void* in, const std::vector<size_t>& sendBytes, void* out,
-                      const std::vector<size_t>& recvBytes);
-  void deviceGather(const void* in, size_t bytes, void* out, int root);
-  void deviceScatter(const void* in, void* out, size_t bytes, int root);
-  // True when a public collective should take the staged device path (not yet inside it).
-  bool stageOnDevice() const { return devActive_ && !devStaged_; }
-  // The staging buffer a device collective copies through: the device engine's (`need` must be the same on every
-  // rank: it may grow, collectively) or the page-locked host buffer (grows locally).
-  char* stageBuf(size_t need);
-  size_t stageSlice() const;  // bytes an element-wise collective handles per pass
-  // Runs a collective's body on the staged pointers: on the device engine, or on the host after the copies in.
-  template <typename F>
-  void runStaged(F&& body);
-  struct HostScope;
-  template <typename F>
-  void inSlices(void* buf, size_t count, size_t es, size_t per, bool copyIn, bool copyOut, F&& run);
-  void rawIo(int peer, void* buf, size_t n, bool isWrite, Clock::time_point deadline);
   // The TCP sockets the pending transfers wait on (readable for receives, writable for sends that can move).
   std::string describePending() const;
 
@@ -321,6 +298,7 @@ class Comm {
   ReduceFn reduceFn_ = nullptr;
   size_t elemBytes_ = 1;
   std::vector<char> scratch_;
+  std::vector<char> codecTmp_;  // one codec block split across a ring wrap or TCP buffer boundary
   std::string failure_;
   bool oversubscribed_ = false;
   int reduceThreads_ = 1;

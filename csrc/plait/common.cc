@@ -79,6 +79,8 @@ const Knobs& knobs() {
     if (k.device != "auto" && k.device != "emulate")
       throw Error(cat("plait: PLAIT_DEVICE=", k.device, " is not one of auto, emulate"));
     k.deviceBufferBytes = envSize("PLAIT_DEVICE_BUFFER_BYTES", size_t(64) << 20);
+    k.compression = envStr("PLAIT_COMPRESSION", "none");
+    k.compressionBlock = envSize("PLAIT_COMPRESSION_BLOCK", 0);
     k.kernels = envStr("PLAIT_KERNELS", "auto");
     if (k.kernels != "auto" && k.kernels != "scalar")
       throw Error(cat("plait: PLAIT_KERNELS=", k.kernels, " is not one of auto, scalar"));

@@ -72,6 +72,8 @@ struct Knobs {
   std::string device;      // PLAIT_DEVICE: auto (CUDA tensors use CUDA) | emulate (tests: CPU tensors run the device engine)
   size_t deviceBufferBytes;  // PLAIT_DEVICE_BUFFER_BYTES: initial staging buffer per rank for device collectives
   std::string kernels;     // PLAIT_KERNELS: auto (AVX2/F16C when the CPU has them) | scalar (force the portable kernels)
+  std::string compression;  // PLAIT_COMPRESSION: none|auto|int8|int4|fp8|bf16 (all-reduce on the wire)
+  size_t compressionBlock;  // PLAIT_COMPRESSION_BLOCK: values per codec block (0: the codec's default)
 };
 const Knobs& knobs();
 

@@ -1,4 +1,6 @@
 #include "torch/backend.h"
+#include "plait/algo/collectives.h"
+#include "plait/algo/cost_model.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -221,6 +223,14 @@ PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int ran
     int64_t add(const std::string& k, int64_t d) override { return s->add(k, d); }
     bool check(const std::string& k) override { return s->check({k}); }
   };
+  compression_ = opts.compression.empty() ? plait::knobs().compression : opts.compression;
+  compressionBlock_ = opts.compressionBlock ? opts.compressionBlock : uint32_t(plait::knobs().compressionBlock);
+  try {
+    if (compression_ != "none" && compression_ != "auto") plait::codec::makeSpec(plait::codec::parseCodec(compression_), compressionBlock_);
+    else if (compressionBlock_) plait::codec::makeSpec(plait::codec::Codec::kInt8, compressionBlock_);
+  } catch (const plait::Error& e) {
+    TORCH_CHECK(false, "plait: compression (Options.compression / PLAIT_COMPRESSION): ", e.what());
+  }
   try {
     comm_ = std::make_unique<plait::Comm>(std::make_shared<StoreAdapter>(store), rank, size, timeout, opts);
   } catch (const plait::Error& e) {
@@ -524,20 +534,92 @@ void PlaitBackend::waitForPendingWorks() {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+PlaitBackend::Compression PlaitBackend::resolveCompression(const std::string& mode, const at::Tensor& t, bool sumOrAvg,
+                                                         const char* opName) const {
+  Compression r;
+  r.mode = mode;
+  if (mode == "none") return r;
+  if (mode == "auto") {
+    // auto only ever picks a codec where it is valid; anything else runs full precision.
+    if (!sumOrAvg || !t.device().is_cpu() || t.layout() != at::kStrided) r.mode = "none";
+    return r;
+  }
+  plait::codec::Codec codec;
+  try {
+    codec = plait::codec::parseCodec(mode);
+    r.spec = plait::codec::makeSpec(codec, compressionBlock_);
+  } catch (const plait::Error& e) {
+    TORCH_CHECK(false, "plait: ", opName, ": ", e.what());
+  }
+  const plait::DType dt = toDType(t, opName, "tensor");
+  TORCH_CHECK(sumOrAvg, "plait: ", opName, " with compression ", mode, ": the reduce op must be SUM or AVG (rank ",
+              getRank(), "); compressed all-reduce does not support this op. Nothing was sent");
+  TORCH_CHECK(plait::codec::codecSupports(dt), "plait: ", opName, " with compression ", mode, ": dtype ",
+              t.scalar_type(), " is not supported (float32, bfloat16, float16 only; rank ", getRank(),
+              "). Nothing was sent");
+  TORCH_CHECK(t.device().is_cpu(), "plait: ", opName, " with compression ", mode, ": tensors on ", t.device(),
+              " are not supported yet (CPU tensors only; rank ", getRank(), "). Nothing was sent");
+  if (r.mode == "none") r.mode = "none";
+  return r;
+}
+
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce(std::vector<at::Tensor>& tensors,
                                                        const c10d::AllreduceOptions& opts) {
+  return allreduceWith(tensors, opts, "");
+}
+
+c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduceWith(std::vector<at::Tensor>& tensors,
+                                                           const c10d::AllreduceOptions& opts,
+                                                           const std::string& compression) {
   TORCH_CHECK(!tensors.empty(), "plait: all_reduce needs at least one tensor");
-  if (tensors[0].defined() && tensors[0].layout() == at::kSparse) return sparseAllreduce(tensors, opts);
+  const bool fromGroup = compression.empty() || compression == "group";
+  std::string mode = fromGroup ? compression_ : compression;
+  if (tensors[0].defined() && tensors[0].layout() == at::kSparse) {
+    TORCH_CHECK(mode == "none" || mode == "auto", "plait: all_reduce with compression ", mode,
+                ": sparse tensors are not supported. Nothing was sent");
+    return sparseAllreduce(tensors, opts);
+  }
   for (auto& t : tensors) checkSameKind(t, tensors[0], "all_reduce", "tensor");
   Reduction red = toReduction(opts.reduceOp, tensors[0], "all_reduce");
   DType dt = toDType(tensors[0], "all_reduce", "tensor");
+  const bool sumOrAvg = red.op == RedOp::kSum && !red.premul;
+  // The group's codec applies to the all-reduces it can compress (float SUM / AVG on CPU tensors); the others (an
+  // integer count, a MAX, torch's own bookkeeping) run in full precision. A codec asked for in the call is checked.
+  if (fromGroup && mode != "none" && mode != "auto" &&
+      (!sumOrAvg || !plait::codec::codecSupports(dt) || !tensors[0].device().is_cpu()))
+    mode = "none";
+  Compression comp = resolveCompression(mode, tensors[0], sumOrAvg, "all_reduce");
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);
-  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, When{!opts.asyncOp, opts.timeout}, [this, tensors, red, dt]() mutable {
+  const uint32_t block = compressionBlock_;
+  return submit(c10d::OpType::ALLREDUCE, tensors, bytes, When{!opts.asyncOp, opts.timeout},
+                [this, tensors, red, dt, comp, block]() mutable {
     for (auto& t : tensors) {
       onContiguous(t, [&](at::Tensor& c) {
+        const size_t count = size_t(c.numel());
+        plait::codec::Spec spec = comp.spec;
+        if (comp.mode != "none") {
+          plait::CompressionPlan plan = plait::planCompression(
+              comm_->topology(), count, dt, comp.mode == "auto", comp.spec, block, comm_->forcedAlgo(),
+              plait::coll::compressedHierarchical(*comm_));
+          spec = plan.spec;
+          if (plait::infoEnabled()) {
+            static thread_local std::string last;
+            std::string key = plait::cat(plait::codec::codecName(spec.codec), spec.block, plan.why.substr(0, 20));
+            if (key != last)
+              plait::logInfo(plait::cat("rank ", getRank(), ": all_reduce of ", count, " x ", plait::dtypeName(dt),
+                                        ": compression ", plait::codec::codecName(spec.codec),
+                                        spec.codec != plait::codec::Codec::kNone ? plait::cat(" block ", spec.block) : "",
+                                        plan.hier ? " (hierarchical)" : "", ": ", plan.why));
+            last = key;
+          }
+        }
+        if (spec.codec != plait::codec::Codec::kNone) {
+          plait::coll::allreduceCompressed(*comm_, c.data_ptr(), count, dt, red.avg, spec);
+          return;
+        }
         preReduce(red, c);
-        comm_->allreduce(c.data_ptr(), size_t(c.numel()), dt, red.op);
+        plait::coll::allreduce(*comm_, c.data_ptr(), count, dt, red.op);
         postReduce(red, c, getSize());
       });
     }
@@ -584,7 +666,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::sparseAllreduce(std::vector<at::Ten
     m[3] = ndim;
     for (int64_t d = 0; d < ndim; ++d) m[4 + d] = in.size(d);
     at::Tensor all = at::empty({n, rec}, at::kLong);
-    comm_->allgather(meta.data_ptr(), all.data_ptr(), std::vector<size_t>(n, size_t(rec) * sizeof(int64_t)));
+    plait::coll::allgather(*comm_, meta.data_ptr(), all.data_ptr(), std::vector<size_t>(n, size_t(rec) * sizeof(int64_t)));
     auto* a = all.data_ptr<int64_t>();
     for (int r = 0; r < n; ++r)
       for (int64_t k = 1; k < rec; ++k)
@@ -607,8 +689,8 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::sparseAllreduce(std::vector<at::Ten
     }
     at::Tensor idxAll = at::empty({int64_t(idxTotal)}, at::kByte);
     at::Tensor valAll = at::empty({int64_t(valTotal)}, at::kByte);
-    comm_->allgather(idx.data_ptr(), idxAll.data_ptr(), idxBytes);
-    comm_->allgather(val.data_ptr(), valAll.data_ptr(), valBytes);
+    plait::coll::allgather(*comm_, idx.data_ptr(), idxAll.data_ptr(), idxBytes);
+    plait::coll::allgather(*comm_, val.data_ptr(), valAll.data_ptr(), valBytes);
     // 3. Sum in rank order and coalesce (what gloo returns).
     std::vector<int64_t> valShape = val.sizes().vec();
     at::Tensor out;
@@ -642,7 +724,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce_coalesced(std::vector<at:
     for (auto& t : tensors) flat.push_back(t.reshape({-1}));
     at::Tensor buf = at::cat(flat);
     preReduce(red, buf);
-    comm_->allreduce(buf.data_ptr(), size_t(buf.numel()), dt, red.op);
+    plait::coll::allreduce(*comm_, buf.data_ptr(), size_t(buf.numel()), dt, red.op);
     postReduce(red, buf, getSize());
     int64_t off = 0;
     for (auto& t : tensors) {
@@ -661,7 +743,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::broadcast(std::vector<at::Tensor>& 
               " is outside the group of size ", getSize());
   int root = int(opts.rootRank);
   return submit(c10d::OpType::BROADCAST, tensors, nbytes(tensors[0]), When{!opts.asyncOp, opts.timeout}, [this, tensors, root]() mutable {
-    onContiguous(tensors[0], [&](at::Tensor& c) { comm_->broadcast(c.data_ptr(), nbytes(c), root); });
+    onContiguous(tensors[0], [&](at::Tensor& c) { plait::coll::broadcast(*comm_, c.data_ptr(), nbytes(c), root); });
   });
 }
 
@@ -678,7 +760,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce(std::vector<at::Tensor>& ten
       at::Tensor work = c;
       if (red.premul && getRank() != root) work = c.clone();  // non-root inputs stay as they were
       preReduce(red, work);
-      comm_->reduce(work.data_ptr(), size_t(work.numel()), dt, red.op, root);
+      plait::coll::reduce(*comm_, work.data_ptr(), size_t(work.numel()), dt, red.op, root);
       if (getRank() == root) postReduce(red, c, getSize());
     });
   });
@@ -705,7 +787,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allgather(std::vector<std::vector<a
   return submit(c10d::OpType::ALLGATHER, outs, total, When{!opts.asyncOp, opts.timeout}, [this, outs, inputs, bytes, total]() mutable {
     at::Tensor in = inputs[0].contiguous();
     at::Tensor flat = at::empty({int64_t(total)}, in.options().dtype(at::kByte));
-    comm_->allgather(in.data_ptr(), flat.data_ptr(), bytes);
+    plait::coll::allgather(*comm_, in.data_ptr(), flat.data_ptr(), bytes);
     size_t off = 0;
     for (size_t i = 0; i < outs.size(); ++i) {
       at::Tensor piece = flat.narrow(0, int64_t(off), int64_t(bytes[i]));
@@ -726,7 +808,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_allgather_base(at::Tensor& output,
   return submit(c10d::OpType::_ALLGATHER_BASE, {output}, nbytes(output), When{!opts.asyncOp, opts.timeout},
                 [this, output, input, bytes]() mutable {
                   at::Tensor in = input.contiguous();
-                  onContiguous(output, [&](at::Tensor& c) { comm_->allgather(in.data_ptr(), c.data_ptr(), bytes); });
+                  onContiguous(output, [&](at::Tensor& c) { plait::coll::allgather(*comm_, in.data_ptr(), c.data_ptr(), bytes); });
                 }, false, {input});
 }
 
@@ -794,11 +876,11 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::gather(std::vector<std::vector<at::
     at::Tensor in = inputs[0].contiguous();
     size_t b = nbytes(in);
     if (getRank() != root) {
-      comm_->gather(in.data_ptr(), b, nullptr, root);
+      plait::coll::gather(*comm_, in.data_ptr(), b, nullptr, root);
       return;
     }
     at::Tensor flat = at::empty({int64_t(b * outs.size())}, in.options().dtype(at::kByte));
-    comm_->gather(in.data_ptr(), b, flat.data_ptr(), root);
+    plait::coll::gather(*comm_, in.data_ptr(), b, flat.data_ptr(), root);
     for (size_t i = 0; i < outs.size(); ++i)
       outs[i].copy_(flat.narrow(0, int64_t(i * b), int64_t(b)).view(in.scalar_type()).view(outs[i].sizes()));
   }, false, inputs);
@@ -827,13 +909,13 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::scatter(std::vector<at::Tensor>& ou
   return submit(c10d::OpType::SCATTER, outputs, nbytes(outputs[0]), When{!opts.asyncOp, opts.timeout}, [this, outputs, ins, root]() mutable {
     onContiguous(outputs[0], [&](at::Tensor& c) {
       if (getRank() != root) {
-        comm_->scatter(nullptr, c.data_ptr(), nbytes(c), root);
+        plait::coll::scatter(*comm_, nullptr, c.data_ptr(), nbytes(c), root);
         return;
       }
       std::vector<at::Tensor> flat;
       for (auto& i : ins) flat.push_back(i.reshape({-1}));
       at::Tensor all = at::cat(flat);
-      comm_->scatter(all.data_ptr(), c.data_ptr(), nbytes(c), root);
+      plait::coll::scatter(*comm_, all.data_ptr(), c.data_ptr(), nbytes(c), root);
     });
   }, false, ins);
 }
@@ -863,7 +945,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::reduce_scatter(std::vector<at::Tens
     at::Tensor all = at::cat(flat);
     preReduce(red, all);
     onContiguous(outputs[0], [&](at::Tensor& c) {
-      comm_->reduceScatter(all.data_ptr(), c.data_ptr(), counts, dt, red.op);
+      plait::coll::reduceScatter(*comm_, all.data_ptr(), c.data_ptr(), counts, dt, red.op);
       postReduce(red, c, getSize());
     });
   }, false, ins);
@@ -886,7 +968,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::_reduce_scatter_base(at::Tensor& ou
                     preReduce(red, in);
                   }
                   onContiguous(output, [&](at::Tensor& c) {
-                    comm_->reduceScatter(in.data_ptr(), c.data_ptr(), counts, dt, red.op);
+                    plait::coll::reduceScatter(*comm_, in.data_ptr(), c.data_ptr(), counts, dt, red.op);
                     postReduce(red, c, getSize());
                   });
                 }, false, {input});
@@ -940,7 +1022,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall_base(at::Tensor& output, a
                 [this, output, input, sendBytes, recvBytes]() mutable {
                   at::Tensor in = input.contiguous();
                   onContiguous(output, [&](at::Tensor& c) {
-                    comm_->alltoall(in.data_ptr(), sendBytes, c.data_ptr(), recvBytes);
+                    plait::coll::alltoall(*comm_, in.data_ptr(), sendBytes, c.data_ptr(), recvBytes);
                   });
                 }, false, {input});
 }
@@ -965,7 +1047,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::alltoall(std::vector<at::Tensor>& o
     at::Tensor in = at::cat(flat);
     size_t rtotal = std::accumulate(recvBytes.begin(), recvBytes.end(), size_t(0));
     at::Tensor out = at::empty({int64_t(rtotal)}, in.options());
-    comm_->alltoall(in.data_ptr(), sendBytes, out.data_ptr(), recvBytes);
+    plait::coll::alltoall(*comm_, in.data_ptr(), sendBytes, out.data_ptr(), recvBytes);
     size_t off = 0;
     for (size_t i = 0; i < outputs.size(); ++i) {
       outputs[i].copy_(out.narrow(0, int64_t(off), int64_t(recvBytes[i]))
@@ -1030,13 +1112,13 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::recvAnysource(std::vector<at::Tenso
 }
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::barrier(const c10d::BarrierOptions& opts) {
-  return submit(c10d::OpType::BARRIER, {}, 0, When{!opts.asyncOp, opts.timeout}, [this]() { comm_->barrier(); });
+  return submit(c10d::OpType::BARRIER, {}, 0, When{!opts.asyncOp, opts.timeout}, [this]() { plait::coll::barrier(*comm_); });
 }
 
 void PlaitBackend::monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) {
   auto timeout = opts.timeout.count() > 0 ? opts.timeout : comm_->timeout();
   auto work = submit(c10d::OpType::BARRIER, {}, 0, When{!opts.asyncOp, opts.timeout}, [this, timeout, waitAllRanks]() {
-    comm_->monitoredBarrier(timeout, waitAllRanks);
+    plait::coll::monitoredBarrier(*comm_, timeout, waitAllRanks);
   });
   work->wait();
 }

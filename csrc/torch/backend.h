@@ -81,6 +81,13 @@ class PlaitBackend : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
                                            const c10d::BroadcastOptions& opts = c10d::BroadcastOptions()) override;
+  // all_reduce with this call's compression ("" / "group": the group's setting; "none", "auto" or a codec name).
+  // plait.all_reduce's entry point (it bypasses torch's Python wrapper).
+  c10::intrusive_ptr<c10d::Work> allreduceWith(std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& opts,
+                                               const std::string& compression);
+  // The group's compression setting and block.
+  const std::string& compression() const { return compression_; }
+  uint32_t compressionBlock() const { return compressionBlock_; }
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts = c10d::AllreduceOptions()) override;
   // Sparse COO tensors (DDP with sparse gradients): all-gather every rank's coalesced indices and values, add them in
@@ -152,6 +159,12 @@ class PlaitBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, std::vector<at::Tensor> outputs, size_t bytes, When when,
                                         Task fn, bool deferred = false, std::vector<at::Tensor> inputs = {});
   c10::intrusive_ptr<c10d::Work> sparseAllreduce(std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& opts);
+  // What one all-reduce sends: "none", "auto" or a codec name (checked against op and dtype before anything runs).
+  struct Compression {
+    std::string mode = "none";
+    plait::codec::Spec spec;  // explicit codec
+  };
+  Compression resolveCompression(const std::string& mode, const at::Tensor& t, bool sumOrAvg, const char* opName) const;
   // Stops the group (abort / shutdown / destructor: `what` is "aborted", "shut down", "destroyed"); `drain`: let
   // queued collectives run first.
   void stop(bool drain, const std::string& what);
@@ -165,6 +178,8 @@ class PlaitBackend : public c10d::Backend {
 
   plait::Options opts_;
   std::chrono::milliseconds groupTimeout_;
+  std::string compression_ = "none";  // the group's setting (Options.compression, else PLAIT_COMPRESSION)
+  uint32_t compressionBlock_ = 0;
   std::atomic<uint64_t> seqNum_{0};
   std::unique_ptr<plait::Comm> comm_;
   std::shared_ptr<CudaStreams> streams_ = cudaStreams();

@@ -5,6 +5,7 @@
 #include "plait/algo/cost_model.h"
 #include "plait/transport/auth.h"
 #include "torch/backend.h"
+#include "plait/algo/collectives.h"
 
 namespace py = pybind11;
 
@@ -45,6 +46,41 @@ void register_backend(py::module_& m) {
                                d["device_engine"] = self.comm().deviceEngineName();
                                return d;
                              })
+      .def("all_reduce",
+           [](PlaitBackend& self, at::Tensor t, const c10d::ReduceOp& op, const std::string& compression,
+              bool asyncOp) -> c10::intrusive_ptr<c10d::Work> {
+             std::vector<at::Tensor> v{t};
+             c10d::AllreduceOptions o;
+             o.reduceOp = op;
+             o.asyncOp = asyncOp;
+             auto w = self.allreduceWith(v, o, compression);
+             if (!asyncOp) {
+               w->wait();
+               return {};
+             }
+             return w;
+           },
+           py::arg("tensor"), py::arg("op"), py::arg("compression") = "", py::arg("async_op") = false,
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("compression", [](PlaitBackend& self) { return self.compression(); })
+      .def_property_readonly("compression_block", [](PlaitBackend& self) { return self.compressionBlock(); })
+      .def("plan_compression",
+           [](PlaitBackend& self, size_t count, const std::string& dtype, const std::string& compression) {
+             const std::string mode = compression.empty() ? self.compression() : compression;
+             plait::DType dt = plait::DType::kFloat32;
+             if (dtype == "bfloat16") dt = plait::DType::kBFloat16;
+             else if (dtype == "float16") dt = plait::DType::kFloat16;
+             else if (dtype != "float32") dt = plait::DType::kInt64;  // not compressible
+             plait::codec::Spec spec;
+             if (mode != "none" && mode != "auto")
+               spec = plait::codec::makeSpec(plait::codec::parseCodec(mode), self.compressionBlock());
+             auto& c = self.comm();
+             auto p = plait::planCompression(c.topology(), count, dt, mode == "auto", spec, self.compressionBlock(),
+                                             c.forcedAlgo(), plait::coll::compressedHierarchical(c));
+             return py::make_tuple(std::string(plait::codec::codecName(p.spec.codec)), p.spec.block, p.hier,
+                                   p.plainUs, p.compressedUs, p.why);
+           },
+           py::arg("count"), py::arg("dtype") = "float32", py::arg("compression") = "")
       .def("plan_allreduce",
            [](PlaitBackend& self, size_t bytes, bool device) { return planTuple(self.comm(), bytes, device); },
            py::arg("bytes"), py::arg("device") = false);
@@ -61,8 +97,11 @@ void register_backend(py::module_& m) {
       "create_backend",
       [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, std::chrono::milliseconds timeout,
          const std::string& algo, const std::string& transport, size_t chunkBytes, size_t shmRingBytes,
-         const std::string& addressHint, const std::string& groupName) {
+         const std::string& addressHint, const std::string& groupName, const std::string& compression,
+         uint32_t compressionBlock) {
         plait::Options o;
+        o.compression = compression;
+        o.compressionBlock = compressionBlock;
         o.algo = algo;
         o.transport = transport;
         o.chunkBytes = chunkBytes;
@@ -73,7 +112,8 @@ void register_backend(py::module_& m) {
       },
       py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("timeout"), py::arg("algo") = "",
       py::arg("transport") = "", py::arg("chunk_bytes") = 0, py::arg("shm_ring_bytes") = 0,
-      py::arg("address_hint") = "", py::arg("group_name") = "", py::call_guard<py::gil_scoped_release>());
+      py::arg("address_hint") = "", py::arg("group_name") = "", py::arg("compression") = "",
+      py::arg("compression_block") = 0, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace plait_torch

@@ -14,6 +14,7 @@ from . import _C
 
 _ALGOS = ("auto", "ring", "tree", "direct", "hier", "hier_ring", "hier_tree")
 _TRANSPORTS = ("auto", "shm", "tcp")
+_COMPRESSIONS = ("none", "auto", "int8", "int4", "fp8", "bf16")
 
 
 @dataclass
@@ -21,13 +22,20 @@ class Options:
     """Per-group settings, passed as ``pg_options=`` to ``init_process_group`` / ``new_group``.
 
     Empty / zero fields fall back to the environment knobs (PLAIT_ALGO, PLAIT_TRANSPORT, PLAIT_CHUNK_BYTES,
-    PLAIT_SHM_RING_BYTES).
+    PLAIT_SHM_RING_BYTES, PLAIT_COMPRESSION, PLAIT_COMPRESSION_BLOCK).
+
+    ``compression``: what ``dist.all_reduce`` on this group sends for float32 / bfloat16 / float16 SUM and AVG
+    (``"none"``, ``"auto"``: the cost model decides per call, or a codec: ``"int8"``, ``"int4"``, ``"fp8"``,
+    ``"bf16"``); other all-reduces of the group run in full precision. ``compression_block``: values per codec
+    block (0: the codec's default: 256, 32 for int4).
     """
 
     algo: str = ""
     transport: str = ""
     chunk_bytes: int = 0
     shm_ring_bytes: int = 0
+    compression: str = ""
+    compression_block: int = 0
     # The group's timeout; None: the one passed to init_process_group / new_group (torch's default).
     timeout: datetime.timedelta | None = None
 
@@ -45,6 +53,11 @@ class Options:
             raise ValueError(f"plait.Options: algo must be one of {_ALGOS}, got {self.algo!r}")
         if self.transport and self.transport not in _TRANSPORTS:
             raise ValueError(f"plait.Options: transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if self.compression and self.compression not in _COMPRESSIONS:
+            raise ValueError(f"plait.Options: compression must be one of {_COMPRESSIONS}, got {self.compression!r}")
+        if self.compression_block and (self.compression_block % 8 or not 8 <= self.compression_block <= 65536):
+            raise ValueError("plait.Options: compression_block must be 0 (the codec's default) or a multiple of 8 "
+                             f"in [8, 65536], got {self.compression_block!r}")
         if self.chunk_bytes < 0 or self.shm_ring_bytes < 0:
             raise ValueError("plait.Options: chunk_bytes and shm_ring_bytes must be >= 0")
         if self.timeout is not None and not isinstance(self.timeout, datetime.timedelta):
@@ -82,6 +95,8 @@ def _create(dist_opts, pg_options):
         shm_ring_bytes=opts.shm_ring_bytes,
         address_hint=_address_hint(dist_opts.store),
         group_name=str(dist_opts.group_id),
+        compression=opts.compression,
+        compression_block=int(opts.compression_block),
     )
 
 
@@ -157,12 +172,58 @@ def topology(group=None) -> dict:
     return _backend_of(group).topology
 
 
-def plan_allreduce(nbytes: int, group=None, device: bool = False):
-    """The cost model's choice for an all-reduce of nbytes: (algo, one_shot, predicted_us, why).
+class AllreducePlan(tuple):
+    """``(algo, one_shot, predicted_us, why)``, plus what the all-reduce sends on the wire: ``compression`` (codec
+    name or ``"none"``), ``compression_block``, ``compression_hierarchical``, ``compression_why``."""
+
+    def __new__(cls, plan, comp):
+        self = super().__new__(cls, plan)
+        (self.compression, self.compression_block, self.compression_hierarchical, self.uncompressed_us,
+         self.compressed_us, self.compression_why) = comp
+        return self
+
+    algo = property(lambda self: self[0])
+    one_shot = property(lambda self: self[1])
+    predicted_us = property(lambda self: self[2])
+    why = property(lambda self: self[3])
+
+
+def plan_allreduce(nbytes: int, group=None, device: bool = False, dtype: torch.dtype = torch.float32,
+                   compression: str | None = None):
+    """The cost model's choice for an all-reduce of nbytes: (algo, one_shot, predicted_us, why), with the
+    compression decision as attributes (``.compression``, ``.compression_why``, see AllreducePlan).
 
     device=True: for device (CUDA) tensors on a group whose ranks share one host (the device engine's model).
+    compression: None for the group's setting, else "none", "auto" or a codec name.
     """
-    return _backend_of(group).plan_allreduce(int(nbytes), bool(device))
+    b = _backend_of(group)
+    plan = b.plan_allreduce(int(nbytes), bool(device))
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "other")
+    count = int(nbytes) // max(1, torch.empty((), dtype=dtype).element_size())
+    if device:
+        comp = ("none", 0, False, 0.0, 0.0, "device tensors are not compressed yet")
+    else:
+        comp = b.plan_compression(count, name, "" if compression is None else _check_compression(compression))
+    return AllreducePlan(plan, comp)
+
+
+def _check_compression(c):
+    if c not in _COMPRESSIONS:
+        raise ValueError(f"plait: compression must be None or one of {_COMPRESSIONS}, got {c!r}")
+    return c
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, compression: str | None = None,
+               async_op: bool = False):
+    """``dist.all_reduce`` on a plait group, called on the backend directly (no torch Python wrapper: plait's fast
+    path for small messages), with an optional per-call ``compression`` (None: the group's setting; "none", "auto",
+    "int8", "int4", "fp8", "bf16" override it for this call). A codec with an op other than SUM / AVG, or a dtype
+    other than float32 / bfloat16 / float16, raises before anything is sent. Returns a Work when async_op."""
+    b = _backend_of(group)
+    c = "" if compression is None else _check_compression(compression)
+    if not isinstance(op, dist.ReduceOp):
+        op = dist.ReduceOp(op)
+    return b.all_reduce(tensor, op, c, bool(async_op))
 
 
 _register()

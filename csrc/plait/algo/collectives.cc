@@ -1,264 +1,239 @@
-// The collectives of Comm, each a schedule from schedules.cc (or a direct exchange) over the engine verbs.
+// The collectives, free functions over the communicator's engine verbs: each a schedule from schedules.cc (or a direct exchange) over the engine verbs.
 #include <cstring>
 
 #include "plait/algo/cost_model.h"
+#include "plait/algo/collectives.h"
 #include "plait/algo/schedules.h"
 
 namespace plait {
+namespace coll {
 
-void Comm::allreduce(void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
-  if (stageOnDevice()) return deviceAllreduce(buf, count, dtype, op, algo);
-  begin(CollCtx{Coll::kAllreduce, dtype, op, 0, count});
+
+void allreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
+  if (c.stageOnDevice()) return deviceAllreduce(c, buf, count, dtype, op, algo);
+  c.begin(Comm::CollCtx{Coll::kAllreduce, dtype, op, 0, count});
   const size_t es = dtypeSize(dtype), bytes = count * es;
-  if (size_ == 1) return;
-  AllreducePlan plan = planAllreduce(topo_, bytes, algo != Algo::kAuto ? algo : algo_);
-  setSchedule(schedCode(plan.algo, plan.algo == Algo::kDirect && plan.oneShot));
+  if (c.size() == 1) return;
+  AllreducePlan plan = planAllreduce(c.topology(), bytes, algo != Algo::kAuto ? algo : c.forcedAlgo());
+  c.setSchedule(Comm::schedCode(plan.algo, plan.algo == Algo::kDirect && plan.oneShot));
   if (infoEnabled()) {
     static thread_local std::string last;
-    std::string line = cat("rank ", rank_, ": all_reduce of ", bytes, " B: ", algoName(plan.algo),
+    std::string line = cat("rank ", c.rank(), ": all_reduce of ", bytes, " B: ", algoName(plan.algo),
                            plan.algo == Algo::kDirect ? (plan.oneShot ? " one-shot" : " two-shot") : "", ", ",
-                           explain(plan, topo_, bytes));
-    std::string key = cat(algoName(plan.algo), plan.oneShot, size_);
+                           explain(plan, c.topology(), bytes));
+    std::string key = cat(algoName(plan.algo), plan.oneShot, c.size());
     if (key != last) logInfo(line);
     last = key;
   }
   char* b = static_cast<char*>(buf);
   switch (plan.algo) {
     case Algo::kRing:
-      ringAllreduce(*this, allRanks(*this), b, evenBlocks(count, size_, es));
-      waitAll();
+      ringAllreduce(c, allRanks(c), b, evenBlocks(count, c.size(), es));
+      c.waitAll();
       break;
     case Algo::kTree: {
       // Double binary tree: each tree carries half of the elements.
       size_t half = (count / 2) * es;
-      treeUpDown(*this, b, half, heapTree(rank_, size_, 0, false), true, true);
-      treeUpDown(*this, b + half, bytes - half, heapTree(rank_, size_, 0, true), true, true);
-      waitAll();
+      treeUpDown(c, b, half, heapTree(c.rank(), c.size(), 0, false), true, true);
+      treeUpDown(c, b + half, bytes - half, heapTree(c.rank(), c.size(), 0, true), true, true);
+      c.waitAll();
       break;
     }
     case Algo::kHier:
     case Algo::kHierRing:
     case Algo::kHierTree:
-      hierAllreduce(*this, b, count, es, hostRanks_, hostOf_[rank_], plan.algo == Algo::kHierTree);
+      hierAllreduce(c, b, count, es, c.hostRanks(), c.hostOf()[c.rank()], plan.algo == Algo::kHierTree);
       break;
     case Algo::kDirect:
     case Algo::kAuto:
       if (!plan.oneShot) {
-        directTwoShot(*this, b, evenBlocks(count, size_, es));
+        directTwoShot(c, b, evenBlocks(count, c.size(), es));
         break;
       }
       {
         // One-shot: gather every rank's buffer, then fold in rank order so every rank computes the same bits.
-        char* s = scratch(size_t(size_) * bytes);
-        for (int p = 0; p < size_; ++p) {
-          if (p == rank_) continue;
-          postSend(p, b, bytes);
-          postRecv(p, s + size_t(p) * bytes, bytes);
+        char* s = c.scratch(size_t(c.size()) * bytes);
+        for (int p = 0; p < c.size(); ++p) {
+          if (p == c.rank()) continue;
+          c.postSend(p, b, bytes);
+          c.postRecv(p, s + size_t(p) * bytes, bytes);
         }
-        waitAll();
-        localCopy(s + size_t(rank_) * bytes, b, bytes);
-        localReduce(op, dtype, b, s, s + bytes, count);
-        for (int p = 2; p < size_; ++p) localReduce(op, dtype, b, b, s + size_t(p) * bytes, count);
+        c.waitAll();
+        c.localCopy(s + size_t(c.rank()) * bytes, b, bytes);
+        c.localReduce(op, dtype, b, s, s + bytes, count);
+        for (int p = 2; p < c.size(); ++p) c.localReduce(op, dtype, b, b, s + size_t(p) * bytes, count);
       }
       break;
   }
 }
 
-void Comm::broadcast(void* buf, size_t bytes, int root) {
-  if (stageOnDevice()) return deviceBroadcast(buf, bytes, root);
-  begin(CollCtx{Coll::kBroadcast, DType::kUInt8, RedOp::kSum, root, bytes});
-  if (size_ == 1) return;
-  treeUpDown(*this, static_cast<char*>(buf), bytes, heapTree(rank_, size_, root, false), false, true);
-  waitAll();
+void broadcast(Comm& c, void* buf, size_t bytes, int root) {
+  if (c.stageOnDevice()) return deviceBroadcast(c, buf, bytes, root);
+  c.begin(Comm::CollCtx{Coll::kBroadcast, DType::kUInt8, RedOp::kSum, root, bytes});
+  if (c.size() == 1) return;
+  treeUpDown(c, static_cast<char*>(buf), bytes, heapTree(c.rank(), c.size(), root, false), false, true);
+  c.waitAll();
 }
 
-void Comm::reduce(void* buf, size_t count, DType dtype, RedOp op, int root) {
-  if (stageOnDevice()) return deviceReduce(buf, count, dtype, op, root);
-  begin(CollCtx{Coll::kReduce, dtype, op, root, count});
-  if (size_ == 1) return;
+void reduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, int root) {
+  if (c.stageOnDevice()) return deviceReduce(c, buf, count, dtype, op, root);
+  c.begin(Comm::CollCtx{Coll::kReduce, dtype, op, root, count});
+  if (c.size() == 1) return;
   const size_t bytes = count * dtypeSize(dtype);
-  TreeLinks t = heapTree(rank_, size_, root, false);
+  TreeLinks t = heapTree(c.rank(), c.size(), root, false);
   char* acc = static_cast<char*>(buf);
-  if (rank_ != root && t.nchild > 0) {  // interior ranks accumulate in scratch: their input stays untouched
-    acc = scratch(bytes);
-    localCopy(acc, buf, bytes);
+  if (c.rank() != root && t.nchild > 0) {  // interior ranks accumulate in scratch: their input stays untouched
+    acc = c.scratch(bytes);
+    c.localCopy(acc, buf, bytes);
   }
-  treeUpDown(*this, acc, bytes, t, true, false);
-  waitAll();
+  treeUpDown(c, acc, bytes, t, true, false);
+  c.waitAll();
 }
 
-void Comm::allgather(const void* in, void* out, const std::vector<size_t>& bytes) {
-  PLAIT_CHECK(int(bytes.size()) == size_, "plait: internal: all_gather needs one size per rank");
-  if (stageOnDevice()) return deviceAllgather(in, out, bytes);
+void allgather(Comm& c, const void* in, void* out, const std::vector<size_t>& bytes) {
+  PLAIT_CHECK(int(bytes.size()) == c.size(), "plait: internal: all_gather needs one size per rank");
+  if (c.stageOnDevice()) return deviceAllgather(c, in, out, bytes);
   Blocks b = packedBlocks(bytes);
-  begin(CollCtx{Coll::kAllgather, DType::kUInt8, RedOp::kSum, 0, totalOf(bytes)});
+  c.begin(Comm::CollCtx{Coll::kAllgather, DType::kUInt8, RedOp::kSum, 0, totalOf(bytes)});
   char* o = static_cast<char*>(out);
-  if (in != o + b.off[rank_]) localCopy(o + b.off[rank_], in, b.len[rank_]);
-  if (size_ == 1) return;
-  setSchedule(schedCode(algo_ == Algo::kRing ? Algo::kRing : Algo::kDirect));
-  if (algo_ == Algo::kRing) {
-    const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+  if (in != o + b.off[c.rank()]) c.localCopy(o + b.off[c.rank()], in, b.len[c.rank()]);
+  if (c.size() == 1) return;
+  c.setSchedule(Comm::schedCode(c.forcedAlgo() == Algo::kRing ? Algo::kRing : Algo::kDirect));
+  if (c.forcedAlgo() == Algo::kRing) {
+    const int next = (c.rank() + 1) % c.size(), prev = (c.rank() + c.size() - 1) % c.size();
     const Xfer* last = nullptr;
-    for (int t = 0; t < size_ - 1; ++t) {
-      int sb = (rank_ - t + size_) % size_, rb = (rank_ - t - 1 + 2 * size_) % size_;
-      postSend(next, o + b.off[sb], b.len[sb], last);
-      last = postRecv(prev, o + b.off[rb], b.len[rb]);
+    for (int t = 0; t < c.size() - 1; ++t) {
+      int sb = (c.rank() - t + c.size()) % c.size(), rb = (c.rank() - t - 1 + 2 * c.size()) % c.size();
+      c.postSend(next, o + b.off[sb], b.len[sb], last);
+      last = c.postRecv(prev, o + b.off[rb], b.len[rb]);
     }
   } else {
-    for (int p = 0; p < size_; ++p) {
-      if (p == rank_) continue;
-      postSend(p, o + b.off[rank_], b.len[rank_]);
-      postRecv(p, o + b.off[p], b.len[p]);
+    for (int p = 0; p < c.size(); ++p) {
+      if (p == c.rank()) continue;
+      c.postSend(p, o + b.off[c.rank()], b.len[c.rank()]);
+      c.postRecv(p, o + b.off[p], b.len[p]);
     }
   }
-  waitAll();
+  c.waitAll();
 }
 
-void Comm::reduceScatter(const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
-  PLAIT_CHECK(int(counts.size()) == size_, "plait: internal: reduce_scatter needs one count per rank");
-  if (stageOnDevice()) return deviceReduceScatter(in, out, counts, dtype, op);
+void reduceScatter(Comm& c, const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
+  PLAIT_CHECK(int(counts.size()) == c.size(), "plait: internal: reduce_scatter needs one count per rank");
+  if (c.stageOnDevice()) return deviceReduceScatter(c, in, out, counts, dtype, op);
   const size_t es = dtypeSize(dtype);
   std::vector<size_t> bytes(counts.size());
   for (size_t i = 0; i < counts.size(); ++i) bytes[i] = counts[i] * es;
   Blocks b = packedBlocks(bytes);
-  begin(CollCtx{Coll::kReduceScatter, dtype, op, 0, totalOf(counts)});
+  c.begin(Comm::CollCtx{Coll::kReduceScatter, dtype, op, 0, totalOf(counts)});
   const char* i8 = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
-  setSchedule(schedCode(algo_ == Algo::kRing ? Algo::kRing : Algo::kDirect));
-  if (size_ > 1 && algo_ == Algo::kRing) {
+  c.setSchedule(Comm::schedCode(c.forcedAlgo() == Algo::kRing ? Algo::kRing : Algo::kDirect));
+  if (c.size() > 1 && c.forcedAlgo() == Algo::kRing) {
     // Ring on a copy of the input, shifted so that rank r finishes with block r.
-    char* s = scratch(totalOf(bytes));
-    localCopy(s, i8, totalOf(bytes));
-    const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+    char* s = c.scratch(totalOf(bytes));
+    c.localCopy(s, i8, totalOf(bytes));
+    const int next = (c.rank() + 1) % c.size(), prev = (c.rank() + c.size() - 1) % c.size();
     const Xfer* last = nullptr;
-    for (int st = 0; st < size_ - 1; ++st) {
-      int sb = ((rank_ - st - 1) % size_ + size_) % size_, rb = ((rank_ - st - 2) % size_ + size_) % size_;
-      postSend(next, s + b.off[sb], b.len[sb], last);
-      last = postRecvReduce(prev, s + b.off[rb], b.len[rb]);
+    for (int st = 0; st < c.size() - 1; ++st) {
+      int sb = ((c.rank() - st - 1) % c.size() + c.size()) % c.size(), rb = ((c.rank() - st - 2) % c.size() + c.size()) % c.size();
+      c.postSend(next, s + b.off[sb], b.len[sb], last);
+      last = c.postRecvReduce(prev, s + b.off[rb], b.len[rb]);
     }
-    waitAll();
-    localCopy(o, s + b.off[rank_], b.len[rank_]);
+    c.waitAll();
+    c.localCopy(o, s + b.off[c.rank()], b.len[c.rank()]);
     return;
   }
-  if (o != i8 + b.off[rank_]) localCopy(o, i8 + b.off[rank_], b.len[rank_]);
+  if (o != i8 + b.off[c.rank()]) c.localCopy(o, i8 + b.off[c.rank()], b.len[c.rank()]);
   const Xfer* acc = nullptr;
-  for (int p = 0; p < size_; ++p) {
-    if (p == rank_) continue;
-    postSend(p, i8 + b.off[p], b.len[p]);
-    acc = postRecvReduce(p, o, b.len[rank_], acc);
+  for (int p = 0; p < c.size(); ++p) {
+    if (p == c.rank()) continue;
+    c.postSend(p, i8 + b.off[p], b.len[p]);
+    acc = c.postRecvReduce(p, o, b.len[c.rank()], acc);
   }
-  waitAll();
+  c.waitAll();
 }
 
-void Comm::alltoall(const void* in, const std::vector<size_t>& sendBytes, void* out,
+void alltoall(Comm& c, const void* in, const std::vector<size_t>& sendBytes, void* out,
                     const std::vector<size_t>& recvBytes) {
-  if (stageOnDevice()) return deviceAlltoall(in, sendBytes, out, recvBytes);
+  if (c.stageOnDevice()) return deviceAlltoall(c, in, sendBytes, out, recvBytes);
   Blocks sb = packedBlocks(sendBytes), rb = packedBlocks(recvBytes);
-  begin(CollCtx{Coll::kAlltoall, DType::kUInt8, RedOp::kSum, 0, 0});
+  c.begin(Comm::CollCtx{Coll::kAlltoall, DType::kUInt8, RedOp::kSum, 0, 0});
   const char* i8 = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
-  if (sb.len[rank_] != rb.len[rank_])  // fail(): the peers hear of it instead of waiting out the timeout
-    fail(cat("plait: rank ", rank_, ": all_to_all (seq ", seq_, ") sends ", sb.len[rank_],
-             " bytes to itself but expects to receive ", rb.len[rank_], " (size mismatch)"));
-  localCopy(o + rb.off[rank_], i8 + sb.off[rank_], sb.len[rank_]);
-  for (int k = 1; k < size_; ++k) {  // staggered so that not every rank starts with the same peer
-    int p = (rank_ + k) % size_, q = (rank_ - k + size_) % size_;
-    postSend(p, i8 + sb.off[p], sb.len[p]);
-    postRecv(q, o + rb.off[q], rb.len[q]);
+  if (sb.len[c.rank()] != rb.len[c.rank()])  // c.fail(): the peers hear of it instead of waiting out the timeout
+    c.fail(cat("plait: rank ", c.rank(), ": all_to_all (seq ", c.seq(), ") sends ", sb.len[c.rank()],
+             " bytes to itself but expects to receive ", rb.len[c.rank()], " (size mismatch)"));
+  c.localCopy(o + rb.off[c.rank()], i8 + sb.off[c.rank()], sb.len[c.rank()]);
+  for (int k = 1; k < c.size(); ++k) {  // staggered so that not every rank starts with the same peer
+    int p = (c.rank() + k) % c.size(), q = (c.rank() - k + c.size()) % c.size();
+    c.postSend(p, i8 + sb.off[p], sb.len[p]);
+    c.postRecv(q, o + rb.off[q], rb.len[q]);
   }
-  waitAll();
+  c.waitAll();
 }
 
-void Comm::gather(const void* in, size_t bytes, void* out, int root) {
-  if (stageOnDevice()) return deviceGather(in, bytes, out, root);
-  begin(CollCtx{Coll::kGather, DType::kUInt8, RedOp::kSum, root, bytes});
-  if (rank_ != root) {
-    postSend(root, in, bytes);
+void gather(Comm& c, const void* in, size_t bytes, void* out, int root) {
+  if (c.stageOnDevice()) return deviceGather(c, in, bytes, out, root);
+  c.begin(Comm::CollCtx{Coll::kGather, DType::kUInt8, RedOp::kSum, root, bytes});
+  if (c.rank() != root) {
+    c.postSend(root, in, bytes);
   } else {
     char* o = static_cast<char*>(out);
-    localCopy(o + size_t(rank_) * bytes, in, bytes);
-    for (int p = 0; p < size_; ++p)
-      if (p != rank_) postRecv(p, o + size_t(p) * bytes, bytes);
+    c.localCopy(o + size_t(c.rank()) * bytes, in, bytes);
+    for (int p = 0; p < c.size(); ++p)
+      if (p != c.rank()) c.postRecv(p, o + size_t(p) * bytes, bytes);
   }
-  waitAll();
+  c.waitAll();
 }
 
-void Comm::scatter(const void* in, void* out, size_t bytes, int root) {
-  if (stageOnDevice()) return deviceScatter(in, out, bytes, root);
-  begin(CollCtx{Coll::kScatter, DType::kUInt8, RedOp::kSum, root, bytes});
-  if (rank_ != root) {
-    postRecv(root, out, bytes);
+void scatter(Comm& c, const void* in, void* out, size_t bytes, int root) {
+  if (c.stageOnDevice()) return deviceScatter(c, in, out, bytes, root);
+  c.begin(Comm::CollCtx{Coll::kScatter, DType::kUInt8, RedOp::kSum, root, bytes});
+  if (c.rank() != root) {
+    c.postRecv(root, out, bytes);
   } else {
     const char* i8 = static_cast<const char*>(in);
-    localCopy(out, i8 + size_t(rank_) * bytes, bytes);
-    for (int p = 0; p < size_; ++p)
-      if (p != rank_) postSend(p, i8 + size_t(p) * bytes, bytes);
+    c.localCopy(out, i8 + size_t(c.rank()) * bytes, bytes);
+    for (int p = 0; p < c.size(); ++p)
+      if (p != c.rank()) c.postSend(p, i8 + size_t(p) * bytes, bytes);
   }
-  waitAll();
+  c.waitAll();
 }
 
-void Comm::isend(const void* buf, size_t bytes, int peer, int tag, Done done) {
-  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_, ": send to invalid peer rank ", peer,
-              " (group size ", size_, ")");
-  begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
-  Xfer* x = postSend(peer, buf, bytes);
-  x->onDone = std::move(done);
-  x->deadline = Clock::now() + timeout();
-}
-
-void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
-  PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_,
-              ": recv from invalid peer rank ", peer, " (group size ", size_, ")");
-  begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
-  Xfer* x = postRecv(peer, buf, bytes);
-  x->onDone = std::move(done);
-  x->deadline = Clock::now() + timeout();
-  matchUnexpectedOrFail(peer);  // the message may be here already
-}
-
-void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
-  PLAIT_CHECK(size_ > 1, "plait: rank ", rank_, ": recv from any source in a group of one rank would never finish");
-  begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
-  anyQ_.push_back(AnyRecv{static_cast<char*>(buf), bytes, tag, std::move(done), Clock::now() + timeout()});
-  ++pending_;
-  // A message already buffered from some peer (lowest rank first) may be the one.
-  for (int p = 0; p < size_ && !anyQ_.empty(); ++p)
-    if (p != rank_ && p2pRecvQ_[p].empty()) matchUnexpectedOrFail(p);
-}
-
-void Comm::barrier() {
-  begin(CollCtx{Coll::kBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
-  for (int p = 0; p < size_; ++p) {
-    if (p == rank_) continue;
-    postSend(p, nullptr, 0);
-    postRecv(p, nullptr, 0);
+void barrier(Comm& c) {
+  c.begin(Comm::CollCtx{Coll::kBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
+  for (int p = 0; p < c.size(); ++p) {
+    if (p == c.rank()) continue;
+    c.postSend(p, nullptr, 0);
+    c.postRecv(p, nullptr, 0);
   }
-  waitAll();
+  c.waitAll();
 }
 
-void Comm::monitoredBarrier(std::chrono::milliseconds timeout, bool waitAllRanks) {
-  begin(CollCtx{Coll::kMonitoredBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
-  if (size_ == 1) return;
-  if (rank_ != 0) {
-    postSend(0, nullptr, 0);
-    postRecv(0, nullptr, 0);
-    waitAll(timeout);
+void monitoredBarrier(Comm& c, std::chrono::milliseconds timeout, bool waitAllRanks) {
+  c.begin(Comm::CollCtx{Coll::kMonitoredBarrier, DType::kUInt8, RedOp::kSum, 0, 0});
+  if (c.size() == 1) return;
+  if (c.rank() != 0) {
+    c.postSend(0, nullptr, 0);
+    c.postRecv(0, nullptr, 0);
+    c.waitAll(timeout);
     return;
   }
-  std::vector<Xfer*> arrivals(size_, nullptr);
-  for (int p = 1; p < size_; ++p) arrivals[p] = postRecv(p, nullptr, 0);
-  if (!waitAll(timeout, false)) {
+  std::vector<Xfer*> arrivals(c.size(), nullptr);
+  for (int p = 1; p < c.size(); ++p) arrivals[p] = c.postRecv(p, nullptr, 0);
+  if (!c.waitAll(timeout, false)) {
     std::string missing;
-    for (int p = 1; p < size_; ++p) {
-      if (finished(arrivals[p])) continue;
+    for (int p = 1; p < c.size(); ++p) {
+      if (c.finished(arrivals[p])) continue;
       missing += cat(missing.empty() ? "" : ", ", p);
       if (!waitAllRanks) break;
     }
-    fail(cat("plait: monitored_barrier: rank", waitAllRanks ? "(s) " : " ", missing,
-             " failed to pass the barrier within ", timeout.count(), " ms (seen by rank 0, seq ", seq_, ")"));
+    c.fail(cat("plait: monitored_barrier: rank", waitAllRanks ? "(s) " : " ", missing,
+             " failed to pass the barrier within ", timeout.count(), " ms (seen by rank 0, seq ", c.seq(), ")"));
   }
-  for (int p = 1; p < size_; ++p) postSend(p, nullptr, 0);
-  waitAll(timeout);
+  for (int p = 1; p < c.size(); ++p) c.postSend(p, nullptr, 0);
+  c.waitAll(timeout);
 }
 
+}  // namespace coll
 }  // namespace plait

@@ -209,4 +209,50 @@ std::string explain(const AllreducePlan& p, const Topology& t, size_t bytes) {
              where, ", ", t.nranks, " ranks, ", bytes, " B)");
 }
 
+CompressionPlan planCompression(const Topology& t, size_t count, DType dt, bool autoMode, const codec::Spec& requested,
+                                uint32_t autoBlock, Algo forced, bool hierPossible) {
+  CompressionPlan p;
+  p.hier = hierPossible;
+  if (!autoMode) {
+    p.spec = requested;
+    p.why = requested.codec == codec::Codec::kNone ? "compression off" : "set by compression / PLAIT_COMPRESSION";
+    return p;
+  }
+  const size_t es = dtypeSize(dt), bytes = count * es;
+  if (!codec::codecSupports(dt)) {
+    p.why = cat("auto: ", dtypeName(dt), " is not compressible (float32, bfloat16, float16 are)");
+    return p;
+  }
+  if (t.nranks <= 1 || count == 0) {
+    p.why = "auto: nothing crosses a link";
+    return p;
+  }
+  if (t.nhosts <= 1 || t.device) {
+    p.why = "auto: one host (shared memory moves full-precision bytes faster than the codec can encode them)";
+    return p;
+  }
+  const codec::Spec s = codec::makeSpec(codec::Codec::kInt8, autoBlock);
+  const double ratio = double(codec::encodedBytes(s, count)) / double(std::max<size_t>(bytes, 1));
+  AllreducePlan plain = planAllreduce(t, bytes, forced);
+  p.plainUs = plain.predictedUs;
+  // The compressed exchange is the two-shot direct pattern (or the hierarchical ring-like per-host load) on
+  // `ratio` of the bytes, plus the codec work: every rank encodes and decodes about twice its share of the buffer,
+  // plus the owner's re-encode, at kCodecBytesPerUs per core (more ranks than cores share them).
+  const double over = t.cpuLoad > 1 ? t.cpuLoad : 1.0;
+  const double cross = hierPossible ? t.crossHierRing : t.crossTwoShot;
+  const double N = double(bytes);
+  const double steps = 4.0 * (t.linkAlphaUs + 3.0);
+  const double codecUs = 3.0 * N / std::max(1, t.maxLocal > 1 && hierPossible ? t.maxLocal : 1) / kCodecBytesPerUs * over;
+  p.compressedUs = 10.0 + steps + cross * N * ratio * t.linkUsPerByte + codecUs;
+  if (p.compressedUs < 0.9 * p.plainUs) {
+    p.spec = s;
+    p.why = cat("auto: int8 predicted ", p.compressedUs, " us against ", p.plainUs, " us uncompressed (",
+                algoName(plain.algo), "), link ", 1e-3 / t.linkUsPerByte, " GB/s");
+  } else {
+    p.why = cat("auto: uncompressed predicted ", p.plainUs, " us (", algoName(plain.algo), "), int8 ", p.compressedUs,
+                " us: the link is fast enough that the codec does not pay");
+  }
+  return p;
+}
+
 }  // namespace plait

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "plait/comm.h"
+#include "plait/kernels/codec.h"
 
 namespace plait {
 
@@ -28,5 +29,19 @@ void computeLinkLoads(Topology& t, const std::vector<int>& hostOf);
 // Cheap enough for every call (no allocation); explain() formats the reasoning for PLAIT_DEBUG=INFO.
 AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced);
 std::string explain(const AllreducePlan& p, const Topology& t, size_t bytes);
+
+// Whether a compressed all-reduce pays (compression="auto"), or what an explicit codec will run. The same inputs on
+// every rank, so every rank decides the same. `requested` kNone with autoMode false: no compression.
+struct CompressionPlan {
+  codec::Spec spec;  // codec kNone: send full precision
+  bool hier = false;
+  double plainUs = 0, compressedUs = 0;  // the model's predictions (0 when not modelled)
+  std::string why;
+};
+// Input throughput of the CPU codec per rank (encode + decode-accumulate of every byte, measured by bench/codec.py
+// on this machine's class of CPU), bytes per microsecond.
+constexpr double kCodecBytesPerUs = 1500.0;
+CompressionPlan planCompression(const Topology& t, size_t count, DType dt, bool autoMode, const codec::Spec& requested,
+                                uint32_t autoBlock, Algo forced, bool hierPossible);
 
 }  // namespace plait

@@ -1,0 +1,288 @@
+"""Compressed all-reduce (plait.Options(compression=...), plait.all_reduce(..., compression=...)).
+
+The reference is a single-process replay of the direct schedule (algo/compressed.cc) with plait's own codec kernels
+(tests/test_codec.py tests those against their definition): for each owner range, the owner's values in float32
+(divided for AVG), plus every other rank's range encoded and decoded, in rank order; then the sum encoded once and
+decoded into the result's dtype. The distributed result must equal it bit for bit on every rank. The hierarchical
+schedule (fake hosts) is replayed the same way after a full-precision reduce-scatter inside each host.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _harness as H
+
+pytestmark = pytest.mark.skipif(not H.IS_PLAIT, reason="compression is plait's")
+
+CODECS = ["int8", "int4", "fp8", "bf16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_BLOCK = {"int8": 256, "int4": 32, "fp8": 256, "bf16": 256}
+
+
+def data(rank: int, count: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * seed + rank + 1)
+    x = torch.randn(count, generator=g) * (1 + rank)
+    if count > 10:
+        x[count // 3] = 50.0 * (rank + 1)  # a spike in one block
+    return x.to(dtype)
+
+
+def ranges(count: int, n: int, block: int):
+    blocks = (count + block - 1) // block
+    base, extra = divmod(blocks, n)
+    out, b = [], 0
+    for i in range(n):
+        nb = base + (1 if i < extra else 0)
+        out.append((min(count, b * block), min(count, (b + nb) * block)))
+        b += nb
+    return out
+
+
+def roundtrip(codec, block, x, div=1.0):
+    from plait import _C
+    enc = _C.codec_encode(codec, block, x.contiguous(), div)
+    acc = torch.zeros(x.numel(), dtype=torch.float32)
+    _C.codec_decode_accumulate(codec, block, enc, acc)
+    return acc
+
+
+def direct_reference(inputs, codec, block, dtype, average):
+    """inputs: list (by group member) of tensors of one dtype; returns the result every member must hold."""
+    from plait import _C
+    n = len(inputs)
+    count = inputs[0].numel()
+    div = float(n) if average else 1.0
+    out = torch.empty(count, dtype=dtype)
+    for j, (lo, hi) in enumerate(ranges(count, n, block)):
+        if hi <= lo:
+            continue
+        acc = inputs[j][lo:hi].float()
+        if div != 1.0:
+            acc = acc / div
+        for r in range(n):
+            if r != j:
+                acc = acc + roundtrip(codec, block, inputs[r][lo:hi], div)
+        enc = _C.codec_encode(codec, block, acc.contiguous(), 1.0)
+        out[lo:hi] = _C.codec_decode(codec, block, enc, hi - lo, dtype)
+    return out
+
+
+def hier_reference(inputs, hosts, codec, block, dtype, average, world):
+    """hosts: list of lists of ranks (same length each)."""
+    L = len(hosts[0])
+    count = inputs[0].numel()
+    sl = ranges(count, L, block)
+    out = torch.empty(count, dtype=dtype)
+    for li, (lo, hi) in enumerate(sl):
+        per_host = []
+        for h in hosts:
+            acc = inputs[h[li]][lo:hi].clone()
+            for j in range(L):
+                if j != li:
+                    acc = (acc.float() + inputs[h[j]][lo:hi].float()).to(dtype)
+            per_host.append(acc)
+        # directCompressed over the slice among the hosts, divided by the world size for AVG
+        n = len(hosts)
+        div = float(world) if average else 1.0
+        res = torch.empty(hi - lo, dtype=dtype)
+        from plait import _C
+        for j, (a, b) in enumerate(ranges(hi - lo, n, block)):
+            if b <= a:
+                continue
+            acc = per_host[j][a:b].float()
+            if div != 1.0:
+                acc = acc / div
+            for r in range(n):
+                if r != j:
+                    acc = acc + roundtrip(codec, block, per_host[r][a:b], div)
+            enc = _C.codec_encode(codec, block, acc.contiguous(), 1.0)
+            res[a:b] = _C.codec_decode(codec, block, enc, b - a, dtype)
+        out[lo:hi] = res
+    return out
+
+
+CASES = [(c, d, n) for c in CODECS for d in DTYPES for n in (1, 7, 255, 1000, 4099)] + [
+    ("int8", "float32", 70001), ("int4", "bfloat16", 70001), ("fp8", "float32", 70001)]
+
+
+def worker_allreduce(rank, ws, cases, average):
+    import torch.distributed as dist
+    import plait
+    out = []
+    for i, (codec, dname, count) in enumerate(cases):
+        t = data(rank, count, DTYPES[dname], seed=i)
+        plait.all_reduce(t, op=dist.ReduceOp.AVG if average else dist.ReduceOp.SUM, compression=codec)
+        out.append(t)
+    # The group's setting applies to dist.all_reduce too.
+    return out
+
+
+@pytest.mark.parametrize("ws,transport", [(1, "auto"), (2, "shm"), (3, "tcp"), (4, "shm")])
+def test_compressed_allreduce_bitwise(ws, transport):
+    res = H.run_world(worker_allreduce, ws, CASES, False, options=dict(transport=transport))
+    for i, (codec, dname, count) in enumerate(CASES):
+        dt = DTYPES[dname]
+        inputs = [data(r, count, dt, seed=i) for r in range(ws)]
+        if ws == 1:
+            ref = inputs[0]
+        else:
+            ref = direct_reference(inputs, codec, DEFAULT_BLOCK[codec], dt, False)
+        for r in range(ws):
+            assert torch.equal(res[r][i].view(torch.int16 if dt != torch.float32 else torch.int32),
+                               ref.view(torch.int16 if dt != torch.float32 else torch.int32)), (codec, dname, count, r)
+        # within the codec's bound of the exact sum
+        exact = sum(x.double() for x in inputs)
+        err = (res[0][i].double() - exact).norm() ** 2 / max(exact.norm() ** 2, 1e-30)
+        bound = {"int8": 1e-2, "int4": 0.3, "fp8": 2e-2, "bf16": 1e-4}[codec]  # a spike shares a block
+        if dt != torch.float32:
+            bound += 1e-4
+        assert err < bound, (codec, dname, count, float(err))
+
+
+def test_compressed_allreduce_avg_world_8():
+    cases = [("int8", "float16", 4099), ("int4", "float32", 1000), ("fp8", "bfloat16", 257), ("bf16", "float32", 33)]
+    res = H.run_world(worker_allreduce, 8, cases, True, timeout_s=400)
+    for i, (codec, dname, count) in enumerate(cases):
+        dt = DTYPES[dname]
+        ref = direct_reference([data(r, count, dt, seed=i) for r in range(8)], codec, DEFAULT_BLOCK[codec], dt, True)
+        for r in range(8):
+            assert torch.equal(res[r][i].float(), ref.float()), (codec, dname, count, r)
+
+
+def worker_hier(rank, ws, cases):
+    return worker_allreduce(rank, ws, cases, True)
+
+
+def test_compressed_hierarchical_fake_hosts():
+    cases = [("int8", "float32", 10007), ("int4", "bfloat16", 999), ("fp8", "float16", 4096)]
+    hosts = [[0, 1], [2, 3]]
+    rank_env = {r: {"PLAIT_HOST_ID": f"fakehost{h}"} for h, rs in enumerate(hosts) for r in rs}
+    res = H.run_world(worker_hier, 4, cases, rank_env=rank_env, env=dict(PLAIT_LINK_PROBE="0"))
+    for i, (codec, dname, count) in enumerate(cases):
+        dt = DTYPES[dname]
+        inputs = [data(r, count, dt, seed=i) for r in range(4)]
+        ref = hier_reference(inputs, hosts, codec, DEFAULT_BLOCK[codec], dt, True, 4)
+        for r in range(4):
+            assert torch.equal(res[r][i].float(), ref.float()), (codec, dname, count, r)
+
+
+def worker_specials(rank, ws):
+    import torch.distributed as dist
+    import plait
+    out = {}
+    # NaN in rank 1's block 0, Inf in rank 0's block 2: those blocks come out non-finite, the others finite.
+    t = torch.ones(1024)
+    if rank == 1:
+        t[5] = float("nan")
+    if rank == 0:
+        t[600] = float("inf")
+    plait.all_reduce(t, compression="int8")
+    out["nan"] = t
+    z = torch.zeros(1000)
+    plait.all_reduce(z, compression="int4")
+    out["zeros"] = z
+    e = torch.empty(0)
+    plait.all_reduce(e, compression="int8")
+    out["empty"] = e
+    # AVG divides before quantizing: float16 values whose sum overflows float16 average fine.
+    h = torch.full((300,), 40000.0, dtype=torch.float16)
+    plait.all_reduce(h, op=dist.ReduceOp.AVG, compression="int8")
+    out["avg_f16"] = h
+    # The group's codec applies to dist.all_reduce; integer and MAX all-reduces of the group run in full precision.
+    i = torch.arange(10, dtype=torch.int64) + rank
+    dist.all_reduce(i)
+    out["int_sum"] = i
+    m = torch.arange(10.0) * (rank + 1)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    out["max"] = m
+    return out
+
+
+def test_nan_inf_zeros_empty_avg():
+    ws = 3
+    res = H.run_world(worker_specials, ws, options=dict(compression="int8"))
+    for r in range(ws):
+        t = res[r]["nan"]
+        assert torch.isnan(t[0:256]).all() or (~torch.isfinite(t[0:256])).all()
+        assert not torch.isfinite(t[512:768]).any()
+        assert torch.equal(t[256:512], torch.full((256,), 3.0))
+        assert torch.equal(t[768:], torch.full((256,), 3.0))
+        assert torch.equal(res[r]["zeros"], torch.zeros(1000))
+        assert res[r]["empty"].numel() == 0
+        h = res[r]["avg_f16"].float()
+        assert torch.isfinite(h).all() and (h - 40000).abs().max() < 40000 / 127, h[:4]
+        assert torch.equal(res[r]["int_sum"], torch.arange(10) * ws + sum(range(ws)))
+        assert torch.equal(res[r]["max"], torch.arange(10.0) * ws)
+
+
+def worker_errors(rank, ws):
+    import torch.distributed as dist
+    import plait
+    msgs = {}
+    for name, fn in {
+        "int": lambda: plait.all_reduce(torch.ones(4, dtype=torch.int32), compression="int8"),
+        "max": lambda: plait.all_reduce(torch.ones(4), op=dist.ReduceOp.MAX, compression="int4"),
+        "f64": lambda: plait.all_reduce(torch.ones(4, dtype=torch.float64), compression="fp8"),
+        "name": lambda: plait.all_reduce(torch.ones(4), compression="int3"),
+    }.items():
+        try:
+            fn()
+            msgs[name] = None
+        except Exception as e:  # noqa: BLE001
+            msgs[name] = str(e)
+    # Nothing was sent: the group still works, uncompressed and compressed.
+    t = torch.ones(8)
+    plait.all_reduce(t)
+    msgs["after"] = t.tolist()
+    # Ranks that disagree on the codec raise the collective-mismatch error (rank 0 int8, the others int4).
+    try:
+        plait.all_reduce(torch.ones(1000), compression="int8" if rank == 0 else "int4")
+        msgs["mismatch"] = None
+    except Exception as e:  # noqa: BLE001
+        msgs["mismatch"] = str(e)
+    return msgs
+
+
+def test_errors_name_op_dtype_codec():
+    res = H.run_world(worker_errors, 2, pg_timeout_s=20)
+    for r in range(2):
+        m = res[r]
+        assert "int8" in m["int"] and "Int" in m["int"] and "Nothing was sent" in m["int"], m["int"]
+        assert "int4" in m["max"] and "SUM or AVG" in m["max"], m["max"]
+        assert "fp8" in m["f64"] and "Double" in m["f64"], m["f64"]
+        assert "int3" in m["name"], m["name"]
+        assert m["after"] == [2.0] * 8
+        assert m["mismatch"] is not None and "mismatch" in m["mismatch"] and "compression" in m["mismatch"], m["mismatch"]
+
+
+def worker_plan(rank, ws):
+    import plait
+    p = plait.plan_allreduce(64 << 20, compression="auto")
+    q = plait.plan_allreduce(64 << 20, compression="int4")
+    return (p.compression, p.compression_why, q.compression, q.compression_block, tuple(p)[:1])
+
+
+def test_auto_one_host_is_uncompressed():
+    res = H.run_world(worker_plan, 2)
+    comp, why, q, qb, _ = res[0]
+    assert comp == "none" and "one host" in why, why
+    assert q == "int4" and qb == 32
+
+
+def test_auto_slow_link_compresses():
+    rank_env = {r: {"PLAIT_HOST_ID": f"fakehost{r}"} for r in range(2)}
+    res = H.run_world(worker_plan, 2, rank_env=rank_env, env=dict(PLAIT_LINK_GBPS="1", PLAIT_LINK_PROBE="0"))
+    comp, why, *_ = res[0]
+    assert comp == "int8" and "predicted" in why, why
+    res = H.run_world(worker_plan, 2, rank_env=rank_env, env=dict(PLAIT_LINK_GBPS="400", PLAIT_LINK_PROBE="0"))
+    comp, why, *_ = res[0]
+    assert comp == "none" and "does not pay" in why, why
+
+
+def test_group_options_disagree_raises():
+    res = H.run_world(worker_plan, 2, rank_env={0: {"PLAIT_COMPRESSION": "int8"}, 1: {"PLAIT_COMPRESSION": "int4"}},
+                      expect_fail=True)
+    for r in res:
+        assert not r.ok and "compression" in r.describe() and "disagree" in r.describe(), r.describe()
