@@ -17,8 +17,6 @@ take, the bucket goes out in full precision. On a group whose backend is not pla
 uncompressed all-reduce and warns once.
 """
 
-from __future__ import annotations
-
 import warnings
 
 import torch
@@ -131,7 +129,7 @@ def _is_plait(group) -> bool:
         return False
 
 
-def compressed_allreduce_hook(state: CompressionState, bucket) -> torch.futures.Future:
+def compressed_allreduce_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's gradients averaged across ranks, block-quantized on the wire (see module doc)."""
     from ._backend import _backend_of, all_reduce
 

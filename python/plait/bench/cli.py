@@ -5,6 +5,7 @@
     torchrun --standalone --nproc-per-node 2 -m plait.bench --op broadcast -b 1K -e 1M
     plait-bench --device cuda --share-gpu --nproc 4 --backend plait,gloo -b 4 -e 1G -f 4   # 4 ranks on one GPU
     plait-bench ddp                                                            # DDP step time, plait vs gloo
+    plait-bench --backend plait --compression none,int8,int4 -b 1M -e 64M     # compressed all-reduce, vNMSE column
 
 Method (nccl-tests conventions). Every backend (and every forced plait algorithm) gets its own process group
 in the same processes; the default group is gloo and carries only control traffic. For each op and size,
@@ -16,6 +17,14 @@ algbw = bytes / time; busbw = algbw * factor (all_reduce 2(n-1)/n; all_gather, r
 (n-1)/n; broadcast, reduce 1). sendrecv is a ping-pong between ranks 0 and 1: time is half the round trip
 (one-way latency) and busbw = algbw. "bytes" is the whole buffer: the all_reduce buffer, the all_gather
 output, the reduce_scatter input, the all_to_all send buffer, the broadcast/reduce buffer, the message.
+
+Compression (--compression none,int8,int4,fp8,bf16; all_reduce only): every value adds a plait row labelled
+"plait/<codec>" that calls plait.all_reduce(..., compression=<codec>) on the plait group (per-call override; no
+plain "plait" row then). Codec rows cannot be exact, so their check fills every rank with seeded Gaussian values
+(the same on every rank for a given rank index), computes the exact reduction in float64 from all ranks' inputs
+(as rounded to the dtype) and reports vNMSE = ||result - exact||^2 / ||exact||^2 over the -c rounds (worst round);
+the row counts as wrong (#wrong 1) when vNMSE exceeds the codec's bound in VNMSE_BOUND. "plait/none" keeps the
+exact integer check. time/algbw/busbw use the uncompressed buffer size, so a codec's speed-up shows in busbw.
 
 CUDA (--device cuda): buffers live on cuda:LOCAL_RANK, or on cuda:0 for every rank with --share-gpu or when there
 are more local ranks than GPUs (plait and gloo allow several ranks per GPU; nccl does not). Every timed iteration
@@ -44,6 +53,10 @@ REDOPS = ("sum", "prod", "min", "max", "avg")
 ALGOS = ("auto", "ring", "tree", "direct", "hier", "hier_ring", "hier_tree")
 REDUCING = ("all_reduce", "reduce_scatter", "reduce")
 CORRUPT_ENV = "PLAIT_BENCH_CORRUPT"
+CODECS = ("none", "int8", "int4", "fp8", "bf16")
+# Loose sanity bounds on the check's vNMSE (Gaussian inputs, two quantizations per element, default blocks):
+# far above what a working codec gives (see docs/compression-error.md), far below a broken one (~1).
+VNMSE_BOUND = {"int8": 1e-3, "int4": 5e-2, "fp8": 1e-2, "bf16": 1e-4}
 COLUMNS = ("bytes", "count", "type", "redop", "backend", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong",
            "ratio")
 
@@ -91,6 +104,10 @@ def parse_args(argv=None):
                                                       "default plait,gloo")
     p.add_argument("--algo", action="append", help="plait algorithm(s) to force, each in its own group: "
                                                    "auto, ring, tree, direct, hier, hier_ring, hier_tree (default auto)")
+    p.add_argument("--compression", action="append",
+                   help="all_reduce: plait per-call compression(s), comma list of none, int8, int4, fp8, bf16; each "
+                        "runs as its own row 'plait/<codec>' (vNMSE check for codecs; busbw from the uncompressed "
+                        "size)")
     p.add_argument("--timing", default="iter", choices=("iter", "loop"),
                    help="iter: median over iterations of the per-iteration max across ranks (default); loop: "
                         "nccl-tests' average over back-to-back iterations, max across ranks")
@@ -111,6 +128,7 @@ def parse_args(argv=None):
         args.ops = _list(args.op or ["all_reduce"], OPS, "--op")
         args.backends = _list(args.backend or ["plait,gloo"], ("plait", "gloo", "nccl", "mpi"), "--backend")
         args.algos = _list(args.algo or ["auto"], ALGOS, "--algo")
+        args.compressions = _list(args.compression, CODECS, "--compression")
         if args.sizes:
             args.sizes = sorted({parse_size(x) for x in args.sizes.split(",") if x.strip()})
             if not args.sizes or args.sizes[0] <= 0:
@@ -125,6 +143,10 @@ def parse_args(argv=None):
         p.error("--backend nccl needs --device cuda")
     if "nccl" in args.backends and args.share_gpu:
         p.error("--backend nccl cannot share one GPU between ranks (NCCL refuses duplicate GPUs); drop --share-gpu")
+    if args.compressions and "plait" not in args.backends:
+        p.error("--compression needs the plait backend")
+    if args.compressions and args.device != "cpu":
+        p.error("--compression: plait compresses host (cpu) tensors only")
     args.corrupt = args._corrupt or os.environ.get(CORRUPT_ENV, "0") not in ("", "0")
     return args
 
@@ -228,11 +250,15 @@ class Case:
         self.inp.zero_()
         self.out.zero_()
 
-    def run(self, group):
+    def run(self, group, compression=None):
         import torch.distributed as dist
 
         op = self.op
-        if op == "all_reduce":
+        if op == "all_reduce" and compression is not None:
+            import plait
+
+            plait.all_reduce(self.inp, op=self.rop, group=group, compression=compression)
+        elif op == "all_reduce":
             dist.all_reduce(self.inp, op=self.rop, group=group)
         elif op == "all_gather":
             _all_gather(self.out, self.inp, group=group)
@@ -252,7 +278,7 @@ class Case:
                 dist.recv(self.out, src=0, group=group)
                 dist.send(self.inp, dst=0, group=group)
 
-    def check(self, group, corrupt=False):
+    def check(self, group, corrupt=False, compression=None):
         """Fill with a pattern, run once, compare exactly. Returns the number of wrong elements on this rank."""
         import torch
 
@@ -282,7 +308,7 @@ class Case:
             put(self.inp, _pattern("data", n, rank, world))
             self.out.zero_()
             want = _pattern("data", n, 1 - rank, world) if rank < 2 else None
-        self.run(group)
+        self.run(group, compression if op == "all_reduce" else None)
         if self.device != "cpu":
             torch.cuda.synchronize()
         if want is None:
@@ -291,6 +317,26 @@ class Case:
         if corrupt:
             got.view(-1)[0] += 1
         return int((got.cpu() != want.to(self.dtype)).sum().item())
+
+    def vnmse(self, group, compression, seed=0):
+        """Compressed all_reduce check: seeded Gaussian inputs, vNMSE of the result against the exact (float64)
+        reduction of every rank's input as rounded to the dtype."""
+        import torch
+
+        def inp(r):
+            g = torch.Generator().manual_seed(1000003 * (seed + 1) + r)
+            return torch.randn(self.count, generator=g).to(self.dtype)
+
+        self.inp.copy_(inp(self.rank))
+        self.run(group, compression)
+        exact = torch.zeros(self.count, dtype=torch.float64)
+        for r in range(self.world):
+            exact += inp(r).double()
+        if self.redop == "avg":
+            exact /= self.world
+        err = (self.out.double() - exact).pow_(2).sum().item()
+        ref = exact.pow_(2).sum().item()
+        return err / ref if ref > 0 else float(err > 0)
 
 
 # ----------------------------------------------------------------------------------------- progress
@@ -316,20 +362,22 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _timed(case, group, iters, warmup, ctl, sync, loop=False):
+def _timed(case, group, iters, warmup, ctl, sync, loop=False, compression=None):
     import torch
     import torch.distributed as dist
 
     case.zero()
+    if compression not in (None, "none"):
+        case.inp.normal_()  # realistic values for the codec (all-zero blocks could take shortcuts)
     for _ in range(warmup):
-        case.run(group)
+        case.run(group, compression)
     sync()
     if loop:
         # nccl-tests' method: the iterations back to back, total time / iterations, max across ranks.
         dist.barrier(group=ctl)
         t0 = time.perf_counter()
         for _ in range(iters):
-            case.run(group)
+            case.run(group, compression)
         sync()
         total = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(total, op=dist.ReduceOp.MAX, group=ctl)
@@ -338,7 +386,7 @@ def _timed(case, group, iters, warmup, ctl, sync, loop=False):
     dist.barrier(group=ctl)
     for i in range(iters):
         t0 = time.perf_counter()
-        case.run(group)
+        case.run(group, compression)
         sync()
         times[i] = time.perf_counter() - t0
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=ctl)  # max across ranks, outside the timed loop
@@ -350,7 +398,7 @@ def _make_groups(args, world):
 
     import torch.distributed as dist
 
-    impls = []  # (label, backend, algo, group)
+    impls = []  # (label, backend, algo, group, compression)
     timeout = dt.timedelta(seconds=120)
     for b in args.backends:
         if b == "plait":
@@ -359,9 +407,13 @@ def _make_groups(args, world):
             for a in args.algos:
                 label = "plait" if args.algos == ["auto"] else f"plait[{a}]"
                 opts = plait.Options(algo=a, transport=args.transport)
-                impls.append((label, "plait", a, dist.new_group(backend="plait", pg_options=opts, timeout=timeout)))
+                group = dist.new_group(backend="plait", pg_options=opts, timeout=timeout)
+                if args.compressions:  # one row per per-call compression, same group
+                    impls += [(f"{label}/{c}", "plait", a, group, c) for c in args.compressions]
+                else:
+                    impls.append((label, "plait", a, group, None))
         else:
-            impls.append((b, b, None, dist.new_group(backend=b, timeout=timeout)))
+            impls.append((b, b, None, dist.new_group(backend=b, timeout=timeout), None))
     return impls
 
 
@@ -415,15 +467,21 @@ def worker(args):
             case = Case(op, size, world, rank, dtype, args.redop, args.device)
             iters = args.iters or default_iters(case.nbytes)
             warmup = args.warmup if args.warmup >= 0 else default_warmup(case.nbytes)
-            wrong = {}
-            for label, _, _, group in impls:  # correctness first, every implementation
+            wrong, vnmse = {}, {}
+            for label, _, _, group, comp in impls:  # correctness first, every implementation
                 if (op, label) in unsupported:
                     continue
                 bad, err = 0, ""
+                coded = comp not in (None, "none") and op == "all_reduce"
                 try:
-                    for _ in range(args.check):
-                        bad += case.check(group, corrupt=corrupt_pending and rank == 0)
-                        corrupt_pending = False
+                    for k in range(args.check):
+                        if coded:  # vNMSE against the exact reduction instead of exact equality
+                            v = case.vnmse(group, comp, seed=k)
+                            vnmse[label] = max(vnmse.get(label, 0.0), v)
+                            bad += int(not v <= VNMSE_BOUND[comp])
+                        else:
+                            bad += case.check(group, corrupt=corrupt_pending and rank == 0, compression=comp)
+                            corrupt_pending = False
                 except Exception as e:  # e.g. gloo has no AVG: agree across ranks, then skip it
                     err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     bad = -1
@@ -436,11 +494,12 @@ def worker(args):
                               file=sys.stderr, flush=True)
                     continue
                 wrong[label] = int(flags[0].item()) if args.check > 0 else None
-            for label, backend, algo, group in impls:  # then timing, interleaved at this size
+            for label, backend, algo, group, comp in impls:  # then timing, interleaved at this size
                 if (op, label) in unsupported:
                     prog.step(f"{op} {human(case.nbytes)} {label}")
                     continue
-                times = _timed(case, group, iters, warmup, ctl, sync, loop=args.timing == "loop")
+                times = _timed(case, group, iters, warmup, ctl, sync, loop=args.timing == "loop",
+                               compression=comp if op == "all_reduce" else None)
                 t = statistics.median(times)
                 if op == "sendrecv":
                     t /= 2  # one way
@@ -449,12 +508,19 @@ def worker(args):
                        "count": case.count, "dtype": args.dtype, "redop": args.redop if op in REDUCING
                        else None, "time_us": t * 1e6, "algbw": algbw,
                        "busbw": algbw * bus_factor(op, world), "wrong": wrong[label], "iters": iters}
+                if comp is not None:
+                    row["compression"] = comp
+                    if label in vnmse:  # the worst round's vNMSE on this rank, max across ranks (identical results)
+                        v = torch.tensor([vnmse[label]], dtype=torch.float64)
+                        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=ctl)
+                        row["vnmse"] = v.item()
                 if backend == "plait" and op == "all_reduce":
                     # What plait's cost model chose for this size and the time it predicted (for CUDA tensors: the
                     # device engine's model, which applies to groups on one host).
                     try:
                         ran, one_shot, predicted, _ = plait.plan_allreduce(case.nbytes, group=group,
-                                                                           device=args.device == "cuda")
+                                                                           device=args.device == "cuda",
+                                                                           dtype=dtype, compression=comp)
                         row.update(plan=ran + (" one-shot" if ran == "direct" and one_shot else ""),
                                    predicted_us=predicted)
                     except Exception:  # noqa: BLE001  (a model that does not apply: leave the plan out)
@@ -466,7 +532,7 @@ def worker(args):
 
     status = 1 if any(r["wrong"] for r in results) else 0
     if rank == 0:
-        labels = [label for label, _, _, _ in impls]
+        labels = [impl[0] for impl in impls]
         for op in ops:
             print_table(op, [r for r in results if r["op"] == op], labels, world, args)
         meta = _meta(args, world)
@@ -510,6 +576,8 @@ def _meta(args, world):
 def write_csv(path, results):
     fields = ["op", "backend", "algo", "bytes", "count", "dtype", "redop", "time_us", "algbw", "busbw", "wrong",
               "iters"]
+    if any("compression" in r for r in results):
+        fields += ["compression", "vnmse"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -535,12 +603,20 @@ def print_table(op, rows, labels, world, args):
           f"{ {'all_reduce': '2(n-1)/n', 'all_gather': '(n-1)/n', 'reduce_scatter': '(n-1)/n', 'all_to_all': '(n-1)/n'}.get(op, '1')}; "
           f"ratio = time({first}) / time")
     widths = (12, 11, 9, 6, 14, 11, 12, 12, 7, 7)
-    print("#" + "".join(f"{c:>{w}}" for c, w in zip(COLUMNS, widths))[1:])
+    columns = COLUMNS
+    coded = any("compression" in r for r in rows)
+    if coded:
+        columns, widths = columns + ("vNMSE",), widths + (10,)
+        print("# plait/<codec>: plait.all_reduce(compression=<codec>); busbw from the uncompressed size; vNMSE = "
+              "||result - exact||^2 / ||exact||^2 on Gaussian inputs (codec rows; #wrong 1 = above the bound)")
+    print("#" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))[1:])
     order = {label: i for i, label in enumerate(labels)}
     for r in sorted(rows, key=lambda r: (r["bytes"], order.get(r["backend"], 99))):
         ratio = f"{ref[r['bytes']] / r['time_us']:.2f}" if r["bytes"] in ref and r["time_us"] > 0 else "-"
         cells = (r["bytes"], r["count"], r["dtype"], r["redop"] or "none", r["backend"], f"{r['time_us']:.1f}",
                  fmt_bw(r["algbw"]), fmt_bw(r["busbw"]), "N/A" if r["wrong"] is None else r["wrong"], ratio)
+        if coded:
+            cells += (f"{r['vnmse']:.2e}" if "vnmse" in r else "-",)
         print("".join(f"{str(c):>{w}}" for c, w in zip(cells, widths)))
 
 

@@ -11,6 +11,10 @@ its own, the per-step max across ranks is taken on a gloo control group outside 
 is reported. comm share = 1 - compute / step: the part of the step that gradient synchronisation adds, i.e.
 the communication that is NOT hidden behind the backward pass (exposed communication). Backends are
 interleaved step-block by step-block (plait, gloo, plait, gloo, ...) so both see the same machine state.
+
+--compression int8[,int4,...]: the plait backend runs once per codec, labelled "plait/<codec>", with
+plait.hooks.compressed_allreduce_hook registered (CompressionState(compression=<codec>, start_iter=0), error
+feedback on, default min_bytes); "none" is plait without a hook.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved blocks per backend (steps split across them)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--compression", default=None, help="comma list of none, int8, int4, fp8, bf16: plait rows "
+                                                         "with the compressed DDP hook (start_iter=0)")
     p.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not launched by torchrun")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--_status", default=None, help=argparse.SUPPRESS)
@@ -48,6 +54,20 @@ def parse_args(argv):
                 models.append(x)
     args.models = models
     args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    comps = [c.strip() for c in (args.compression or "").split(",") if c.strip()]
+    for c in comps:
+        if c not in ("none", "int8", "int4", "fp8", "bf16"):
+            p.error(f"--compression: unknown {c!r}")
+    if comps and "plait" not in args.backends:
+        p.error("--compression needs the plait backend")
+    # (label, backend, codec or None); codec rows replace the plain plait row
+    args.variants = []
+    for b in args.backends:
+        if b == "plait" and comps:
+            args.variants += [("plait" if c == "none" else f"plait/{c}", b, None if c == "none" else c)
+                              for c in comps]
+        else:
+            args.variants.append((b, b, None))
     return args
 
 
@@ -112,31 +132,36 @@ def worker(args):
         return times
 
     rows = []
+    labels = [v[0] for v in args.variants]
     for name in args.models:
         gen = torch.Generator().manual_seed(1234 + rank)
         wrapped = {}
-        for b in args.backends:
+        for label, b, codec in args.variants:
             model, make_batch, loss_fn = build(name)
             ddp = DDP(model, process_group=groups[b])
+            if codec is not None:
+                ddp.register_comm_hook(plait.hooks.CompressionState(compression=codec, start_iter=0,
+                                                                    process_group=groups[b]),
+                                       plait.hooks.compressed_allreduce_hook)
             opt = torch.optim.SGD(ddp.parameters(), lr=1e-4)
-            wrapped[b] = (ddp, opt, loss_fn)
+            wrapped[label] = (ddp, opt, loss_fn)
         data = [make_batch(args.batch, gen) for _ in range(4)]
         nparams = sum(p.numel() for p in model.parameters())
-        for b in args.backends:  # warm-up
+        for b in labels:  # warm-up
             ddp, opt, loss_fn = wrapped[b]
             timed_steps(ddp, opt, loss_fn, data, args.warmup, True)
             timed_steps(ddp, opt, loss_fn, data, 1, False)
-        per = {b: {"step": [], "compute": []} for b in args.backends}
+        per = {b: {"step": [], "compute": []} for b in labels}
         rounds = max(1, min(args.rounds, args.steps))
         for r in range(rounds):
             n = args.steps // rounds + (1 if r < args.steps % rounds else 0)
-            for b in args.backends:
+            for b in labels:
                 ddp, opt, loss_fn = wrapped[b]
                 dist.barrier(group=ctl)
                 per[b]["step"] += timed_steps(ddp, opt, loss_fn, data, n, True)
                 dist.barrier(group=ctl)
                 per[b]["compute"] += timed_steps(ddp, opt, loss_fn, data, n, False)
-        for b in args.backends:
+        for b in labels:
             out = {}
             for mode, ts in per[b].items():
                 t = torch.tensor(ts, dtype=torch.float64)
@@ -149,12 +174,12 @@ def worker(args):
         del wrapped
 
     if rank == 0:
-        ref = args.backends[-1]
+        ref = labels[-1]
         print(f"\n# plait-bench ddp: world {world}, batch {args.batch}, {args.steps} steps, host {socket.gethostname()}, "
               f"torch {torch.__version__}")
         print("# step = median per-step max across ranks (zero_grad+fwd+bwd+SGD); compute = same step under "
               "no_sync(); comm share = 1 - compute/step (exposed communication)")
-        widths = (13, 12, 9, 10, 12, 12, 10)
+        widths = (13, 12, 12, 10, 12, 12, 10)
         head = ("model", "params", "backend", "step(ms)", "compute(ms)", "comm share", f"vs {ref}")
         print("#" + "".join(f"{c:>{w}}" for c, w in zip(head, widths))[1:])
         for r in rows:
