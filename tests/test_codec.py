@@ -448,6 +448,17 @@ def test_int4_scale_limit():
         enc = C.codec_encode("int4", 32, torch.tensor([big] + [1.0] * 31))
         assert enc[:2].tolist() == [0x00, 0x7E]
         assert torch.isnan(C.codec_decode("int4", 32, enc, 32, torch.float32)).all()
+    # Many blocks (the AVX2 kernels compute eight blocks' scales at once): every case beside the others.
+    amax = [7.0 * 65504, 7.0 * 65504 + 64, 7.0 * 65520, 1e9, 458000.0, 1.0, 0.0, 2.0 ** -30, 7 * 2.0 ** -24, 1e-30,
+            TINY, 3 * TINY, 65504.0, 7.0, 6.9999, float("inf")] * 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(len(amax), 32, generator=g, dtype=torch.float64) * 2 - 1
+    x = (x * torch.tensor(amax, dtype=torch.float64).nan_to_num(posinf=1.0)[:, None]).float()
+    x[:, 7] = torch.tensor(amax)
+    for div in (1.0, 3.0):
+        got = C.codec_encode("int4", 32, x.reshape(-1), div).numpy()
+        want = ref_encode("int4", 32, x.reshape(-1), div)
+        assert np.array_equal(got, want), _first_diff(got, want)
     # With div the limit applies to v = x / div.
     enc = C.codec_encode("int4", 32, torch.tensor([1e6] + [1.0] * 31), 4.0)
     assert torch.isfinite(C.codec_decode("int4", 32, enc, 32, torch.float32)).all()
@@ -593,6 +604,23 @@ def test_argument_errors_are_clear():
         C.codec_decode_accumulate("int8", 0, enc[:100], torch.zeros(300))
     with pytest.raises(RuntimeError, match="n must be >= 0"):
         C.codec_decode("int8", 0, enc, -1, torch.float32)
+    with pytest.raises(RuntimeError, match=r"out must be a uint8 tensor of 308 bytes \(int8 block 256, 300 values\)"):
+        C.codec_encode("int8", 0, torch.ones(300), out=torch.empty(307, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="out must hold 300 values of"):
+        C.codec_decode("int8", 0, enc, 300, torch.float16, out=torch.empty(300))
+
+
+def test_out_tensors_are_filled_in_place():
+    C = _codec()
+    x = torch.randn(1000)
+    for codec in CODECS:
+        out = torch.full((C.codec_encoded_bytes(codec, 64, 1000),), 0xA5, dtype=torch.uint8)
+        got = C.codec_encode(codec, 64, x, 3.0, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, C.codec_encode(codec, 64, x, 3.0)), codec
+        for dt in DTYPES:
+            dst = torch.full((1000,), 7.0, dtype=dt)
+            got = C.codec_decode(codec, 64, out, 1000, dt, out=dst)
+            assert got.data_ptr() == dst.data_ptr() and torch.equal(dst, C.codec_decode(codec, 64, out, 1000, dt))
 
 
 # ---- floating-point mode ---------------------------------------------------------------------------------------------

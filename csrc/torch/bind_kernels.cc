@@ -1,6 +1,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
+
 #include "plait/kernels/codec.h"
 #include "plait/kernels/reduce.h"
 #include "plait/kernels/cuda/kernels.h"
@@ -138,13 +140,23 @@ void register_kernels(py::module_& m) {
       py::arg("codec"), py::arg("block"), py::arg("n"), "Wire bytes of n values encoded with codec and block.");
   m.def(
       "codec_encode",
-      [](const std::string& name, int64_t block, const at::Tensor& src, double div) {
+      [](const std::string& name, int64_t block, const at::Tensor& src, double div, std::optional<at::Tensor> into) {
         const char* who = "plait.codec_encode";
         const codec::Spec spec = codecSpec(name, block, who);
         checkCpuContiguous(src, who, "src");
         const plait::DType dt = codecDtype(src.scalar_type(), who, "src");
         const size_t n = size_t(src.numel());
-        at::Tensor out = at::empty({int64_t(codec::encodedBytes(spec, n))}, at::TensorOptions().dtype(at::kByte));
+        const int64_t bytes = int64_t(codec::encodedBytes(spec, n));
+        at::Tensor out;
+        if (into) {
+          out = *into;
+          checkCpuContiguous(out, who, "out");
+          TORCH_CHECK(out.scalar_type() == at::kByte && out.numel() == bytes, who, ": out must be a uint8 tensor of ",
+                      bytes, " bytes (", codec::codecName(spec.codec), " block ", spec.block, ", ", n,
+                      " values), got ", out.scalar_type(), " with ", out.numel());
+        } else {
+          out = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+        }
         const void* s = src.data_ptr();
         void* d = out.data_ptr();
         {
@@ -153,18 +165,28 @@ void register_kernels(py::module_& m) {
         }
         return out;
       },
-      py::arg("codec"), py::arg("block"), py::arg("src"), py::arg("div") = 1.0,
+      py::arg("codec"), py::arg("block"), py::arg("src"), py::arg("div") = 1.0, py::arg("out") = py::none(),
       "Encodes the values of a contiguous CPU float32 / bfloat16 / float16 tensor (each first divided by div unless "
-      "div == 1) into a new 1-D uint8 tensor of codec_encoded_bytes(codec, block, src.numel()) bytes.");
+      "div == 1) into a 1-D uint8 tensor of codec_encoded_bytes(codec, block, src.numel()) bytes: `out` when given "
+      "(contiguous, exactly that size; benchmarks reuse it), else a new tensor. Returns it.");
   m.def(
       "codec_decode",
-      [](const std::string& name, int64_t block, const at::Tensor& enc, int64_t n, at::ScalarType dtype) {
+      [](const std::string& name, int64_t block, const at::Tensor& enc, int64_t n, at::ScalarType dtype,
+         std::optional<at::Tensor> into) {
         const char* who = "plait.codec_decode";
         const codec::Spec spec = codecSpec(name, block, who);
         TORCH_CHECK(n >= 0, who, ": n must be >= 0, got ", n);
         checkEncoded(enc, spec, size_t(n), who);
         const plait::DType dt = codecDtype(dtype, who, "output");
-        at::Tensor out = at::empty({n}, at::TensorOptions().dtype(dtype));
+        at::Tensor out;
+        if (into) {
+          out = *into;
+          checkCpuContiguous(out, who, "out");
+          TORCH_CHECK(out.scalar_type() == dtype && out.numel() == n, who, ": out must hold ", n, " values of ",
+                      dtype, ", got ", out.numel(), " of ", out.scalar_type());
+        } else {
+          out = at::empty({n}, at::TensorOptions().dtype(dtype));
+        }
         const void* s = enc.data_ptr();
         void* d = out.data_ptr();
         {
@@ -173,9 +195,10 @@ void register_kernels(py::module_& m) {
         }
         return out;
       },
-      py::arg("codec"), py::arg("block"), py::arg("enc"), py::arg("n"), py::arg("dtype"),
-      "Decodes n values from the uint8 tensor enc into a new 1-D tensor of dtype (float32, bfloat16 or float16; "
-      "each decoded float32 value rounded to nearest even once).");
+      py::arg("codec"), py::arg("block"), py::arg("enc"), py::arg("n"), py::arg("dtype"), py::arg("out") = py::none(),
+      "Decodes n values from the uint8 tensor enc into a 1-D tensor of dtype (float32, bfloat16 or float16; each "
+      "decoded float32 value rounded to nearest even once): `out` when given (contiguous, n values of dtype), else a "
+      "new tensor. Returns it.");
   m.def(
       "codec_decode_accumulate",
       [](const std::string& name, int64_t block, const at::Tensor& enc, at::Tensor acc) {

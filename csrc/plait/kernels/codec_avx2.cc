@@ -116,30 +116,76 @@ inline __m256i bf16Bits8(__m256 v) {
 
 // ---- encode ----------------------------------------------------------------------------------------------------------
 
+// Lane-wise maxima of |v| bits over the first m8 (a multiple of 8) values of a block starting at k0.
 template <DType D, bool kDiv>
-uint32_t absMax(const void* src, size_t k0, size_t m, float div) {
+__attribute__((always_inline)) inline __m256i absMaxLanes(const void* src, size_t k0, size_t m8, float div) {
   const __m256 vdiv = _mm256_set1_ps(div);
   const __m256i mask = _mm256_set1_epi32(0x7fffffff);
   __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
   size_t j = 0;
-  for (; j + 16 <= m; j += 16) {
+  for (; j + 16 <= m8; j += 16) {
     m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_castps_si256(value8<D, kDiv>(src, k0 + j, vdiv)), mask));
     m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_castps_si256(value8<D, kDiv>(src, k0 + j + 8, vdiv)), mask));
   }
-  for (; j + 8 <= m; j += 8)
+  if (j < m8)
     m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_castps_si256(value8<D, kDiv>(src, k0 + j, vdiv)), mask));
-  m0 = _mm256_max_epu32(m0, m1);
-  __m128i h = _mm_max_epu32(_mm256_castsi256_si128(m0), _mm256_extracti128_si256(m0, 1));
+  return _mm256_max_epu32(m0, m1);
+}
+
+inline uint32_t maxOfLanes(__m256i m) {
+  __m128i h = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
   h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4e));
   h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xb1));
-  uint32_t amax = uint32_t(_mm_cvtsi128_si32(h));
-  for (; j < m; ++j) amax = std::max(amax, absBits(divided(loadAs<D>(src, k0 + j), div, kDiv)));
-  return amax;
+  return uint32_t(_mm_cvtsi128_si32(h));
+}
+
+// r[k] = the maximum of the lanes of v[k], for eight vectors (a transposing reduction).
+inline __m256i maxOfLanes8(const __m256i v[8]) {
+  auto quad = [](__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i ab = _mm256_max_epu32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+    const __m256i cd = _mm256_max_epu32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+    // Per 128-bit lane: the maxima of a, b, c, d over that lane's four values.
+    return _mm256_max_epu32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+  };
+  const __m256i lo = quad(v[0], v[1], v[2], v[3]), hi = quad(v[4], v[5], v[6], v[7]);
+  return _mm256_max_epu32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// blockScale (codec_impl.h) of eight blocks at once, from their absolute-maximum bits: the same divisions, the
+// same float16 rounding (VCVTPS2PH rounds to nearest even as f32ToHalf does), the same bump, clamps and NaN rules.
+template <Codec C>
+inline void blockScales8(__m256i amax, uint32_t wire[8], float scale[8], uint32_t live[8]) {
+  const __m256i nonFinite = _mm256_cmpgt_epi32(amax, _mm256_set1_epi32(int(kInfBits) - 1));
+  const __m256i zero = _mm256_cmpeq_epi32(amax, _mm256_setzero_si256());
+  const __m256 a = _mm256_castsi256_ps(amax);
+  __m256i w, dead;
+  __m256 s;
+  if constexpr (C == Codec::kInt4) {
+    const __m256 t = _mm256_div_ps(a, _mm256_set1_ps(7.0f));
+    __m128i h = _mm256_cvtps_ph(t, kRound);
+    const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(_mm256_cvtph_ps(h), t, _CMP_LT_OQ));
+    h = _mm_sub_epi16(h, _mm_packs_epi32(_mm256_castsi256_si128(below), _mm256_extracti128_si256(below, 1)));
+    const __m256i over = _mm256_cvtepi16_epi32(_mm_cmpgt_epi16(h, _mm_set1_epi16(0x7bff)));
+    h = _mm_max_epu16(h, _mm_set1_epi16(1));
+    s = _mm256_cvtph_ps(h);
+    const __m256i nan = _mm256_or_si256(nonFinite, over);
+    w = _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), _mm256_set1_epi32(kHalfNaN), nan);
+    dead = _mm256_or_si256(nan, zero);
+  } else {
+    s = _mm256_div_ps(a, _mm256_set1_ps(C == Codec::kInt8 ? 127.0f : 448.0f));
+    s = _mm256_blendv_ps(s, _mm256_castsi256_ps(_mm256_set1_epi32(int(kMinSubnormalBits))),
+                         _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    w = _mm256_blendv_epi8(_mm256_castps_si256(s), _mm256_set1_epi32(int(kCanonicalNaN)), nonFinite);
+    dead = _mm256_or_si256(nonFinite, zero);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(wire), _mm256_andnot_si256(zero, w));
+  _mm256_storeu_ps(scale, s);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(live), _mm256_andnot_si256(dead, _mm256_set1_epi32(-1)));
 }
 
 // The payload of one live block: values k0 .. k0 + m of src with scale s, into p.
 template <DType D, bool kDiv, Codec C>
-void quantizeBlock(const void* src, size_t k0, size_t m, float div, float s, uint8_t* p) {
+__attribute__((always_inline)) inline void quantizeBlock(const void* src, size_t k0, size_t m, float div, float s, uint8_t* p) {
   const __m256 vdiv = _mm256_set1_ps(div), vs = _mm256_set1_ps(s);
   auto v8 = [&](size_t j) { return value8<D, kDiv>(src, k0 + j, vdiv); };
   auto v1 = [&](size_t j) { return divided(loadAs<D>(src, k0 + j), div, kDiv); };
@@ -182,12 +228,38 @@ void quantizeBlock(const void* src, size_t k0, size_t m, float div, float s, uin
   }
 }
 
-template <DType D, bool kDiv, Codec C>
-void encodeBlocks(uint32_t block, const void* src, size_t n, float div, uint8_t* dst) {
+// Blocks up to this size go eight at a time while eight whole blocks remain: the absolute maxima of eight blocks are
+// reduced together and their scales computed in one vector, so the per-block scalar work (a horizontal maximum, a
+// division, int4's float16 rounding) neither dominates small blocks nor serializes them. The eight blocks' input
+// (at most 8 KiB of float32) is still in L1 when the second pass reads it.
+constexpr uint32_t kGroupMaxBlock = 256;
+
+// kBlock != 0: the block size as a constant (the default blocks), so the per-block loops unroll completely.
+template <DType D, bool kDiv, Codec C, uint32_t kBlock>
+void encodeBlocks(uint32_t blockArg, const void* src, size_t n, float div, uint8_t* dst) {
+  const uint32_t block = kBlock ? kBlock : blockArg;
   const size_t stride = wireBlockBytes(C, block);
-  for (size_t k0 = 0; k0 < n; k0 += block, dst += stride) {
-    const size_t m = std::min<size_t>(block, n - k0);
-    const BlockScale bs = blockScale(C, absMax<D, kDiv>(src, k0, m, div));
+  size_t k0 = 0;
+  if (block <= kGroupMaxBlock) {
+    for (; n - k0 >= 8 * size_t(block); k0 += 8 * size_t(block), dst += 8 * stride) {
+      __m256i lanes[8];
+      for (int g = 0; g < 8; ++g) lanes[g] = absMaxLanes<D, kDiv>(src, k0 + g * size_t(block), block, div);
+      alignas(32) uint32_t wire[8], live[8];
+      alignas(32) float scale[8];
+      blockScales8<C>(maxOfLanes8(lanes), wire, scale, live);
+      for (int g = 0; g < 8; ++g) {
+        uint8_t* out = dst + g * stride;
+        writeScale(C, out, wire[g]);
+        if (live[g]) quantizeBlock<D, kDiv, C>(src, k0 + g * size_t(block), block, div, scale[g], out + scaleBytes(C));
+        else std::memset(out + scaleBytes(C), 0, payloadBytes(C, block));
+      }
+    }
+  }
+  for (; k0 < n; k0 += block, dst += stride) {
+    const size_t m = std::min<size_t>(block, n - k0), m8 = m & ~size_t(7);
+    uint32_t amax = maxOfLanes(absMaxLanes<D, kDiv>(src, k0, m8, div));
+    for (size_t j = m8; j < m; ++j) amax = std::max(amax, absBits(divided(loadAs<D>(src, k0 + j), div, kDiv)));
+    const BlockScale bs = blockScale(C, amax);
     writeScale(C, dst, bs.wire);
     uint8_t* p = dst + scaleBytes(C);
     if (bs.live) quantizeBlock<D, kDiv, C>(src, k0, m, div, bs.s, p);
@@ -210,9 +282,15 @@ void encodeBf16(const void* src, size_t n, float div, uint8_t* dst) {
 template <DType D, bool kDiv>
 void encodeTyped(Codec c, uint32_t block, const void* src, size_t n, float div, uint8_t* dst) {
   switch (c) {
-    case Codec::kInt8: return encodeBlocks<D, kDiv, Codec::kInt8>(block, src, n, div, dst);
-    case Codec::kInt4: return encodeBlocks<D, kDiv, Codec::kInt4>(block, src, n, div, dst);
-    case Codec::kFp8: return encodeBlocks<D, kDiv, Codec::kFp8>(block, src, n, div, dst);
+    case Codec::kInt8:
+      if (block == 256) return encodeBlocks<D, kDiv, Codec::kInt8, 256>(block, src, n, div, dst);
+      return encodeBlocks<D, kDiv, Codec::kInt8, 0>(block, src, n, div, dst);
+    case Codec::kInt4:
+      if (block == 32) return encodeBlocks<D, kDiv, Codec::kInt4, 32>(block, src, n, div, dst);
+      return encodeBlocks<D, kDiv, Codec::kInt4, 0>(block, src, n, div, dst);
+    case Codec::kFp8:
+      if (block == 256) return encodeBlocks<D, kDiv, Codec::kFp8, 256>(block, src, n, div, dst);
+      return encodeBlocks<D, kDiv, Codec::kFp8, 0>(block, src, n, div, dst);
     default: return encodeBf16<D, kDiv>(src, n, div, dst);
   }
 }
@@ -297,12 +375,15 @@ inline __m128i splitNibbles(__m128i x) {
   return _mm_unpacklo_epi8(lo, hi);
 }
 
-template <Codec C, typename Out>
-void decodeBlocks(uint32_t block, const uint8_t* src, size_t n, const Out& out) {
+// kBlock != 0: the block size as a constant (the default blocks), as for encodeBlocks.
+template <Codec C, uint32_t kBlock, typename Out>
+void decodeBlocks(uint32_t blockArg, const uint8_t* src, size_t n, const Out& out) {
+  const uint32_t block = kBlock ? kBlock : blockArg;
   const size_t stride = wireBlockBytes(C, block);
   for (size_t k0 = 0; k0 < n; k0 += block, src += stride) {
     const size_t m = std::min<size_t>(block, n - k0);
-    const float s = readScale(C, src);
+    // int4: the float16 scale widened by VCVTPH2PS (exact, NaNs as halfToF32).
+    const float s = C == Codec::kInt4 ? _cvtsh_ss(uint16_t(loadLe16(src))) : readScale(C, src);
     const uint8_t* p = src + scaleBytes(C);
     size_t j = 0;
     if (!scaleIsFinite(s)) {
@@ -313,6 +394,16 @@ void decodeBlocks(uint32_t block, const uint8_t* src, size_t n, const Out& out) 
     }
     const __m256 vs = _mm256_set1_ps(s);
     if constexpr (C == Codec::kInt4) {
+      for (; j + 32 <= m; j += 32) {
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j / 2));
+        const __m128i lo = _mm_and_si128(x, _mm_set1_epi8(0x0f));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(0x0f));
+        const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+        out.put8(k0 + j, int4Times(first, vs));
+        out.put8(k0 + j + 8, int4Times(_mm_srli_si128(first, 8), vs));
+        out.put8(k0 + j + 16, int4Times(second, vs));
+        out.put8(k0 + j + 24, int4Times(_mm_srli_si128(second, 8), vs));
+      }
       for (; j + 16 <= m; j += 16) {
         const __m128i codes = splitNibbles(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j / 2)));
         out.put8(k0 + j, int4Times(codes, vs));
@@ -345,9 +436,15 @@ template <typename Out>
 void decodeTo(Codec c, uint32_t block, const void* src, size_t n, const Out& out) {
   const auto* s = static_cast<const uint8_t*>(src);
   switch (c) {
-    case Codec::kInt8: return decodeBlocks<Codec::kInt8>(block, s, n, out);
-    case Codec::kInt4: return decodeBlocks<Codec::kInt4>(block, s, n, out);
-    case Codec::kFp8: return decodeBlocks<Codec::kFp8>(block, s, n, out);
+    case Codec::kInt8:
+      if (block == 256) return decodeBlocks<Codec::kInt8, 256>(block, s, n, out);
+      return decodeBlocks<Codec::kInt8, 0>(block, s, n, out);
+    case Codec::kInt4:
+      if (block == 32) return decodeBlocks<Codec::kInt4, 32>(block, s, n, out);
+      return decodeBlocks<Codec::kInt4, 0>(block, s, n, out);
+    case Codec::kFp8:
+      if (block == 256) return decodeBlocks<Codec::kFp8, 256>(block, s, n, out);
+      return decodeBlocks<Codec::kFp8, 0>(block, s, n, out);
     default: return decodeBf16(s, n, out);
   }
 }
