@@ -9,12 +9,12 @@ For each codec (int8, int4, fp8, bf16, default blocks) and each size (the size o
     decode-acc     plait._C.codec_decode_accumulate into a float32 accumulator (acc += decoded)
     memcpy         torch ``dst.copy_(src)`` of the float32 input, one thread
 
-Throughput is GB/s of *input values* as the caller holds them: float32 / bfloat16 bytes for encode, float32 bytes of
-the accumulator for decode-acc (so every row moves the same number of values per byte of its column), and the
-percentage is against the memcpy of the same input size. Median of --repeats timings; each timing runs the kernel
-enough times to take about 20 ms, and all rows of a size take turns within each repeat. torch runs single-threaded (torch.set_num_threads(1)); the codec kernels are
-single-threaded anyway. Before timing, every encode is decoded and checked against the input (error within the
-codec's bound) and decode-accumulate against decode.
+Throughput is GB/s of input values as the caller holds them: float32 / bfloat16 bytes for encode, the float32 bytes
+of the accumulator for decode-acc; the percentage is against the memcpy of the same float32 size. Median of --repeats
+timings; each timing runs the kernel enough times to take about 20 ms, and all rows of a size take turns within each
+repeat (a busy machine slows them alike). torch runs single-threaded (torch.set_num_threads(1)); the codec kernels
+are single-threaded anyway. Before timing, every encode is decoded and checked against its input (relative RMS
+error within a loose per-codec limit) and decode-accumulate against decode.
 
     python bench/codec.py                      # 256 KiB (cache-resident) and 64 MiB
     python bench/codec.py --sizes 1M,16M --repeats 9

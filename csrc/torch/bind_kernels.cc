@@ -274,7 +274,8 @@ void register_kernels(py::module_& m) {
         const char* who = "plait.cuda_codec_encode";
         const codec::Spec spec = codecSpec(name, block, who);
         plait::DType t = parseDtype(dtype, who);
-        TORCH_CHECK(codec::codecSupports(t), who, ": dtype ", dtype, " is not supported (float32, bfloat16 or float16)");
+        TORCH_CHECK(codec::codecSupports(t), who, ": dtype ", dtype,
+                    " is not supported (float32, bfloat16 or float16)");
         int rc = plait::cuda::codecEncode(uint8_t(spec.codec), spec.block, t, ptr<const void>(src), size_t(n),
                                           float(div), ptr<void>(dst), ptr<void>(stream));
         checkCuda(rc, who, "codec=" + name + " block=" + std::to_string(spec.block) + " dtype=" + dtype +
@@ -291,7 +292,8 @@ void register_kernels(py::module_& m) {
         const char* who = "plait.cuda_codec_decode";
         const codec::Spec spec = codecSpec(name, block, who);
         plait::DType t = parseDtype(dtype, who);
-        TORCH_CHECK(codec::codecSupports(t), who, ": dtype ", dtype, " is not supported (float32, bfloat16 or float16)");
+        TORCH_CHECK(codec::codecSupports(t), who, ": dtype ", dtype,
+                    " is not supported (float32, bfloat16 or float16)");
         int rc = plait::cuda::codecDecode(uint8_t(spec.codec), spec.block, ptr<const void>(src), size_t(n), t,
                                           ptr<void>(dst), ptr<void>(stream));
         checkCuda(rc, who, "codec=" + name + " block=" + std::to_string(spec.block) + " dtype=" + dtype +

@@ -25,7 +25,7 @@ Spec checked(const Spec& s, const char* who) {
   return makeSpec(s.codec, s.block);
 }
 
-// ---- scalar kernels --------------------------------------------------------------------------------------------------
+// ---- scalar kernels -------------------------------------------------------------------------------------------------
 
 template <DType D>
 void encodeTyped(Codec c, uint32_t block, const void* src, size_t n, float div, uint8_t* dst) {
@@ -114,7 +114,7 @@ void decodeScalar(Codec c, uint32_t block, const void* src, size_t n, DType dt, 
   }
 }
 
-// ---- the implementation this process runs ----------------------------------------------------------------------------
+// ---- the implementation this process runs ---------------------------------------------------------------------------
 
 struct Choice {
   detail::Kernels k = detail::scalarKernels();

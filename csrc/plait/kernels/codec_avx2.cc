@@ -21,7 +21,7 @@ namespace {
 
 constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-// ---- loading eight values as float32 ---------------------------------------------------------------------------------
+// ---- loading eight values as float32 --------------------------------------------------------------------------------
 
 template <DType D>
 inline __m256 load8(const void* src, size_t i) {
@@ -42,7 +42,7 @@ inline __m256 value8(const void* src, size_t i, __m256 div) {
   else return x;
 }
 
-// ---- packing ---------------------------------------------------------------------------------------------------------
+// ---- packing --------------------------------------------------------------------------------------------------------
 
 // Four vectors of eight int32 in [-128, 127] (or [0, 255] with kUnsigned) -> 32 bytes in order.
 template <bool kUnsigned>
@@ -79,7 +79,7 @@ inline __m128i nibblePairs(__m128i x) {
   return _mm_packus_epi16(w, w);  // the eight pair bytes, twice
 }
 
-// ---- the codes of eight values ---------------------------------------------------------------------------------------
+// ---- the codes of eight values --------------------------------------------------------------------------------------
 
 // rint(v / s) clamped to [-lim, lim], as int32 (int8Code / int4Code before the byte).
 inline __m256i intCodes8(__m256 v, __m256 s, __m256 lim) {
@@ -114,7 +114,7 @@ inline __m256i bf16Bits8(__m256 v) {
   return _mm256_blendv_epi8(rounded, quiet, _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(int(kInfBits))));
 }
 
-// ---- encode ----------------------------------------------------------------------------------------------------------
+// ---- encode ---------------------------------------------------------------------------------------------------------
 
 // Lane-wise maxima of |v| bits over the first m8 (a multiple of 8) values of a block starting at k0.
 template <DType D, bool kDiv>
@@ -185,7 +185,8 @@ inline void blockScales8(__m256i amax, uint32_t wire[8], float scale[8], uint32_
 
 // The payload of one live block: values k0 .. k0 + m of src with scale s, into p.
 template <DType D, bool kDiv, Codec C>
-__attribute__((always_inline)) inline void quantizeBlock(const void* src, size_t k0, size_t m, float div, float s, uint8_t* p) {
+__attribute__((always_inline)) inline void quantizeBlock(const void* src, size_t k0, size_t m, float div, float s,
+                                                         uint8_t* p) {
   const __m256 vdiv = _mm256_set1_ps(div), vs = _mm256_set1_ps(s);
   auto v8 = [&](size_t j) { return value8<D, kDiv>(src, k0 + j, vdiv); };
   auto v1 = [&](size_t j) { return divided(loadAs<D>(src, k0 + j), div, kDiv); };
@@ -310,10 +311,11 @@ void encodeAvx2(Codec c, uint32_t block, DType dt, const void* src, size_t n, fl
   }
 }
 
-// ---- decode ----------------------------------------------------------------------------------------------------------
+// ---- decode ---------------------------------------------------------------------------------------------------------
 
 inline __m256 canonical8(__m256 v) {
-  return _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(int(kCanonicalNaN))), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(int(kCanonicalNaN)));
+  return _mm256_blendv_ps(v, nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
 // Where decoded values go (eight at a time or one): stored as D, or added to a float32 accumulator.

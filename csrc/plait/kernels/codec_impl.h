@@ -96,7 +96,7 @@ PLAIT_HD inline float roundEven(float x) {
 #endif
 }
 
-// ---- half types ------------------------------------------------------------------------------------------------------
+// ---- half types -----------------------------------------------------------------------------------------------------
 
 PLAIT_HD inline float bf16ToF32(uint16_t h) { return floatOf(uint32_t(h) << 16); }
 
@@ -132,7 +132,7 @@ PLAIT_HD inline uint16_t f32ToHalf(float f) {
   return uint16_t(sign | (q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u)));
 }
 
-// ---- OCP FP8 E4M3 ("fn") ---------------------------------------------------------------------------------------------
+// ---- OCP FP8 E4M3 ("fn") --------------------------------------------------------------------------------------------
 
 // float32 -> E4M3, round to nearest even, saturating: |y| >= 448 (infinity included) gives +-448 (0x7e), a NaN gives
 // the NaN byte 0x7f with y's sign, results below 2^-6 are multiples of 2^-9 (code 8 is 2^-6 itself), a value that
@@ -157,7 +157,7 @@ PLAIT_HD inline float e4m3ToF32(uint8_t b) {
   return floatOf(sign | ((e << 20) + (120u << 23)));
 }
 
-// ---- specs and wire layout -------------------------------------------------------------------------------------------
+// ---- specs and wire layout ------------------------------------------------------------------------------------------
 
 // codec.h's defaultBlock and block rule, here so that the CUDA library needs nothing from the CPU core.
 PLAIT_HD inline uint32_t defaultBlockOf(Codec c) {
@@ -190,7 +190,7 @@ PLAIT_HD inline uint32_t loadLe32(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
 
-// ---- per block -------------------------------------------------------------------------------------------------------
+// ---- per block ------------------------------------------------------------------------------------------------------
 
 // The scale of a block from the bits of its absolute maximum (absBits of every value, max taken as integers).
 //   wire  what goes on the wire: float32 bits (int8, fp8) or float16 bits (int4)
@@ -232,7 +232,7 @@ PLAIT_HD inline float readScale(Codec c, const uint8_t* p) {
 // A block whose scale is not finite decodes to NaN everywhere.
 PLAIT_HD inline bool scaleIsFinite(float s) { return absBits(s) < kInfBits; }
 
-// ---- per value -------------------------------------------------------------------------------------------------------
+// ---- per value ------------------------------------------------------------------------------------------------------
 
 // v_i of the wire format: x widened, divided by div unless the caller passes withDiv = false (div == 1).
 PLAIT_HD inline float divided(float x, float div, bool withDiv) { return withDiv ? fdiv(x, div) : x; }
@@ -260,7 +260,7 @@ PLAIT_HD inline float fp8Value(uint8_t b, float s) { return canonical(fmul(e4m3T
 // decodeAccumulate's sum: one rounding, a NaN sum is canonical.
 PLAIT_HD inline float accumulate(float acc, float d) { return canonical(fadd(acc, d)); }
 
-// ---- typed loads and stores ------------------------------------------------------------------------------------------
+// ---- typed loads and stores -----------------------------------------------------------------------------------------
 
 // Element i of a float32 / bfloat16 / float16 buffer as float32. The host accepts any alignment; the device requires
 // element alignment (checked before launch).
