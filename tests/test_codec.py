@@ -464,6 +464,32 @@ def test_int4_scale_limit():
     assert torch.isfinite(C.codec_decode("int4", 32, enc, 32, torch.float32)).all()
 
 
+def test_unaligned_buffers():
+    """Every buffer one element (or byte) past where the allocator put it: inputs, encoded bytes, outputs, acc."""
+    C = _codec()
+    failures = []
+    for codec in CODECS:
+        for dtype in DTYPES:
+            for n in (33, 1000):
+                x = make_data("normal", n + 1, dtype, zlib.crc32(repr((codec, str(dtype), n)).encode()))[1:]
+                want = ref_encode(codec, 0, x, 3.0)
+                space = torch.zeros(want.size + 1, dtype=torch.uint8)
+                enc = C.codec_encode(codec, 0, x, 3.0, out=space[1:])
+                if not np.array_equal(enc.numpy(), want) or space[0] != 0:
+                    failures.append(f"{codec} {_ids(dtype)} n={n}: encode from/to unaligned buffers")
+                ref = ref_decode(codec, 0, want, n)
+                for dt in DTYPES:
+                    dst = torch.zeros(n + 1, dtype=dt)
+                    C.codec_decode(codec, 0, space[1:], n, dt, out=dst[1:])
+                    if not _same_floats(dst[1:], torch.from_numpy(ref).to(dt)) or dst[0] != 0:
+                        failures.append(f"{codec} {_ids(dtype)} n={n}: decode to unaligned {_ids(dt)}")
+                acc = torch.ones(n + 1)
+                C.codec_decode_accumulate(codec, 0, space[1:], acc[1:])
+                if not np.array_equal(_bits32(acc[1:].numpy()), _bits32(_canonical(ref + F32(1)))) or acc[0] != 1:
+                    failures.append(f"{codec} {_ids(dtype)} n={n}: accumulate into an unaligned acc")
+    assert not failures, "\n".join(failures)
+
+
 def test_empty_tensors():
     C = _codec()
     for codec in CODECS:
