@@ -7,6 +7,7 @@ it predicted, Gloo's time, both busbw as a fraction of the link rate, and Gloo/p
 
     python bench/cluster.py --hosts 4 --nproc-per-host 1 --rate 1gbit
     python bench/cluster.py --matrix --json docs/cluster-bench.json     # 4x1 and 2x2 at 1 and 10 Gbit/s
+    python bench/cluster.py --backend plait --compression none,int8,int4 -b 64M -e 64M -n 3   # compressed rows
 
 Targets (issue 4): large-message busbw >= 90% of the link rate, small-message latency at least 5x below Gloo's,
 predicted time within 15% of measured at every size.
@@ -37,13 +38,18 @@ def rate_gbytes(rate: str) -> float:
     return float(m.group(1)) * {"": 1e-9, "k": 1e-6, "m": 1e-3, "g": 1.0}[m.group(2)] / 8
 
 
-def run_config(hosts, nproc, rate, sizes, backends, iters, port, timeout, timing="loop"):
+def run_config(hosts, nproc, rate, sizes, backends, iters, port, timeout, timing="loop", compression=None,
+               dtype="float32"):
     with tempfile.TemporaryDirectory(prefix="plait_cluster_bench_") as tmp:
         out = os.path.join(tmp, "r.json")
         argv = ["-m", "plait.bench", "--op", "all_reduce", "-b", sizes[0], "-e", sizes[1], "-f", sizes[2],
                 "--backend", backends, "--json", out, "--progress", "off", "--timing", timing]
         if iters:
             argv += ["-n", str(iters)]
+        if compression:
+            argv += ["--compression", compression]
+        if dtype != "float32":
+            argv += ["-d", dtype]
         env = {"OMP_NUM_THREADS": "1"}
         t0 = time.time()
         with Cluster(hosts=hosts, rate=rate) as c:
@@ -97,6 +103,30 @@ def table(data) -> str:
     return "\n".join(lines)
 
 
+def compression_table(data) -> str:
+    """Compressed rows (--compression): effective busbw (uncompressed size) and speed-up over plait/none."""
+    cfg = data["config"]
+    link = cfg["link_GBps"]
+    rows = {}
+    for r in data["results"]:
+        rows.setdefault(r["bytes"], {})[r["backend"]] = r
+    lines = [f"### {cfg['hosts']} hosts x {cfg['nproc_per_host']} rank(s), {cfg['rate']} links, "
+             f"{data['meta']['dtype']} (world {data['meta']['world_size']})", "",
+             "| size | variant | plan | time ms | busbw (uncompressed size) | vs plait/none | vNMSE |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    for nbytes in sorted(rows):
+        base = rows[nbytes].get("plait/none")
+        for label, r in rows[nbytes].items():
+            ratio = f"{base['time_us'] / r['time_us']:.2f}x" if base else "–"
+            v = f"{r['vnmse']:.2e}" if "vnmse" in r else "–"
+            lines.append(f"| {human(nbytes)} | {label} | {r.get('plan', '?')} | {r['time_us'] / 1e3:.1f} | "
+                         f"{r['busbw']:.3f} GB/s ({r['busbw'] / link * 100:.0f}% of link) | {ratio} | {v} |")
+    if any(r.get("wrong") for r in data["results"]):
+        lines.append("\n**WRONG RESULTS**: " + ", ".join(f"{r['backend']} {human(r['bytes'])}"
+                                                          for r in data["results"] if r.get("wrong")))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=4)
@@ -111,6 +141,11 @@ def main(argv=None):
     ap.add_argument("--timing", default="loop", choices=("loop", "iter"),
                     help="loop (default): nccl-tests' average over back-to-back iterations; iter: median of "
                          "per-iteration maxima (plait-bench's default, includes rank skew)")
+    ap.add_argument("--compression", default=None, help="passed to plait-bench: comma list of none, int8, int4, "
+                                                         "fp8, bf16 (plait/<codec> rows; table of speed-ups)")
+    ap.add_argument("-d", "--dtype", default="float32", help="passed to plait-bench")
+    ap.add_argument("--config", action="append", default=None,
+                    help="HOSTSxNPROC@RATE, repeatable (e.g. 4x1@1gbit); overrides --hosts/--nproc-per-host/--rate")
     ap.add_argument("--port", type=int, default=29411)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None, help="write every configuration's results here")
@@ -120,11 +155,19 @@ def main(argv=None):
         raise SystemExit(f"the emulated cluster is not available here: {why}")
     configs = ([(4, 1, "1gbit"), (2, 2, "1gbit"), (4, 1, "10gbit"), (2, 2, "10gbit")] if a.matrix
                else [(a.hosts, a.nproc_per_host, a.rate)])
+    if a.config:
+        configs = []
+        for c in a.config:
+            m = re.fullmatch(r"(\d+)x(\d+)@(\S+)", c)
+            if not m:
+                raise SystemExit(f"--config: cannot parse {c!r} (e.g. 4x1@1gbit)")
+            configs.append((int(m.group(1)), int(m.group(2)), m.group(3)))
     every = []
     for hosts, nproc, rate in configs:
-        d = run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout, a.timing)
+        d = run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout, a.timing,
+                       a.compression, a.dtype)
         every.append(d)
-        print(table(d), flush=True)
+        print(compression_table(d) if a.compression else table(d), flush=True)
         print(flush=True)
         if a.json:
             with open(a.json, "w") as f:
