@@ -84,7 +84,8 @@ void Comm::setDevice(int device, void* stream) {
     }
     ops->bind(device, stream);  // the engine's setup already allocates and maps on this device
     if (deviceSupported())
-      dev_ = std::make_unique<DeviceEngine>(*this, *store_, prefix_, std::move(ops), knobs().deviceBufferBytes);
+      dev_ = std::make_unique<DeviceEngine>(rank_, size_, [this] { checkDevicePeers(); }, *store_, prefix_, std::move(ops),
+                                            knobs().deviceBufferBytes);
     else
       viaHost_ = std::move(ops);
   }

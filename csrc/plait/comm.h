@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "plait/bootstrap.h"
+#include "plait/xfer.h"
 #include "plait/common.h"
 #include "plait/kernels/codec.h"
 #include "plait/kernels/reduce.h"
@@ -27,24 +28,6 @@ namespace plait {
 
 class DeviceEngine;
 class DeviceOps;
-
-enum class Coll : uint8_t {
-  kAllreduce = 1, kBroadcast, kReduce, kAllgather, kReduceScatter, kAlltoall, kGather, kScatter, kBarrier,
-  kSendRecv, kMonitoredBarrier
-};
-const char* collName(Coll c);
-
-struct WireHeader {
-  uint32_t magic;
-  uint32_t seq;
-  uint8_t coll, dtype, op, flags;
-  int32_t root;  // root rank, or the tag of a send/recv
-  uint64_t count;
-  uint64_t bytes;  // payload bytes of this message
-};
-static_assert(sizeof(WireHeader) == 32, "wire header is 32 bytes");
-inline constexpr uint32_t kWireMagic = 0x504c5431;   // "PLT1"
-inline constexpr uint32_t kAbortMagic = 0x504c5458;  // "PLTX": a failing rank's last words to a TCP peer
 
 class Comm {
  public:
@@ -91,7 +74,7 @@ class Comm {
   // Point-to-point transfers are posted and return at once; `done` runs (with nullptr, or the error message) when
   // the transfer finishes, from whichever thread drives the engine (a collective's wait, or progressP2P).
   // Sends and receives to one peer are matched in the order they are posted; tags must agree.
-  using Done = std::function<void(const std::string* error)>;
+  using Done = plait::Done;
   void isend(const void* buf, size_t bytes, int peer, int tag, Done done);
   void irecv(void* buf, size_t bytes, int peer, int tag, Done done);
   // Receive from whichever peer's next point-to-point message with this tag arrives first (torch's recvAnysource).
@@ -127,31 +110,7 @@ class Comm {
   void runOnHost(const std::function<void()>& body);
 
   // ---- engine verbs the algorithms use ----
-  struct Xfer {
-    // kSendEnc / kRecvDec / kRecvDecAcc are codec transfers (postSendEnc and friends): `len`, `done` and a
-    // dependency's progress count wire bytes of the encoded stream, which moves in whole codec blocks.
-    enum Kind : uint8_t { kSend, kRecv, kRecvReduce, kSendEnc, kRecvDec, kRecvDecAcc } kind;
-    int peer;
-    char* buf;
-    size_t len;
-    const Xfer* dep;
-    size_t done = 0;
-    // Codec transfers: the values buf holds (kSendEnc: `vdt` source values, each divided by `div` before encoding;
-    // kRecvDec: `vdt` destination; kRecvDecAcc: float32 accumulator), and the encoded segment a send is writing out.
-    size_t values = 0;
-    DType vdt = DType::kFloat32;
-    float div = 1.0f;
-    std::unique_ptr<char[]> seg;
-    size_t segLen = 0, segOff = 0;
-    size_t hdrDone = 0;
-    // Every message is padded to a multiple of 8 bytes on the wire, so the next header and typed payloads always
-    // start 8-aligned in a ring (receive-and-reduce reads elements in place).
-    uint8_t pad = 0, padDone = 0;
-    WireHeader hdr{};  // sent, or expected
-    WireHeader got{};  // received
-    Done onDone;       // point-to-point only
-    Clock::time_point deadline{};
-  };
+  using Xfer = plait::Xfer;
   struct CollCtx {
     Coll coll;
     DType dtype;
@@ -169,6 +128,8 @@ class Comm {
   static uint8_t schedCode(Algo a, bool oneShot = false) { return uint8_t(uint8_t(a) + 1) | (oneShot ? 0x80 : 0); }
   // Set in a compressed all-reduce's schedule code (the header's root field then carries codecWord(spec)).
   static constexpr uint8_t kSchedCompressed = 0x40;
+  // Set with kSchedCompressed for AVG (divided before quantizing): ranks mixing SUM and AVG raise.
+  static constexpr uint8_t kSchedAverage = 0x20;
   // The current collective (as passed to begin(), with its schedule).
   const CollCtx& ctx() const { return ctx_; }
   // Records the schedule chosen after begin() (before anything is posted).
@@ -298,7 +259,6 @@ class Comm {
   ReduceFn reduceFn_ = nullptr;
   size_t elemBytes_ = 1;
   std::vector<char> scratch_;
-  std::vector<char> codecTmp_;  // one codec block split across a ring wrap or TCP buffer boundary
   std::string failure_;
   bool oversubscribed_ = false;
   int reduceThreads_ = 1;

@@ -19,9 +19,9 @@ constexpr size_t kLine = 64;
 size_t pageRound(size_t n) { return (n + 4095) / 4096 * 4096; }
 }  // namespace
 
-DeviceEngine::DeviceEngine(Comm& comm, Store& store, const std::string& prefix, std::unique_ptr<DeviceOps> ops,
-                           size_t stagingBytes)
-    : comm_(comm), store_(store), prefix_(prefix), ops_(std::move(ops)), rank_(comm.rank()), size_(comm.size()),
+DeviceEngine::DeviceEngine(int rank, int size, std::function<void()> checkPeers, Store& store,
+                           const std::string& prefix, std::unique_ptr<DeviceOps> ops, size_t stagingBytes)
+    : checkPeers_(std::move(checkPeers)), store_(store), prefix_(prefix), ops_(std::move(ops)), rank_(rank), size_(size),
       initialCap_(std::max<size_t>(stagingBytes, 4096)) {
   peerStaging_.assign(size_, nullptr);
   peerFlags_.assign(size_, nullptr);
@@ -30,7 +30,7 @@ DeviceEngine::DeviceEngine(Comm& comm, Store& store, const std::string& prefix, 
   sendSeq_.assign(size_, 0);
   recvSeq_.assign(size_, 0);
   ackWaited_.assign(size_, 0);
-  ops_->setPoll([this] { comm_.checkDevicePeers(); });
+  ops_->setPoll([this] { checkPeers_(); });
   setup();
 }
 
@@ -179,7 +179,7 @@ bool DeviceEngine::inStaging(const void* p, size_t bytes) const {
   return c >= staging_ && c + bytes <= staging_ + cap_;
 }
 
-void DeviceEngine::record(Comm::Xfer* x, RedOp op, DType dt) {
+void DeviceEngine::record(Xfer* x, RedOp op, DType dt) {
   PLAIT_CHECK(x->len == 0 || inStaging(x->buf, x->len), "plait: internal: rank ", rank_,
               ": a device transfer with peer rank ", x->peer, " lies outside the staging buffer");
   pending_.push_back(Pending{x, op, dt});
@@ -191,25 +191,25 @@ void DeviceEngine::flush() {
   std::vector<Pending> q = std::move(pending_);
   pending_.clear();
   std::vector<bool> done(q.size(), false);
-  std::vector<const Comm::Xfer*> enqueued;
-  auto isEnqueued = [&](const Comm::Xfer* d) {
+  std::vector<const Xfer*> enqueued;
+  auto isEnqueued = [&](const Xfer* d) {
     return d == nullptr || std::find(enqueued.begin(), enqueued.end(), d) != enqueued.end() ||
            std::none_of(q.begin(), q.end(), [&](const Pending& p) { return p.x == d; });
   };
-  auto overlap = [](const Comm::Xfer* a, const Comm::Xfer* b) {
+  auto overlap = [](const Xfer* a, const Xfer* b) {
     return a->len && b->len && a->buf < b->buf + b->len && b->buf < a->buf + a->len;
   };
   size_t left = q.size();
   while (left) {
     size_t pick = q.size();
     for (size_t i = 0; i < q.size() && pick == q.size(); ++i) {
-      if (done[i] || q[i].x->kind != Comm::Xfer::kSend || !isEnqueued(q[i].x->dep)) continue;
+      if (done[i] || q[i].x->kind != Xfer::kSend || !isEnqueued(q[i].x->dep)) continue;
       // Sends to one peer keep their order (the peer matches them in order); none reads what an earlier receive
       // has yet to write.
       bool blocked = false;
       for (size_t j = 0; j < i && !blocked; ++j)
-        blocked = !done[j] && ((q[j].x->kind != Comm::Xfer::kSend && overlap(q[j].x, q[i].x)) ||
-                               (q[j].x->kind == Comm::Xfer::kSend && q[j].x->peer == q[i].x->peer));
+        blocked = !done[j] && ((q[j].x->kind != Xfer::kSend && overlap(q[j].x, q[i].x)) ||
+                               (q[j].x->kind == Xfer::kSend && q[j].x->peer == q[i].x->peer));
       if (!blocked) pick = i;
     }
     if (pick == q.size())
@@ -219,7 +219,7 @@ void DeviceEngine::flush() {
           break;
         }
     const Pending& p = q[pick];
-    if (p.x->kind == Comm::Xfer::kSend) enqueueSend(p.x);
+    if (p.x->kind == Xfer::kSend) enqueueSend(p.x);
     else enqueueRecv(p);
     p.x->hdrDone = sizeof(WireHeader);
     p.x->done = p.x->len;
@@ -254,7 +254,7 @@ void DeviceEngine::beforeWrite(const void* dst, size_t bytes) {
     if (any[p]) waitAck(p, need[p]);
 }
 
-void DeviceEngine::enqueueSend(Comm::Xfer* x) {
+void DeviceEngine::enqueueSend(Xfer* x) {
   const int p = x->peer;
   const uint32_t k = ++sendSeq_[p];
   // The descriptor slot is free again once the receiver acknowledged the send kSlots before this one. waitAck
@@ -272,14 +272,14 @@ void DeviceEngine::enqueueSend(Comm::Xfer* x) {
 }
 
 void DeviceEngine::enqueueRecv(const Pending& pd) {
-  Comm::Xfer* x = pd.x;
+  Xfer* x = pd.x;
   const int p = x->peer;
   const uint32_t k = ++recvSeq_[p];
   beforeWrite(x->buf, x->len);
   ops_->waitGeq(readyOf(ownFlagsDev_, p), k, [this, p, k] {
     return cat("plait: rank ", rank_, ": waiting for device transfer ", k, " from peer rank ", p);
   });
-  ops_->pull(x->kind == Comm::Xfer::kRecvReduce, pd.op, pd.dt, x->buf, peerStaging_[p], descOf(ownFlagsDev_, p, k),
+  ops_->pull(x->kind == Xfer::kRecvReduce, pd.op, pd.dt, x->buf, peerStaging_[p], descOf(ownFlagsDev_, p, k),
              x->len, reinterpret_cast<uint32_t*>(ownFlagsDev_ + 2 * size_ * kLine), uint32_t(p + 1));
   ops_->write32(ackOf(peerFlagsDev_[p], rank_), k);
 }

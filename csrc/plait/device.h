@@ -26,7 +26,8 @@
 #include <string>
 #include <vector>
 
-#include "plait/comm.h"
+#include "plait/store.h"
+#include "plait/xfer.h"
 #include "plait/transport/device.h"
 
 namespace plait {
@@ -35,8 +36,9 @@ class DeviceEngine {
  public:
   static constexpr uint32_t kSlots = 256;
 
-  DeviceEngine(Comm& comm, Store& store, const std::string& prefix, std::unique_ptr<DeviceOps> ops,
-               size_t stagingBytes);
+  // checkPeers: throws (telling the peers) if a peer failed; the emulation calls it while it waits.
+  DeviceEngine(int rank, int size, std::function<void()> checkPeers, Store& store, const std::string& prefix,
+               std::unique_ptr<DeviceOps> ops, size_t stagingBytes);
   ~DeviceEngine();
   DeviceOps& ops() { return *ops_; }
   const char* name() const { return ops_->name(); }
@@ -50,8 +52,8 @@ class DeviceEngine {
   void setScratchBase(size_t off) { scratchBase_ = off; }
   char* scratch(size_t bytes);
 
-  // Engine verbs (Comm routes postSend / postRecv / postRecvReduce / waitAll here in device mode).
-  void record(Comm::Xfer* x, RedOp op, DType dt);
+  // Engine verbs (the communicator routes postSend / postRecv / postRecvReduce / waitAll here in device mode).
+  void record(Xfer* x, RedOp op, DType dt);
   void flush();
   // Stream-ordered local work, after everything recorded so far; dst may be staging (write-after-read waits) or
   // user memory.
@@ -69,7 +71,7 @@ class DeviceEngine {
  private:
   struct Flags;
   struct Pending {
-    Comm::Xfer* x;
+    Xfer* x;
     RedOp op;
     DType dt;
   };
@@ -79,7 +81,7 @@ class DeviceEngine {
     uint32_t seq;
   };
   void setup();
-  void enqueueSend(Comm::Xfer* x);
+  void enqueueSend(Xfer* x);
   void enqueueRecv(const Pending& p);
   // Before the stream writes [dst, dst + bytes): wait for the acks of sends that exposed any of it.
   void beforeWrite(const void* dst, size_t bytes);
@@ -90,7 +92,7 @@ class DeviceEngine {
   PullDesc* descOf(char* flagsDev, int from, uint32_t seq) const;
   volatile uint32_t* livenessWord(char* flagsHost) const;
 
-  Comm& comm_;
+  std::function<void()> checkPeers_;
   Store& store_;
   std::string prefix_;
   std::unique_ptr<DeviceOps> ops_;

@@ -180,7 +180,7 @@ bool Comm::advanceRecvDec(Xfer* x) {
     else
       codec::decode(s, p, nv, x->vdt, x->buf + v0 * dtypeSize(x->vdt));
   };
-  if (x->done < limit) {
+  if (x->done < limit && x->segOff == 0) {
     // Whole blocks (or the stream's last, partial block) straight out of the ring / receive buffer.
     const size_t want = std::min(limit - x->done, std::max(chunkBytes_ / bb, size_t(1)) * bb);
     const void* p = nullptr;
@@ -191,17 +191,20 @@ bool Comm::advanceRecvDec(Xfer* x) {
       ch->consume(take);
       x->done += take;
       moved = true;
-    } else {
-      // A block split where the ring wraps or a TCP receive buffer ends: gather it first.
-      const size_t one = std::min(bb, x->len - x->done);
-      if (ch->available() >= one) {
-        if (codecTmp_.size() < one) codecTmp_.resize(one);
-        size_t r = ch->read(codecTmp_.data(), one);
-        PLAIT_CHECK(r == one, "plait: internal: short read of an available codec block");
-        decodeAt(codecTmp_.data(), one);
-        x->done += one;
-        moved = true;
-      }
+    }
+  }
+  if (x->done < limit && (x->segOff > 0 || !moved)) {
+    // A block split where the ring wraps or a TCP receive buffer ends (or a ring smaller than a block): gathered
+    // piece by piece into this transfer's own buffer, reading through to the socket.
+    const size_t one = std::min(bb, x->len - x->done);
+    if (!x->seg) x->seg.reset(new char[bb]);
+    size_t r = ch->read(x->seg.get() + x->segOff, one - x->segOff);
+    x->segOff += r;
+    moved |= r > 0;
+    if (x->segOff == one) {
+      decodeAt(x->seg.get(), one);
+      x->done += one;
+      x->segOff = 0;
     }
   }
   if (x->done == x->len && x->padDone < x->pad) {
@@ -222,9 +225,10 @@ char* Comm::scratch(size_t bytes) {
 
 static std::string describeSchedule(uint8_t code) {
   if (code == 0) return "";
-  const int a = (code & 0x3f) - 1;
+  const int a = (code & ((code & Comm::kSchedCompressed) ? 0x1f : 0x3f)) - 1;
   std::string name = a >= 0 && a <= int(Algo::kHierTree) ? algoName(Algo(a)) : "?";
-  if (code & Comm::kSchedCompressed) return cat(", schedule compressed ", name);
+  if (code & Comm::kSchedCompressed)
+    return cat(", schedule compressed ", name, (code & Comm::kSchedAverage) ? " (AVG)" : " (SUM)");
   if (Algo(a) == Algo::kDirect) name += code & 0x80 ? " one-shot" : " two-shot";
   return cat(", schedule ", name);
 }

@@ -224,6 +224,9 @@ PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int ran
     bool check(const std::string& k) override { return s->check({k}); }
   };
   compression_ = opts.compression.empty() ? plait::knobs().compression : opts.compression;
+  TORCH_CHECK(opts.compressionBlock || plait::knobs().compressionBlock <= 65536,
+              "plait: PLAIT_COMPRESSION_BLOCK=", plait::knobs().compressionBlock,
+              " is out of range (0, or a multiple of 8 in [8, 65536])");
   compressionBlock_ = opts.compressionBlock ? opts.compressionBlock : uint32_t(plait::knobs().compressionBlock);
   try {
     if (compression_ != "none" && compression_ != "auto") plait::codec::makeSpec(plait::codec::parseCodec(compression_), compressionBlock_);

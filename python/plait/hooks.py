@@ -147,6 +147,11 @@ def compressed_allreduce_hook(state: CompressionState, bucket: dist.GradBucket) 
                           "uncompressed", stacklevel=2)
             state._warned = True
         compress = False
+    # Keys follow the order the hook first sees the parameters, on every call (compressed or not), so a run and its
+    # resumption from a checkpoint number them the same (both start with DDP's initial bucket layout).
+    params = bucket.parameters()
+    for p in params:
+        state._pkey(p)
     if last:
         state.iter += 1
     buf.div_(world)
@@ -157,9 +162,23 @@ def compressed_allreduce_hook(state: CompressionState, bucket: dist.GradBucket) 
             work = dist.all_reduce(buf, group=group, async_op=True)
         return work.get_future().then(lambda f: buf)
     codec = state.compression
-    block = state.block or _backend_of(group).compression_block or 0
-    if state.error_feedback:
-        r = state._residual(bucket.parameters(), buf.numel())
+    backend = _backend_of(group)
+    block = backend.compression_block or 0
+    if state.block and state.block != (block or _DEFAULT_BLOCK[codec]):
+        raise ValueError(f"plait.hooks: CompressionState(block={state.block}) differs from the group's compression "
+                         f"block ({block or _DEFAULT_BLOCK[codec]}); set plait.Options(compression_block=...) instead")
+    ef = state.error_feedback
+    if ef and backend.plan_compression(buf.numel(), str(buf.dtype).replace("torch.", ""), codec)[2]:
+        # Hierarchical schedule: what is quantized is a host's partial sum, not this rank's gradient; the residual
+        # cannot be computed here, so error feedback is off for this group (once-only warning).
+        if not state._warned:
+            warnings.warn("plait.hooks.compressed_allreduce_hook: error feedback is not available with the "
+                          "hierarchical compressed schedule (several ranks per host on several hosts); running "
+                          "without it", stacklevel=2)
+            state._warned = True
+        ef = False
+    if ef:
+        r = state._residual(params, buf.numel())
         if buf.dtype == torch.float32:
             buf.add_(r)
             r.copy_(buf)

@@ -74,6 +74,45 @@ void widenToFloat(DType dt, const char* src, size_t n, float* dst) {
   }
 }
 
+uint16_t floatToHalfBits(DType dt, float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (dt == DType::kBFloat16) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN (quiet)
+    return uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+  }
+  // float16, round to nearest even
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
+  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: infinity
+  if (abs < 0x38800000u) {  // float16 subnormal or zero: scale to units of 2^-24, round to nearest even
+    float a;
+    std::memcpy(&a, &abs, 4);
+    float q = a * 16777216.0f;  // exact (power of two)
+    float r = __builtin_rintf(q);
+    return uint16_t(sign | uint32_t(r));
+  }
+  uint32_t m = abs + 0xfffu + ((abs >> 13) & 1u);  // round the 13 dropped bits to nearest even
+  return uint16_t(sign | ((m - 0x38000000u) >> 13));
+}
+
+// buf[i] = buf[i] / n, computed in float32 and rounded once to dt (IEEE, fixed mode).
+void divideInPlace(DType dt, char* buf, size_t count, float n) {
+  IeeeFpScope fp;
+  if (dt == DType::kFloat32) {
+    float* f = reinterpret_cast<float*>(buf);
+    for (size_t i = 0; i < count; ++i) f[i] = f[i] / n;
+    return;
+  }
+  for (size_t i = 0; i < count; ++i) {
+    float v;
+    widenToFloat(dt, buf + 2 * i, 1, &v);
+    uint16_t h = floatToHalfBits(dt, v / n);
+    std::memcpy(buf + 2 * i, &h, 2);
+  }
+}
+
 // n ranges of whole codec blocks (as even as possible), in values.
 void blockRanges(size_t count, int n, uint32_t B, std::vector<size_t>& off, std::vector<size_t>& len) {
   const size_t blocks = (count + B - 1) / B;
@@ -156,7 +195,8 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
   ctx.spec = spec;
   c.begin(ctx);
   const bool hier = compressedHierarchical(c);
-  c.setSchedule(Comm::schedCode(hier ? Algo::kHier : Algo::kDirect) | Comm::kSchedCompressed);
+  c.setSchedule(Comm::schedCode(hier ? Algo::kHier : Algo::kDirect) | Comm::kSchedCompressed |
+                (average ? Comm::kSchedAverage : 0));
   const int n = c.size();
   const float div = average ? float(n) : 1.0f;
   char* b = static_cast<char*>(buf);
@@ -169,6 +209,8 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
     return;
   }
   // Hierarchical: reduce-scatter inside the host (full precision), compressed across hosts, all-gather inside.
+  // AVG divides every value first (in its dtype, IEEE), so half-precision host sums do not overflow either.
+  if (average) divideInPlace(dtype, b, count, float(n));
   const auto& hosts = c.hostRanks();
   const int myHost = c.hostOf()[c.rank()];
   const std::vector<int>& local = hosts[myHost];
@@ -190,7 +232,7 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
     if (int(h) == myHost) across.me = across.size();
     across.ranks.push_back(hosts[h][li]);
   }
-  directCompressed(c, across, b + off[li] * es, len[li], dtype, div);
+  directCompressed(c, across, b + off[li] * es, len[li], dtype, 1.0f);
   for (int k = 1; k < L; ++k) {
     int j = (li + k) % L, from = (li - k + L) % L;
     c.postSend(local[j], b + off[li] * es, len[li] * es);

@@ -1,0 +1,64 @@
+// What the engines move: the wire header every message starts with, and one posted transfer (a send, receive,
+// receive-and-reduce or codec transfer of a byte range to one peer). Shared by the host engine (engine.cc), the
+// device engine (device.h) and the algorithms (algo/); knows nothing of communicators.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "plait/common.h"
+
+namespace plait {
+
+enum class Coll : uint8_t {
+  kAllreduce = 1, kBroadcast, kReduce, kAllgather, kReduceScatter, kAlltoall, kGather, kScatter, kBarrier,
+  kSendRecv, kMonitoredBarrier
+};
+const char* collName(Coll c);
+
+struct WireHeader {
+  uint32_t magic;
+  uint32_t seq;
+  uint8_t coll, dtype, op, flags;
+  int32_t root;  // root rank, or the tag of a send/recv
+  uint64_t count;
+  uint64_t bytes;  // payload bytes of this message
+};
+static_assert(sizeof(WireHeader) == 32, "wire header is 32 bytes");
+inline constexpr uint32_t kWireMagic = 0x504c5431;   // "PLT1"
+inline constexpr uint32_t kAbortMagic = 0x504c5458;  // "PLTX": a failing rank's last words to a TCP peer
+
+// Completion callback of a point-to-point transfer: nullptr, or the error message.
+using Done = std::function<void(const std::string* error)>;
+
+struct Xfer {
+  // kSendEnc / kRecvDec / kRecvDecAcc are codec transfers (postSendEnc and friends): `len`, `done` and a
+  // dependency's progress count wire bytes of the encoded stream, which moves in whole codec blocks.
+  enum Kind : uint8_t { kSend, kRecv, kRecvReduce, kSendEnc, kRecvDec, kRecvDecAcc } kind;
+  int peer;
+  char* buf;
+  size_t len;
+  const Xfer* dep;
+  size_t done = 0;
+  // Codec transfers: the values buf holds (kSendEnc: `vdt` source values, each divided by `div` before encoding;
+  // kRecvDec: `vdt` destination; kRecvDecAcc: float32 accumulator), and the encoded segment a send is writing out.
+  size_t values = 0;
+  DType vdt = DType::kFloat32;
+  float div = 1.0f;
+  std::unique_ptr<char[]> seg;
+  size_t segLen = 0, segOff = 0;
+  size_t hdrDone = 0;
+  // Every message is padded to a multiple of 8 bytes on the wire, so the next header and typed payloads always
+  // start 8-aligned in a ring (receive-and-reduce reads elements in place).
+  uint8_t pad = 0, padDone = 0;
+  WireHeader hdr{};  // sent, or expected
+  WireHeader got{};  // received
+  Done onDone;       // point-to-point only
+  Clock::time_point deadline{};
+};
+
+}  // namespace plait
