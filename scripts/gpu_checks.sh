@@ -15,6 +15,7 @@
 #
 # Steps, each logged to $OUT/<step>.log (OUT defaults to build/gpu):
 #   kernels          pytest tests/test_cuda_kernels.py         (junit: $OUT/test_cuda_kernels.xml)
+#   codec            pytest -m gpu tests/test_codec.py         (CUDA codec bytes == CPU bytes; junit: $OUT/test_codec_gpu.xml)
 #   gpu-tests        pytest tests/test_gpu.py                  (junit: $OUT/test_gpu.xml)
 #   sanitize         scripts/gpu_sanitize.sh (compute-sanitizer memcheck + racecheck over the kernel tests)
 #   bench-kernels    bench/gpu_kernels.py --json $OUT/gpu_kernels.json
@@ -103,6 +104,7 @@ run_step() {  # run_step NAME COMMAND...: logs to $OUT/NAME.log, records status 
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=15)
 
 run_step kernels "${PYTEST[@]}" tests/test_cuda_kernels.py --junitxml="$OUT/test_cuda_kernels.xml"
+run_step codec "${PYTEST[@]}" -m gpu tests/test_codec.py --junitxml="$OUT/test_codec_gpu.xml"
 run_step gpu-tests "${PYTEST[@]}" tests/test_gpu.py --junitxml="$OUT/test_gpu.xml"
 run_step sanitize env PYTHON="$PY" bash scripts/gpu_sanitize.sh
 if [[ "${status[sanitize]}" == "FAIL (exit 2)" ]]; then
@@ -127,7 +129,7 @@ done
   for n in "${names[@]}"; do
     printf '%-16s %-16s %6s  %s\n' "$n" "${status[$n]}" "${secs[$n]}" "${notes[$n]}"
   done
-  for f in test_cuda_kernels.xml test_gpu.xml gpu_kernels.json gpu_allreduce.json; do
+  for f in test_cuda_kernels.xml test_codec_gpu.xml test_gpu.xml gpu_kernels.json gpu_allreduce.json; do
     [[ -f "$OUT/$f" ]] && echo "wrote $OUT/$f"
   done
   if [[ -f "$OUT/bench-allreduce.log" ]]; then

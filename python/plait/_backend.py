@@ -213,17 +213,28 @@ def _check_compression(c):
     return c
 
 
+_FAST = {}  # id(group) -> (group, backend): plait.all_reduce's lookup, kept out of the per-call path
+_OPS = {}  # ReduceOp.RedOpType -> ReduceOp (torch converts on every call otherwise)
+
+
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, compression: str | None = None,
                async_op: bool = False):
     """``dist.all_reduce`` on a plait group, called on the backend directly (no torch Python wrapper: plait's fast
     path for small messages), with an optional per-call ``compression`` (None: the group's setting; "none", "auto",
     "int8", "int4", "fp8", "bf16" override it for this call). A codec with an op other than SUM / AVG, or a dtype
     other than float32 / bfloat16 / float16, raises before anything is sent. Returns a Work when async_op."""
-    b = _backend_of(group)
+    g = group if group is not None else dist.group.WORLD
+    hit = _FAST.get(id(g))
+    if hit is None or hit[0] is not g:
+        hit = (g, _backend_of(group))
+        _FAST[id(g)] = hit
     c = "" if compression is None else _check_compression(compression)
     if not isinstance(op, dist.ReduceOp):
-        op = dist.ReduceOp(op)
-    return b.all_reduce(tensor, op, c, bool(async_op))
+        o = _OPS.get(op)
+        if o is None:
+            o = _OPS[op] = dist.ReduceOp(op)
+        op = o
+    return hit[1].all_reduce(tensor, op, c, async_op)
 
 
 _register()
