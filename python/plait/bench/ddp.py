@@ -32,8 +32,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="plait-bench ddp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="mlp, transformer (comma list; default both)")
-    p.add_argument("--backend", default="plait,gloo", help="comma list of backends (first is the reference "
-                                                          "for nothing: speed-up is vs the last, gloo)")
+    p.add_argument("--backend", default="plait,gloo", help="comma list of backends (speed-up column: vs gloo, "
+                                                          "or vs uncompressed plait when gloo is not run)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per backend and mode (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved blocks per backend (steps split across them)")
@@ -174,12 +174,13 @@ def worker(args):
         del wrapped
 
     if rank == 0:
-        ref = labels[-1]
+        # speed-up reference: gloo when it ran, else uncompressed plait (not the last codec row)
+        ref = "gloo" if "gloo" in labels else "plait" if "plait" in labels else labels[-1]
         print(f"\n# plait-bench ddp: world {world}, batch {args.batch}, {args.steps} steps, host {socket.gethostname()}, "
               f"torch {torch.__version__}")
         print("# step = median per-step max across ranks (zero_grad+fwd+bwd+SGD); compute = same step under "
               "no_sync(); comm share = 1 - compute/step (exposed communication)")
-        widths = (13, 12, 12, 10, 12, 12, 10)
+        widths = (13, 12, 12, 10, 12, 12, 12)
         head = ("model", "params", "backend", "step(ms)", "compute(ms)", "comm share", f"vs {ref}")
         print("#" + "".join(f"{c:>{w}}" for c, w in zip(head, widths))[1:])
         for r in rows:
