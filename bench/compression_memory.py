@@ -99,7 +99,8 @@ def main(argv=None):
             for r in range(a.nproc):
                 with open(os.path.join(tmp, f"{r}.json")) as f:
                     d = json.load(f)
-                d.update(compression=codec, transport=a.transport, warmup=not a.no_warmup, bytes=nbytes, dtype=a.dtype, tensor_mib=d["base_mib"] - d["start_mib"],
+                d.update(compression=codec, transport=a.transport, warmup=not a.no_warmup, bytes=nbytes, dtype=a.dtype,
+                         tensor_mib=d["base_mib"] - d["start_mib"],
                          call1_mib=d["after1_mib"] - d["base_mib"], call2_mib=d["after2_mib"] - d["after1_mib"])
                 rows.append(d)
                 print(f"| {codec} | {r} | {d['tensor_mib']:.1f} | {d['call1_mib']:.1f} | {d['call2_mib']:.1f} |",
