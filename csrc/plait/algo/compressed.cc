@@ -31,70 +31,20 @@
 #include "plait/algo/collectives.h"
 #include "plait/algo/schedules.h"
 #include "plait/kernels/codec.h"
+#include "plait/kernels/codec_impl.h"  // the codecs' exact half <-> float conversions
 
 namespace plait {
 namespace coll {
 
 namespace {
 
-float halfToFloat(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalize
-    int e = -1;
-    uint32_t m = man;
-    do {
-      ++e;
-      m <<= 1;
-    } while ((m & 0x400) == 0);
-    bits = sign | (uint32_t(112 - e) << 23) | ((m & 0x3ff) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // dst[i] = src[i] widened to float32 (exact).
 void widenToFloat(DType dt, const char* src, size_t n, float* dst) {
   for (size_t i = 0; i < n; ++i) {
     uint16_t h;
     std::memcpy(&h, src + 2 * i, 2);
-    if (dt == DType::kBFloat16) {
-      uint32_t bits = uint32_t(h) << 16;
-      std::memcpy(dst + i, &bits, 4);
-    } else {
-      dst[i] = halfToFloat(h);
-    }
+    dst[i] = dt == DType::kBFloat16 ? codec::bf16ToF32(h) : codec::halfToF32(h);
   }
-}
-
-uint16_t floatToHalfBits(DType dt, float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (dt == DType::kBFloat16) {
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN (quiet)
-    return uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-  }
-  // float16, round to nearest even
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
-  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: infinity
-  if (abs < 0x38800000u) {  // float16 subnormal or zero: scale to units of 2^-24, round to nearest even
-    float a;
-    std::memcpy(&a, &abs, 4);
-    float q = a * 16777216.0f;  // exact (power of two)
-    float r = __builtin_rintf(q);
-    return uint16_t(sign | uint32_t(r));
-  }
-  uint32_t m = abs + 0xfffu + ((abs >> 13) & 1u);  // round the 13 dropped bits to nearest even
-  return uint16_t(sign | ((m - 0x38000000u) >> 13));
 }
 
 // buf[i] = buf[i] / n, computed in float32 and rounded once to dt (IEEE, fixed mode).
@@ -108,7 +58,7 @@ void divideInPlace(DType dt, char* buf, size_t count, float n) {
   for (size_t i = 0; i < count; ++i) {
     float v;
     widenToFloat(dt, buf + 2 * i, 1, &v);
-    uint16_t h = floatToHalfBits(dt, v / n);
+    uint16_t h = dt == DType::kBFloat16 ? codec::f32ToBf16(v / n) : codec::f32ToHalf(v / n);
     std::memcpy(buf + 2 * i, &h, 2);
   }
 }
