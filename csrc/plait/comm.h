@@ -146,6 +146,10 @@ class Comm {
   // the same number of values (progress is compared in wire bytes).
   Xfer* postSendEnc(int peer, const void* src, size_t values, DType vdt, float div, const Xfer* dep = nullptr);
   Xfer* postRecvDec(int peer, void* dst, size_t values, DType vdt, const Xfer* dep = nullptr);
+  // The same values encoded once for every peer in `peers` (one send each, in that order): segments are encoded into
+  // a few shared slots and reused by every send, a slot being re-encoded only once every send has written it out.
+  void postSendEncShared(const std::vector<int>& peers, const void* src, size_t values, DType vdt, float div,
+                         const Xfer* dep = nullptr);
   Xfer* postRecvDecAcc(int peer, float* acc, size_t values, const Xfer* dep = nullptr);
   // Drives every posted transfer to completion. On the deadline: throws naming the peers still pending,
   // or, with throwOnTimeout false, returns false leaving the unfinished transfers to be inspected.
@@ -177,6 +181,9 @@ class Comm {
   bool advanceSendEnc(Xfer* x);
   bool advanceRecvDec(Xfer* x);
   size_t codecLimit(const Xfer* x) const;
+  // Encodes the shared stream's next segment if its dependency and a free slot allow.
+  void produceShared(EncShared& e);
+  std::deque<EncShared> encShared_;  // this collective's shared encoders
   // The receive side of one peer's stream: reads the next header, hands the message to the collective receive or the
   // point-to-point receive it belongs to (point-to-point messages nobody has asked for yet are buffered, so a
   // collective behind them on the stream can go on), then moves its payload.

@@ -47,6 +47,7 @@ void Comm::begin(const CollCtx& ctx) {
     }
   }
   trimXfers();
+  encShared_.clear();  // no collective transfer is pending (checked above)
   ctx_ = ctx;
   if (ctx.coll != Coll::kSendRecv) ++seq_;
   ++stats_.collectives;
@@ -121,6 +122,35 @@ size_t Comm::codecLimit(const Xfer* x) const {
   return x->dep->done / bb * bb;
 }
 
+void Comm::postSendEncShared(const std::vector<int>& peers, const void* src, size_t values, DType vdt, float div,
+                             const Xfer* dep) {
+  PLAIT_CHECK(ctx_.spec.codec != codec::Codec::kNone, "plait: internal: codec transfer without a codec");
+  const size_t bb = codec::blockBytes(ctx_.spec);
+  encShared_.push_back(EncShared{static_cast<const char*>(src), values, vdt, div, dep,
+                                 codec::encodedBytes(ctx_.spec, values), std::max<size_t>(1, chunkBytes_ / bb), 0});
+  EncShared& e = encShared_.back();
+  e.segWire = e.perSeg * bb;
+  for (int p : peers) {
+    Xfer* x = postSendEnc(p, src, values, vdt, div, dep);
+    x->shared = &e;
+    e.readers.push_back(x);
+  }
+}
+
+void Comm::produceShared(EncShared& e) {
+  const size_t k = e.produced, lo = k * e.segWire;
+  if (lo >= e.len) return;
+  const size_t hi = std::min(e.len, lo + e.segWire);
+  if (e.dep && e.dep->done < hi) return;  // the dependency has not finished these blocks yet
+  for (const Xfer* r : e.readers)         // a send still on the segment this slot holds
+    if (r->done < r->len && r->done / e.segWire + EncShared::kSlots <= k) return;
+  if (!e.slots) e.slots.reset(new char[EncShared::kSlots * e.segWire]);
+  const size_t v0 = k * e.perSeg * ctx_.spec.block, nv = std::min(e.values - v0, e.perSeg * ctx_.spec.block);
+  codec::encode(ctx_.spec, e.vdt, e.src + v0 * dtypeSize(e.vdt), nv, e.div,
+                e.slots.get() + (k % EncShared::kSlots) * e.segWire);
+  ++e.produced;
+}
+
 bool Comm::advanceSendEnc(Xfer* x) {
   Channel* ch = channels_[x->peer].get();
   bool moved = false;
@@ -133,8 +163,19 @@ bool Comm::advanceSendEnc(Xfer* x) {
   }
   const codec::Spec& s = ctx_.spec;
   const size_t bb = codec::blockBytes(s), B = s.block;
+  if (x->shared && x->segOff == x->segLen && x->done < x->len) {
+    // Segment k of the shared stream: encoded once for every send.
+    EncShared& e = *x->shared;
+    const size_t k = x->done / e.segWire;
+    if (k >= e.produced) produceShared(e);
+    if (k < e.produced) {
+      x->segPtr = e.slots.get() + (k % EncShared::kSlots) * e.segWire;
+      x->segLen = std::min(e.segWire, x->len - k * e.segWire);
+      x->segOff = 0;
+    }
+  }
   // Encode the next segment once the previous one is out: whole blocks, at most about chunkBytes of wire.
-  if (x->segOff == x->segLen) {
+  if (!x->shared && x->segOff == x->segLen) {
     const size_t wireDone = x->done;  // bytes of encoded stream written so far (== whole segments)
     const size_t limit = codecLimit(x);
     if (wireDone < limit) {
@@ -146,13 +187,14 @@ bool Comm::advanceSendEnc(Xfer* x) {
       if (nv > 0) {
         if (!x->seg) x->seg.reset(new char[perSeg * bb]);
         codec::encode(s, x->vdt, x->buf + v0 * dtypeSize(x->vdt), nv, x->div, x->seg.get());
+        x->segPtr = x->seg.get();
         x->segLen = codec::encodedBytes(s, nv);
         x->segOff = 0;
       }
     }
   }
   if (x->segOff < x->segLen) {
-    size_t w = ch->write(x->seg.get() + x->segOff, x->segLen - x->segOff);
+    size_t w = ch->write(x->segPtr + x->segOff, x->segLen - x->segOff);
     x->segOff += w;
     x->done += w;
     moved |= w > 0;

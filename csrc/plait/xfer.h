@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "plait/common.h"
 
@@ -32,6 +33,7 @@ static_assert(sizeof(WireHeader) == 32, "wire header is 32 bytes");
 inline constexpr uint32_t kWireMagic = 0x504c5431;   // "PLT1"
 inline constexpr uint32_t kAbortMagic = 0x504c5458;  // "PLTX": a failing rank's last words to a TCP peer
 
+
 // Completion callback of a point-to-point transfer: nullptr, or the error message.
 using Done = std::function<void(const std::string* error)>;
 
@@ -51,6 +53,8 @@ struct Xfer {
   float div = 1.0f;
   std::unique_ptr<char[]> seg;
   size_t segLen = 0, segOff = 0;
+  struct EncShared* shared = nullptr;  // kSendEnc posted by postSendEncShared: segments come from the shared encoder
+  const char* segPtr = nullptr;  // the segment being written (seg, or a slot of the shared encoder)
   size_t hdrDone = 0;
   // Every message is padded to a multiple of 8 bytes on the wire, so the next header and typed payloads always
   // start 8-aligned in a ring (receive-and-reduce reads elements in place).
@@ -59,6 +63,23 @@ struct Xfer {
   WireHeader got{};  // received
   Done onDone;       // point-to-point only
   Clock::time_point deadline{};
+};
+
+// One codec stream encoded once and written to several peers (Comm::postSendEncShared): segment k of the stream
+// lives in slot k % kSlots until every reading send has moved past it.
+struct EncShared {
+  static constexpr size_t kSlots = 8;
+  const char* src;
+  size_t values;
+  DType vdt;
+  float div;
+  const Xfer* dep;
+  size_t len;          // wire bytes of the whole stream
+  size_t perSeg;       // codec blocks per segment
+  size_t segWire;      // wire bytes of a full segment
+  size_t produced = 0;  // segments encoded so far (segment k lives in slot k % kSlots)
+  std::unique_ptr<char[]> slots;
+  std::vector<const struct Xfer*> readers;
 };
 
 }  // namespace plait

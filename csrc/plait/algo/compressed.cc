@@ -8,9 +8,9 @@
 //      and sends it to its owner. The owner starts from its own values in float32 (divided, never quantized) and
 //      adds the decoded ranges of the others in group order (a dependency chain), so the sum is the same whatever
 //      order the bytes arrive in.
-//   2. The owner encodes its sum (segment by segment, once per peer: the encoder is deterministic, so every peer
-//      receives the same bytes) and every rank decodes range j from those bytes; the owner decodes its own encoding
-//      too. Every rank therefore ends with bitwise identical results, and every element is quantized twice at most
+//   2. The owner encodes its sum once, segment by segment, into a few slots that every peer's send writes out
+//      (Comm::postSendEncShared), and every rank decodes range j from those bytes; the owner decodes its own
+//      encoding too (the encoder is deterministic). Every rank therefore ends with bitwise identical results, and every element is quantized twice at most
 //      whatever the number of ranks.
 // The owner's second-phase sends depend on its accumulation chain, so ranges flow back segment by segment while
 // they are still being summed.
@@ -110,9 +110,11 @@ void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt
   for (int j = 0; j < n; ++j)
     if (j != me) chain = c.postRecvDecAcc(g.ranks[j], acc, mine, chain);
   // Phase 2: the owner's sum back to everyone, segment by segment behind the chain.
+  // The owner's sum is encoded once, segment by segment, for all its peers.
+  std::vector<int> peers;
+  for (int k = 1; k < n; ++k) peers.push_back(g.ranks[(me + k) % n]);
+  c.postSendEncShared(peers, acc, mine, DType::kFloat32, 1.0f, chain);
   for (int k = 1; k < n; ++k) {
-    int j = (me + k) % n;
-    c.postSendEnc(g.ranks[j], acc, mine, DType::kFloat32, 1.0f, chain);
     int from = (me - k + n) % n;
     c.postRecvDec(g.ranks[from], buf + off[from] * es, len[from], dt);
   }
