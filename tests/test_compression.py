@@ -479,3 +479,26 @@ def test_convergence_int8_int4_error_feedback():
     assert acc["fp32"] > 0.85, acc
     assert acc["int8+ef"] >= acc["fp32"] - 0.005, acc
     assert acc["int4+ef"] >= acc["fp32"] - 0.01, acc
+
+
+def worker_residual(rank, ws, count):
+    import plait
+    from plait._backend import _backend_of
+    x = data(rank, count, torch.float32, seed=5)
+    t = x.clone()
+    r = torch.full((count,), 7.0)
+    _backend_of(None)._all_reduce_ef(t, r, "int8").wait()
+    return x, t, r
+
+
+def test_engine_residual_is_what_quantization_dropped():
+    ws, count = 3, 100003
+    res = H.run_world(worker_residual, ws, count, env=dict(PLAIT_CHUNK_BYTES="5000"))
+    inputs = [res[r][0] for r in range(ws)]
+    ref = direct_reference(inputs, "int8", 256, torch.float32, False)
+    for rank in range(ws):
+        x, t, r = res[rank]
+        assert torch.equal(t, ref)
+        for j, (lo, hi) in enumerate(ranges(count, ws, 256)):
+            want = torch.zeros(hi - lo) if j == rank else x[lo:hi] - roundtrip("int8", 256, x[lo:hi])
+            assert torch.equal(r[lo:hi], want), (rank, j)

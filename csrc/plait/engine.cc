@@ -188,6 +188,14 @@ bool Comm::advanceSendEnc(Xfer* x) {
         if (!x->seg) x->seg.reset(new char[perSeg * bb]);
         codec::encode(s, x->vdt, x->buf + v0 * dtypeSize(x->vdt), nv, x->div, x->seg.get());
         x->segPtr = x->seg.get();
+        if (x->residual) {
+          // What quantization dropped, from the bytes just encoded: -(-v + decoded), exact negations.
+          const float* v = reinterpret_cast<const float*>(x->buf) + v0;
+          float* r = x->residual + v0;
+          for (size_t i = 0; i < nv; ++i) r[i] = -v[i];
+          codec::decodeAccumulate(s, x->seg.get(), nv, r);
+          for (size_t i = 0; i < nv; ++i) r[i] = -r[i];
+        }
         x->segLen = codec::encodedBytes(s, nv);
         x->segOff = 0;
       }

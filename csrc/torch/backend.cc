@@ -573,7 +573,7 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduce(std::vector<at::Tensor>& 
 
 c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduceWith(std::vector<at::Tensor>& tensors,
                                                            const c10d::AllreduceOptions& opts,
-                                                           const std::string& compression) {
+                                                           const std::string& compression, at::Tensor residual) {
   TORCH_CHECK(!tensors.empty(), "plait: all_reduce needs at least one tensor");
   const bool fromGroup = compression.empty() || compression == "group";
   std::string mode = fromGroup ? compression_ : compression;
@@ -592,11 +592,19 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduceWith(std::vector<at::Tenso
       (!sumOrAvg || !plait::codec::codecSupports(dt) || !tensors[0].device().is_cpu()))
     mode = "none";
   Compression comp = resolveCompression(mode, tensors[0], sumOrAvg, "all_reduce");
+  if (residual.defined()) {
+    TORCH_CHECK(tensors.size() == 1 && comp.mode != "none" && comp.mode != "auto" && red.op == RedOp::kSum &&
+                    !red.avg && !red.premul && tensors[0].scalar_type() == at::kFloat && tensors[0].is_contiguous(),
+                "plait: all_reduce with a residual needs one contiguous float32 tensor, SUM and a codec");
+    TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.device().is_cpu() &&
+                    residual.numel() == tensors[0].numel(),
+                "plait: all_reduce: the residual must be a contiguous float32 CPU tensor of the tensor's size");
+  }
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);
   const uint32_t block = compressionBlock_;
   return submit(c10d::OpType::ALLREDUCE, tensors, bytes, When{!opts.asyncOp, opts.timeout},
-                [this, tensors, red, dt, comp, block]() mutable {
+                [this, tensors, red, dt, comp, block, residual]() mutable {
     for (auto& t : tensors) {
       onContiguous(t, [&](at::Tensor& c) {
         const size_t count = size_t(c.numel());
@@ -618,7 +626,8 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduceWith(std::vector<at::Tenso
           }
         }
         if (spec.codec != plait::codec::Codec::kNone) {
-          plait::coll::allreduceCompressed(*comm_, c.data_ptr(), count, dt, red.avg, spec);
+          plait::coll::allreduceCompressed(*comm_, c.data_ptr(), count, dt, red.avg, spec,
+                                           residual.defined() ? residual.data_ptr<float>() : nullptr);
           return;
         }
         preReduce(red, c);

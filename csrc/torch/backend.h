@@ -83,8 +83,10 @@ class PlaitBackend : public c10d::Backend {
                                            const c10d::BroadcastOptions& opts = c10d::BroadcastOptions()) override;
   // all_reduce with this call's compression ("" / "group": the group's setting; "none", "auto" or a codec name).
   // plait.all_reduce's entry point (it bypasses torch's Python wrapper).
+  // residual (defined: plait.hooks' error feedback): float32, the tensor's size, receives what this rank's quantization
+  // dropped; needs one contiguous float32 tensor, SUM and an explicit codec.
   c10::intrusive_ptr<c10d::Work> allreduceWith(std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& opts,
-                                               const std::string& compression);
+                                               const std::string& compression, at::Tensor residual = {});
   // The group's compression setting and block.
   const std::string& compression() const { return compression_; }
   uint32_t compressionBlock() const { return compressionBlock_; }

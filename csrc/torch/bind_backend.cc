@@ -62,6 +62,16 @@ void register_backend(py::module_& m) {
            },
            py::arg("tensor"), py::arg("op"), py::arg("compression") = "", py::arg("async_op") = false,
            py::call_guard<py::gil_scoped_release>())
+      .def("_all_reduce_ef",
+           [](PlaitBackend& self, at::Tensor t, at::Tensor residual, const std::string& compression)
+               -> c10::intrusive_ptr<c10d::Work> {
+             std::vector<at::Tensor> v{t};
+             c10d::AllreduceOptions o;
+             o.asyncOp = true;
+             return self.allreduceWith(v, o, compression, residual);
+           },
+           py::arg("tensor"), py::arg("residual"), py::arg("compression"),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("compression", [](PlaitBackend& self) { return self.compression(); })
       .def_property_readonly("compression_block", [](PlaitBackend& self) { return self.compressionBlock(); })
       .def("plan_compression",

@@ -180,11 +180,11 @@ def compressed_allreduce_hook(state: CompressionState, bucket: dist.GradBucket) 
     if ef:
         r = state._residual(params, buf.numel())
         if buf.dtype == torch.float32:
+            # The engine computes the new residual from the bytes it sends (no second encode here).
             buf.add_(r)
-            r.copy_(buf)
-        else:
-            r.add_(buf.float())      # the compensated gradient, in float32
-            buf.copy_(r)             # what is sent (rounded to the bucket's dtype)
+            return backend._all_reduce_ef(buf, r, codec).get_future().then(lambda f: buf)
+        r.add_(buf.float())      # the compensated gradient, in float32
+        buf.copy_(r)             # what is sent (rounded to the bucket's dtype)
         # New residual: what this rank's quantization drops. plait quantizes this rank's contribution to every range
         # but its own (direct schedule), range by range from the range's start: the same blocks here.
         r.neg_()

@@ -33,7 +33,10 @@ void monitoredBarrier(Comm& c, std::chrono::milliseconds timeout, bool waitAllRa
 // float32 / bfloat16 / float16 buffer, block-quantized with `spec` on the wire (algo/compressed.cc): the direct
 // schedule, or the hierarchical one when compressedHierarchical(c). Results are bitwise identical on every rank;
 // every element is quantized at most twice.
-void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool average, const codec::Spec& spec);
+// residual (optional, float32 SUM on the direct schedule): receives, for each value, what this rank's quantization
+// dropped (value - decoded; 0 on the range it owns), for error feedback; zero-filled on the hierarchical schedule.
+void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool average, const codec::Spec& spec,
+                         float* residual = nullptr);
 // Every host has the same number (> 1) of this group's ranks, and there are several hosts.
 bool compressedHierarchical(const Comm& c);
 

@@ -78,7 +78,7 @@ void blockRanges(size_t count, int n, uint32_t B, std::vector<size_t>& off, std:
 }
 
 // The direct compressed exchange among g (this rank is g.ranks[g.me]) over buf[0, count) of dtype dt; waits.
-void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt, float div) {
+void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt, float div, float* residual) {
   const codec::Spec& spec = c.ctx().spec;
   const int n = g.size(), me = g.me;
   const size_t es = dtypeSize(dt);
@@ -102,9 +102,11 @@ void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt
   }
   // Phase 1: ranges to their owners (staggered so that not every rank starts with the same peer); the owner's chain
   // of decode-accumulates runs in group order.
+  if (residual) std::memset(residual + off[me], 0, mine * sizeof(float));  // this rank's own range is exact
   for (int k = 1; k < n; ++k) {
     int j = (me + k) % n;
-    c.postSendEnc(g.ranks[j], buf + off[j] * es, len[j], dt, div);
+    Xfer* x = c.postSendEnc(g.ranks[j], buf + off[j] * es, len[j], dt, div);
+    if (residual) x->residual = residual + off[j];
   }
   const Xfer* chain = nullptr;
   for (int j = 0; j < n; ++j)
@@ -140,7 +142,8 @@ bool compressedHierarchical(const Comm& c) {
   return true;
 }
 
-void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool average, const codec::Spec& spec) {
+void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool average, const codec::Spec& spec,
+                         float* residual) {
   PLAIT_CHECK(!c.stageOnDevice(), "plait: rank ", c.rank(), ": all_reduce with compression ",
               codec::codecName(spec.codec), " is not supported for device tensors yet (use compression='none')");
   Comm::CollCtx ctx{Coll::kAllreduce, dtype, RedOp::kSum, Comm::codecWord(spec), count};
@@ -153,12 +156,18 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
   const float div = average ? float(n) : 1.0f;
   char* b = static_cast<char*>(buf);
   if (n == 1) {
-    // Nothing to send; AVG over one rank is the identity.
+    // Nothing to send; AVG over one rank is the identity; nothing was quantized.
+    if (residual) std::memset(residual, 0, count * sizeof(float));
     return;
   }
   if (!hier) {
-    directCompressed(c, allRanks(c), b, count, dtype, div);
+    directCompressed(c, allRanks(c), b, count, dtype, div, residual);
     return;
+  }
+  if (residual) {
+    // The hierarchical schedule quantizes host sums, not this rank's values: no per-rank residual.
+    std::memset(residual, 0, count * sizeof(float));
+    residual = nullptr;
   }
   // Hierarchical: reduce-scatter inside the host (full precision), compressed across hosts, all-gather inside.
   // AVG divides every value first (in its dtype, IEEE), so half-precision host sums do not overflow either.
@@ -184,7 +193,7 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
     if (int(h) == myHost) across.me = across.size();
     across.ranks.push_back(hosts[h][li]);
   }
-  directCompressed(c, across, b + off[li] * es, len[li], dtype, 1.0f);
+  directCompressed(c, across, b + off[li] * es, len[li], dtype, 1.0f, nullptr);
   for (int k = 1; k < L; ++k) {
     int j = (li + k) % L, from = (li - k + L) % L;
     c.postSend(local[j], b + off[li] * es, len[li] * es);
