@@ -481,24 +481,80 @@ def test_convergence_int8_int4_error_feedback():
     assert acc["int4+ef"] >= acc["fp32"] - 0.01, acc
 
 
-def worker_residual(rank, ws, count):
+def worker_residual(rank, ws, count, codec):
     import plait
     from plait._backend import _backend_of
     x = data(rank, count, torch.float32, seed=5)
     t = x.clone()
     r = torch.full((count,), 7.0)
-    _backend_of(None)._all_reduce_ef(t, r, "int8").wait()
-    return x, t, r
+    b = _backend_of(None)
+    b._all_reduce_ef(t, r, codec).wait()
+    errors = {}
+    for name, args in {"bf16": (torch.ones(8, dtype=torch.bfloat16), torch.zeros(8)),
+                       "size": (torch.ones(8), torch.zeros(9)), "alias": None, "none": (torch.ones(8), torch.zeros(8))
+                       }.items():
+        try:
+            if name == "alias":
+                z = torch.ones(16)
+                b._all_reduce_ef(z, z, codec).wait()
+            else:
+                b._all_reduce_ef(*args, "none" if name == "none" else codec).wait()
+            errors[name] = None
+        except Exception as e:  # noqa: BLE001
+            errors[name] = str(e)
+    # the group still works after those (nothing was sent)
+    ok = torch.ones(4)
+    plait.all_reduce(ok)
+    return x, t, r, errors, ok
 
 
-def test_engine_residual_is_what_quantization_dropped():
-    ws, count = 3, 100003
-    res = H.run_world(worker_residual, ws, count, env=dict(PLAIT_CHUNK_BYTES="5000"))
+@pytest.mark.parametrize("ws,transport,codec,count,chunk", [
+    (3, "shm", "int8", 100003, "5000"), (2, "tcp", "int4", 40001, "1000"), (3, "shm", "fp8", 300, "1000")])
+def test_engine_residual_is_what_quantization_dropped(ws, transport, codec, count, chunk):
+    res = H.run_world(worker_residual, ws, count, codec, env=dict(PLAIT_CHUNK_BYTES=chunk),
+                      options=dict(transport=transport))
+    B = DEFAULT_BLOCK[codec]
     inputs = [res[r][0] for r in range(ws)]
-    ref = direct_reference(inputs, "int8", 256, torch.float32, False)
+    ref = direct_reference(inputs, codec, B, torch.float32, False)
     for rank in range(ws):
-        x, t, r = res[rank]
+        x, t, r, errors, ok = res[rank]
         assert torch.equal(t, ref)
-        for j, (lo, hi) in enumerate(ranges(count, ws, 256)):
-            want = torch.zeros(hi - lo) if j == rank else x[lo:hi] - roundtrip("int8", 256, x[lo:hi])
+        for j, (lo, hi) in enumerate(ranges(count, ws, B)):
+            want = torch.zeros(hi - lo) if j == rank else x[lo:hi] - roundtrip(codec, B, x[lo:hi])
             assert torch.equal(r[lo:hi], want), (rank, j)
+        assert all(errors[k] and "residual" in errors[k] for k in errors), errors
+        assert torch.equal(ok, torch.full((4,), float(ws)))
+
+
+def worker_reinit(rank, ws, path):
+    import gc
+    import weakref
+    import torch.distributed as dist
+    import plait
+    out = []
+    refs = []
+    for i in range(3):
+        dist.init_process_group("plait", init_method=f"file://{path}{i}", rank=rank, world_size=ws)
+        g = dist.new_group(backend="plait")
+        t = torch.ones(4)
+        plait.all_reduce(t, group=g)
+        plait.all_reduce(t)
+        out.append(t.tolist())
+        refs.append(weakref.ref(g))
+        del g
+        dist.destroy_process_group()
+        gc.collect()
+    try:
+        plait.all_reduce(torch.ones(1))
+        after = None
+    except Exception as e:  # noqa: BLE001
+        after = type(e).__name__
+    return out, [r() is None for r in refs], after
+
+
+def test_all_reduce_cache_follows_destroy_and_reinit(tmp_path):
+    res = H.run_world(worker_reinit, 2, str(tmp_path / "store"), init=None)
+    for out, freed, after in res:
+        assert out == [[4.0] * 4] * 3
+        assert all(freed), freed
+        assert after is not None

@@ -183,6 +183,9 @@ class Comm {
   size_t codecLimit(const Xfer* x) const;
   // Encodes the shared stream's next segment if its dependency and a free slot allow.
   void produceShared(EncShared& e);
+  bool canProduceShared(const EncShared& e) const;
+  // A shared-encoder send between segments: its next segment is encoded, or can be encoded now.
+  bool sharedSegmentReady(const Xfer* x) const;
   std::deque<EncShared> encShared_;  // this collective's shared encoders
   // The receive side of one peer's stream: reads the next header, hands the message to the collective receive or the
   // point-to-point receive it belongs to (point-to-point messages nobody has asked for yet are buffered, so a

@@ -125,6 +125,9 @@ size_t Comm::codecLimit(const Xfer* x) const {
 void Comm::postSendEncShared(const std::vector<int>& peers, const void* src, size_t values, DType vdt, float div,
                              const Xfer* dep) {
   PLAIT_CHECK(ctx_.spec.codec != codec::Codec::kNone, "plait: internal: codec transfer without a codec");
+  // One shared stream per collective: two streams whose sends sit in different orders in the peers' FIFO queues
+  // could each hold the slots the other's readers need.
+  PLAIT_CHECK(encShared_.empty(), "plait: internal: a second shared encoder in one collective");
   const size_t bb = codec::blockBytes(ctx_.spec);
   encShared_.push_back(EncShared{static_cast<const char*>(src), values, vdt, div, dep,
                                  codec::encodedBytes(ctx_.spec, values), std::max<size_t>(1, chunkBytes_ / bb), 0});
@@ -137,13 +140,25 @@ void Comm::postSendEncShared(const std::vector<int>& peers, const void* src, siz
   }
 }
 
-void Comm::produceShared(EncShared& e) {
+bool Comm::canProduceShared(const EncShared& e) const {
   const size_t k = e.produced, lo = k * e.segWire;
-  if (lo >= e.len) return;
+  if (lo >= e.len) return false;
   const size_t hi = std::min(e.len, lo + e.segWire);
-  if (e.dep && e.dep->done < hi) return;  // the dependency has not finished these blocks yet
-  for (const Xfer* r : e.readers)         // a send still on the segment this slot holds
-    if (r->done < r->len && r->done / e.segWire + EncShared::kSlots <= k) return;
+  if (e.dep && e.dep->done < hi) return false;  // the dependency has not finished these blocks yet
+  for (const Xfer* r : e.readers)               // a send still on the segment this slot holds
+    if (r->done < r->len && r->done / e.segWire + EncShared::kSlots <= k) return false;
+  return true;
+}
+
+bool Comm::sharedSegmentReady(const Xfer* x) const {
+  const EncShared& e = *x->shared;
+  const size_t k = x->done / e.segWire;
+  return k < e.produced || (k == e.produced && canProduceShared(e));
+}
+
+void Comm::produceShared(EncShared& e) {
+  if (!canProduceShared(e)) return;
+  const size_t k = e.produced;
   if (!e.slots) e.slots.reset(new char[EncShared::kSlots * e.segWire]);
   const size_t v0 = k * e.perSeg * ctx_.spec.block, nv = std::min(e.values - v0, e.perSeg * ctx_.spec.block);
   codec::encode(ctx_.spec, e.vdt, e.src + v0 * dtypeSize(e.vdt), nv, e.div,
@@ -632,7 +647,11 @@ void Comm::addTcpPollFds(std::vector<pollfd>& fds) const {
     if (sendQ_[p].empty()) continue;
     const Xfer* x = sendQ_[p].front();
     size_t limit = x->dep ? std::min(x->len, x->dep->done) : x->len;
-    if (x->hdrDone < sizeof(WireHeader) || x->done < limit || (x->done == x->len && x->padDone < x->pad))
+    // A shared-encoder send between segments can move only once its next segment is (or can be) encoded: otherwise
+    // the socket stays writable and poll would return at once.
+    bool sharedWaits = x->shared && x->segOff == x->segLen && x->done < x->len && !sharedSegmentReady(x);
+    if (x->hdrDone < sizeof(WireHeader) || (x->done < limit && !sharedWaits) ||
+        (x->done == x->len && x->padDone < x->pad))
       fds.push_back(pollfd{channels_[p]->pollFd(true), POLLOUT, 0});
   }
 }

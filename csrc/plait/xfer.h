@@ -53,9 +53,9 @@ struct Xfer {
   float div = 1.0f;
   std::unique_ptr<char[]> seg;
   size_t segLen = 0, segOff = 0;
-  struct EncShared* shared = nullptr;
+  struct EncShared* shared = nullptr;  // kSendEnc posted by postSendEncShared: segments come from the shared encoder
   // kSendEnc of float32 values with div 1 (error feedback): residual[i] = value[i] - decoded[i] for every value sent.
-  float* residual = nullptr;  // kSendEnc posted by postSendEncShared: segments come from the shared encoder
+  float* residual = nullptr;
   const char* segPtr = nullptr;  // the segment being written (seg, or a slot of the shared encoder)
   size_t hdrDone = 0;
   // Every message is padded to a multiple of 8 bytes on the wire, so the next header and typed payloads always

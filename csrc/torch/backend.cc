@@ -597,8 +597,9 @@ c10::intrusive_ptr<c10d::Work> PlaitBackend::allreduceWith(std::vector<at::Tenso
                     !red.avg && !red.premul && tensors[0].scalar_type() == at::kFloat && tensors[0].is_contiguous(),
                 "plait: all_reduce with a residual needs one contiguous float32 tensor, SUM and a codec");
     TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.device().is_cpu() &&
-                    residual.numel() == tensors[0].numel(),
-                "plait: all_reduce: the residual must be a contiguous float32 CPU tensor of the tensor's size");
+                    residual.numel() == tensors[0].numel() && !residual.is_alias_of(tensors[0]),
+                "plait: all_reduce: the residual must be a contiguous float32 CPU tensor of the tensor's size, "
+                "apart from it");
   }
   size_t bytes = 0;
   for (auto& t : tensors) bytes += nbytes(t);

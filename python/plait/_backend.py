@@ -225,7 +225,11 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, compressi
     other than float32 / bfloat16 / float16, raises before anything is sent. Returns a Work when async_op."""
     g = group if group is not None else dist.group.WORLD
     hit = _FAST.get(id(g))
-    if hit is None or hit[0] is not g:
+    pgs = dist.distributed_c10d._world.pg_map
+    if hit is None or hit[0] is not g or g not in pgs:
+        # Forget groups torch no longer knows (destroyed): the cache must not keep them, or their backends, alive.
+        for k in [k for k, (grp, _) in _FAST.items() if grp not in pgs]:
+            del _FAST[k]
         hit = (g, _backend_of(group))
         _FAST[id(g)] = hit
     c = "" if compression is None else _check_compression(compression)

@@ -146,6 +146,8 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
                          float* residual) {
   PLAIT_CHECK(!c.stageOnDevice(), "plait: rank ", c.rank(), ": all_reduce with compression ",
               codec::codecName(spec.codec), " is not supported for device tensors yet (use compression='none')");
+  PLAIT_CHECK(!residual || (dtype == DType::kFloat32 && !average), "plait: rank ", c.rank(),
+              ": all_reduce: error-feedback residuals need float32 SUM (checked before anything is sent)");
   Comm::CollCtx ctx{Coll::kAllreduce, dtype, RedOp::kSum, Comm::codecWord(spec), count};
   ctx.spec = spec;
   c.begin(ctx);
