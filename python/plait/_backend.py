@@ -182,6 +182,10 @@ class AllreducePlan(tuple):
          self.compressed_us, self.compression_why) = comp
         return self
 
+    def __reduce__(self):  # picklable (a tuple subclass with its own __new__)
+        return (AllreducePlan, (tuple(self), (self.compression, self.compression_block, self.compression_hierarchical,
+                                              self.uncompressed_us, self.compressed_us, self.compression_why)))
+
     algo = property(lambda self: self[0])
     one_shot = property(lambda self: self[1])
     predicted_us = property(lambda self: self[2])
