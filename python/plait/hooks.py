@@ -6,7 +6,8 @@
 Each bucket is divided by the world size (DDP averages gradients) and all-reduced with plait's compressed all-reduce
 (the codec runs inside the transport: no quantized copy of the bucket is made). With ``error_feedback`` the part of
 this rank's contribution that quantization dropped is kept and added to the next step's gradient (EF-SGD), so the
-error does not accumulate into the model. Residuals are kept per bucket and keyed by the parameters the bucket holds:
+error does not accumulate into the model (for float32 buckets the engine computes the new residual from the very bytes
+it encodes, segment by segment; bfloat16 / float16 buckets replay the encoding here). Residuals are kept per bucket and keyed by the parameters the bucket holds:
 when DDP rebuilds its buckets after the first iteration, each parameter's residual moves to its new bucket. Steps
 taken under ``no_sync()`` do not call the hook; the accumulated gradient is compressed at the next synchronizing
 step. ``state_dict()`` / ``load_state_dict()`` save and restore the residuals and the step counter, so a
@@ -14,7 +15,8 @@ checkpointed run resumes identically.
 
 During the first ``start_iter`` steps, and for buckets smaller than ``min_bytes`` or of a dtype the codecs do not
 take, the bucket goes out in full precision. On a group whose backend is not plait (e.g. gloo) the hook runs the
-uncompressed all-reduce and warns once.
+uncompressed all-reduce and warns once. With the hierarchical compressed schedule (several hosts with several ranks
+each) what is quantized is a host's partial sum, so error feedback is off there (with a warning).
 """
 
 import warnings
