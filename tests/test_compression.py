@@ -85,22 +85,8 @@ def hier_reference(inputs, hosts, codec, block, dtype, average, world):
                 if j != li:
                     acc = (acc.float() + inputs[h[j]][lo:hi].float()).to(dtype)
             per_host.append(acc)
-        # directCompressed over the slice among the hosts, divided by the world size for AVG
-        n = len(hosts)
-        div = 1.0
-        res = torch.empty(hi - lo, dtype=dtype)
-        from plait import _C
-        for j, (a, b) in enumerate(ranges(hi - lo, n, block)):
-            if b <= a:
-                continue
-            acc = per_host[j][a:b].float()
-            if div != 1.0:
-                acc = acc / div
-            for r in range(n):
-                if r != j:
-                    acc = acc + roundtrip(codec, block, per_host[r][a:b], div)
-            enc = _C.codec_encode(codec, block, acc.contiguous(), 1.0)
-            res[a:b] = _C.codec_decode(codec, block, enc, b - a, dtype)
+        # directCompressed over the slice among the hosts (AVG already divided above)
+        res = direct_reference(per_host, codec, block, dtype, False)
         out[lo:hi] = res
     return out
 
