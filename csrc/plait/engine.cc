@@ -122,6 +122,25 @@ size_t Comm::codecLimit(const Xfer* x) const {
   return x->dep->done / bb * bb;
 }
 
+namespace {
+// The zero padding after a message's payload (every message is a multiple of 8 bytes on the wire).
+bool writePad(Xfer* x, Channel* ch) {
+  static const char kZeros[8] = {};
+  if (x->done != x->len || x->padDone >= x->pad) return false;
+  size_t w = ch->write(kZeros, size_t(x->pad - x->padDone));
+  x->padDone = uint8_t(x->padDone + w);
+  return w > 0;
+}
+
+bool readPad(Xfer* x, Channel* ch) {
+  if (x->done != x->len || x->padDone >= x->pad) return false;
+  char tmp[8];
+  size_t r = ch->read(tmp, size_t(x->pad - x->padDone));
+  x->padDone = uint8_t(x->padDone + r);
+  return r > 0;
+}
+}  // namespace
+
 void Comm::postSendEncShared(const std::vector<int>& peers, const void* src, size_t values, DType vdt, float div,
                              const Xfer* dep) {
   PLAIT_CHECK(ctx_.spec.codec != codec::Codec::kNone, "plait: internal: codec transfer without a codec");
@@ -169,7 +188,6 @@ void Comm::produceShared(EncShared& e) {
 bool Comm::advanceSendEnc(Xfer* x) {
   Channel* ch = channels_[x->peer].get();
   bool moved = false;
-  static const char kZeros[8] = {};
   if (x->hdrDone < sizeof(WireHeader)) {
     size_t w = ch->write(reinterpret_cast<char*>(&x->hdr) + x->hdrDone, sizeof(WireHeader) - x->hdrDone);
     x->hdrDone += w;
@@ -222,11 +240,7 @@ bool Comm::advanceSendEnc(Xfer* x) {
     x->done += w;
     moved |= w > 0;
   }
-  if (x->done == x->len && x->padDone < x->pad) {
-    size_t w = ch->write(kZeros, size_t(x->pad - x->padDone));
-    x->padDone = uint8_t(x->padDone + w);
-    moved |= w > 0;
-  }
+  moved |= writePad(x, ch);
   if (x->done == x->len && x->padDone == x->pad) x->seg.reset();
   return moved;
 }
@@ -272,12 +286,7 @@ bool Comm::advanceRecvDec(Xfer* x) {
       x->segOff = 0;
     }
   }
-  if (x->done == x->len && x->padDone < x->pad) {
-    char tmp[8];
-    size_t r = ch->read(tmp, size_t(x->pad - x->padDone));
-    x->padDone = uint8_t(x->padDone + r);
-    moved |= r > 0;
-  }
+  moved |= readPad(x, ch);
   return moved;
 }
 
@@ -330,7 +339,6 @@ bool Comm::advanceSend(Xfer* x) {
   Channel* ch = channels_[x->peer].get();
   bool moved = false;
   constexpr size_t kSmall = 224;  // header and a small payload go out as one write
-  static const char kZeros[8] = {};
   if (x->hdrDone == 0 && x->len <= kSmall && (!x->dep || x->dep->done >= x->len)) {
     alignas(16) char msg[sizeof(WireHeader) + kSmall + 8];
     std::memcpy(msg, &x->hdr, sizeof(WireHeader));
@@ -354,11 +362,7 @@ bool Comm::advanceSend(Xfer* x) {
     x->done += w;
     moved |= w > 0;
   }
-  if (x->done == x->len && x->padDone < x->pad) {
-    size_t w = ch->write(kZeros, size_t(x->pad - x->padDone));
-    x->padDone = uint8_t(x->padDone + w);
-    moved |= w > 0;
-  }
+  moved |= writePad(x, ch);
   return moved;
 }
 
@@ -391,12 +395,7 @@ bool Comm::advanceRecv(Xfer* x) {
       }
     }
   }
-  if (x->done == x->len && x->padDone < x->pad) {
-    char tmp[8];
-    size_t r = ch->read(tmp, size_t(x->pad - x->padDone));
-    x->padDone = uint8_t(x->padDone + r);
-    moved |= r > 0;
-  }
+  moved |= readPad(x, ch);
   return moved;
 }
 
