@@ -43,21 +43,22 @@ def _chunk(t, tp, r, dim):
     return torch.chunk(t, tp, dim)[r]
 
 
-def _mlp_case(g, tp, r, sp, dtype, seq, batch, h, f):
+def _mlp_case(g, tp, r, sp, dtype, seq, batch, h, f, dev="cpu"):
     """Column -> GELU -> Row against the dense pair; returns {quantity: rel err} and the tensors (for bitwise)."""
     from plait.parallel import ColumnParallelLinear, RowParallelLinear
 
     torch.manual_seed(7)
     d1, d2 = nn.Linear(h, f, dtype=dtype), nn.Linear(f, h, dtype=dtype)
     torch.manual_seed(7)
-    c = ColumnParallelLinear(h, f, group=g, sequence_parallel=sp, dtype=dtype)
-    rw = RowParallelLinear(f, h, group=g, sequence_parallel=sp, dtype=dtype)
+    c = ColumnParallelLinear(h, f, group=g, sequence_parallel=sp, dtype=dtype).to(dev)
+    rw = RowParallelLinear(f, h, group=g, sequence_parallel=sp, dtype=dtype).to(dev)
+    d1, d2 = d1.to(dev), d2.to(dev)
     errs = {"init_col_w": _rel(c.weight, _chunk(d1.weight, tp, r, 0)),
             "init_row_w": _rel(rw.weight, _chunk(d2.weight, tp, r, 1)),
             "init_row_b": _rel(rw.bias, d2.bias)}
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(seq, batch, h, generator=gen, dtype=dtype)
-    gy = torch.randn(seq, batch, h, generator=gen, dtype=dtype)
+    x = torch.randn(seq, batch, h, generator=gen, dtype=dtype).to(dev)
+    gy = torch.randn(seq, batch, h, generator=gen, dtype=dtype).to(dev)
     xd = x.clone().requires_grad_()
     yd = d2(F.gelu(d1(xd)))
     yd.backward(gy)
@@ -140,18 +141,19 @@ def _vocab_case(g, tp, r, dtype):
     return errs
 
 
-def _block_case(g, tp, r, sp, dtype, recompute):
+def _block_case(g, tp, r, sp, dtype, recompute, dev="cpu"):
     from plait.parallel import ParallelTransformerBlock, TransformerBlock
 
     seq, batch, h, heads = 7, 2, 16, 8  # 7 positions: uneven sequence chunks at TP 2, 3 and 4
     torch.manual_seed(5)
     dense = TransformerBlock(h, heads, dtype=dtype)
     torch.manual_seed(5)
-    par = ParallelTransformerBlock(h, heads, group=g, sequence_parallel=sp, recompute=recompute, dtype=dtype)
+    par = ParallelTransformerBlock(h, heads, group=g, sequence_parallel=sp, recompute=recompute, dtype=dtype).to(dev)
+    dense = dense.to(dev)
     errs = {"init_qkv": _rel(par.qkv.weight, torch.cat([c for i, c in enumerate(
         torch.chunk(dense.qkv.weight.view(heads, -1, h), tp, 0)) if i == r]).reshape(-1, h))}
-    x = torch.randn(seq, batch, h, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    gy = torch.randn(seq, batch, h, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    x = torch.randn(seq, batch, h, generator=torch.Generator().manual_seed(2), dtype=dtype).to(dev)
+    gy = torch.randn(seq, batch, h, generator=torch.Generator().manual_seed(3), dtype=dtype).to(dev)
     xd = x.clone().requires_grad_()
     yd = dense(xd)
     yd.backward(gy)
@@ -208,6 +210,29 @@ def test_layers_match_dense(dtype_name):
                     bad.append(f"rank {rank} {case} {k}: {v:.3g}")
     assert ncases > 300
     assert not bad, "\n".join(bad)
+
+
+def _w_parity_cuda(rank, world):
+    """TP 2 over two processes sharing cuda:0 (or one GPU each when there are two)."""
+    dev = f"cuda:{rank % torch.cuda.device_count()}"
+    torch.cuda.set_device(dev)
+    out = {}
+    g = dist.group.WORLD
+    for sp in (False, True):
+        e, _ = _mlp_case(g, 2, rank, sp, torch.float64, seq=7, batch=2, h=6, f=10, dev=dev)
+        out[f"mlp sp{sp}"] = e
+        for rc in (False, True):
+            e, _ = _block_case(g, 2, rank, sp, torch.float64, rc, dev=dev)
+            out[f"block sp{sp} recompute{rc}"] = e
+    return out
+
+
+@pytest.mark.gpu
+def test_layers_match_dense_cuda():
+    res = H.run_world(_w_parity_cuda, 2, timeout_s=300)
+    bad = [f"rank {r} {case} {k}: {v:.3g}" for r, t in enumerate(res) for case, errs in t.items()
+           for k, v in errs.items() if not v <= 1e-12]
+    assert len(res[0]) == 6 and not bad, "\n".join(bad)
 
 
 def _w_mappings(rank, world):

@@ -68,7 +68,9 @@ class _LinearFn(torch.autograd.Function):
                                             lambda t: M._all_gather_dim(t, pg, size, 0, sizes), x)
         else:
             x_total = x
-        ctx.save_for_backward(x_total, weight)
+        # Sequence parallel: keep only the local chunk; backward gathers it again (overlapped with the input-gradient
+        # GEMM) instead of keeping the gathered input alive between forward and backward.
+        ctx.save_for_backward(x if mode == "sp" else x_total, weight)
         ctx.pg, ctx.mode, ctx.sizes, ctx.size, ctx.rank, ctx.has_bias = pg, mode, sizes, size, rank, bias is not None
         out = torch.matmul(x_total, weight.t())
         if bias is not None:
@@ -77,9 +79,12 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x_total, weight = ctx.saved_tensors
+        x_saved, weight = ctx.saved_tensors
         g = g.contiguous()
         grad_input = work = finish = None
+        gather = None
+        if ctx.mode == "sp" and ctx.needs_input_grad[1]:
+            gather = M._all_gather_dim(x_saved, ctx.pg, ctx.size, 0, ctx.sizes, async_op=True)
         if ctx.needs_input_grad[0]:
             grad_input = torch.matmul(g, weight)
             if ctx.mode == "ar":
@@ -89,6 +94,11 @@ class _LinearFn(torch.autograd.Function):
         grad_w = grad_b = None
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
+            if gather is not None:
+                gather[0].wait()
+                x_total = gather[1]()
+            else:
+                x_total = x_saved
             grad_w = torch.matmul(g2.t(), x_total.reshape(-1, x_total.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
