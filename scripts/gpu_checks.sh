@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_checks.sh                     # all steps
 #   bash scripts/gpu_checks.sh --quick             # shorter benchmarks (fewer sizes, 200 latency calls)
-#   bash scripts/gpu_checks.sh --skip sanitize     # skip a step (repeatable): kernels, gpu-tests, sanitize,
+#   bash scripts/gpu_checks.sh --skip sanitize     # skip a step (repeatable): kernels, codec, parallel, gpu-tests, sanitize,
 #                                                  #   bench-kernels, bench-allreduce
 #   bash scripts/gpu_checks.sh --only gpu-tests    # run only these steps (repeatable)
 #   PYTEST_ADDOPTS="-k 'stream or ddp'" bash scripts/gpu_checks.sh --only gpu-tests   # a part of the GPU tests
@@ -16,6 +16,8 @@
 # Steps, each logged to $OUT/<step>.log (OUT defaults to build/gpu):
 #   kernels          pytest tests/test_cuda_kernels.py         (junit: $OUT/test_cuda_kernels.xml)
 #   codec            pytest -m gpu tests/test_codec.py         (CUDA codec bytes == CPU bytes; junit: $OUT/test_codec_gpu.xml)
+#   parallel         pytest -m gpu tests/test_parallel_layers.py (plait.parallel layers on CUDA tensors == dense;
+#                    junit: $OUT/test_parallel_gpu.xml)
 #   gpu-tests        pytest tests/test_gpu.py                  (junit: $OUT/test_gpu.xml)
 #   sanitize         scripts/gpu_sanitize.sh (compute-sanitizer memcheck + racecheck over the kernel tests)
 #   bench-kernels    bench/gpu_kernels.py --json $OUT/gpu_kernels.json
@@ -105,6 +107,7 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=15)
 
 run_step kernels "${PYTEST[@]}" tests/test_cuda_kernels.py --junitxml="$OUT/test_cuda_kernels.xml"
 run_step codec "${PYTEST[@]}" -m gpu tests/test_codec.py --junitxml="$OUT/test_codec_gpu.xml"
+run_step parallel "${PYTEST[@]}" -m gpu tests/test_parallel_layers.py --junitxml="$OUT/test_parallel_gpu.xml"
 run_step gpu-tests "${PYTEST[@]}" tests/test_gpu.py --junitxml="$OUT/test_gpu.xml"
 run_step sanitize env PYTHON="$PY" bash scripts/gpu_sanitize.sh
 if [[ "${status[sanitize]}" == "FAIL (exit 2)" ]]; then
@@ -129,7 +132,7 @@ done
   for n in "${names[@]}"; do
     printf '%-16s %-16s %6s  %s\n' "$n" "${status[$n]}" "${secs[$n]}" "${notes[$n]}"
   done
-  for f in test_cuda_kernels.xml test_codec_gpu.xml test_gpu.xml gpu_kernels.json gpu_allreduce.json; do
+  for f in test_cuda_kernels.xml test_codec_gpu.xml test_parallel_gpu.xml test_gpu.xml gpu_kernels.json gpu_allreduce.json; do
     [[ -f "$OUT/$f" ]] && echo "wrote $OUT/$f"
   done
   if [[ -f "$OUT/bench-allreduce.log" ]]; then
