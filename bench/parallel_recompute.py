@@ -2,8 +2,9 @@
 
     python bench/parallel_recompute.py            # the example's block and a larger one, TP 1 and 2, SP off / on
 
-Counts, on one rank, the bytes autograd keeps for backward during one block's forward
-(``torch.autograd.graph.saved_tensors_hooks``, each storage once; device independent) and, with recomputation, the
+Counts, on one rank, the activation bytes autograd keeps for backward during one block's forward
+(``torch.autograd.graph.saved_tensors_hooks``, each storage once, the block's own parameters excluded: autograd saves
+the weights a matmul needs, but they exist anyway; device independent) and, with recomputation, the
 bytes of the forward collectives' recorded results that the recomputation replays (``replay_bytes()``). The block
 input is counted in both (the checkpoint keeps it). Also checks that the recomputed block's gradients are bitwise
 those of the plain block. No timing: bytes are exact and the same on every run.
@@ -38,7 +39,7 @@ def measure(tp_group, hidden, heads, seq, batch, sp, recompute):
         x = torch.chunk(x, tp, 0)[r].clone()
     x.requires_grad_()
     reset_replay_stats()
-    with SavedTensorMeter() as m:
+    with SavedTensorMeter(exclude=blk.parameters()) as m:  # activations only (weights exist anyway)
         y = blk(x)
     saved, replay = m.nbytes, replay_bytes()
     y.square().sum().backward()

@@ -299,10 +299,15 @@ def compare(a, cfg):
         out = os.path.join(tmp, name + ".json")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         t0 = time.perf_counter()
-        subprocess.run(cmd + common + ["--json", out] + (["--no-sp"] if not cfg["sp"] else []), check=True, env=env)
+        extra = (["--no-sp"] if not cfg["sp"] else []) + (["--recompute"] if cfg["recompute"] else [])
+        if name == "hybrid":
+            extra += ["--backend", a.backend]
+        subprocess.run(cmd + common + ["--json", out] + extra, check=True, env=env)
         curves[name] = json.load(open(out))["losses"]
         print(f"{name}: {time.perf_counter() - t0:.1f} s wall")
     h, r = curves["hybrid"], curves["reference"]
+    if len(h) != len(r) or len(h) != a.steps:
+        raise SystemExit(f"loss curves of different lengths: hybrid {len(h)}, reference {len(r)}, steps {a.steps}")
     diff = max(abs(x - y) for x, y in zip(h, r))
     print(f"max |loss difference| over {len(h)} steps: {diff:.3g}; final loss hybrid {h[-1]:.4f} reference {r[-1]:.4f}")
     if a.plot:

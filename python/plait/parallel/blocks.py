@@ -69,7 +69,7 @@ class _ParallelLayerNorm(nn.LayerNorm):
         self.tp_size = torch.distributed.get_world_size(self._pg)
         self.sequence_parallel = sequence_parallel
         for p in self.parameters():
-            p.sequence_parallel = sequence_parallel
+            p.tp_grad_summed = sequence_parallel  # summed over the group in backward already (see layers.py)
 
     def forward(self, x):
         if self.sequence_parallel and self.tp_size > 1:

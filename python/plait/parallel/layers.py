@@ -195,7 +195,22 @@ class ColumnParallelLinear(_TPBase):
                 raise ValueError(f"{self._desc()} on rank {self.tp_rank}: sequence-parallel input holds {x.shape[0]} "
                                  f"positions, the torch.chunk split of {seq_len} over {self.tp_size} gives "
                                  f"{sizes[self.tp_rank]}")
-            out = _LinearFn.apply(x, self.weight, self.bias, self._pg, "sp", sizes, self.tp_size, self.tp_rank)
+            if seq_len is None:
+                M.check_equal_extent(x.shape[0], self._pg, self.tp_size, self.tp_rank, self._desc(), "seq_len",
+                                     x.device)
+            try:
+                out = _LinearFn.apply(x, self.weight, self.bias, self._pg, "sp", sizes, self.tp_size, self.tp_rank)
+            except RuntimeError as e:
+                if seq_len is not None:
+                    raise
+                msg = (f"{self._desc()} on rank {self.tp_rank} of a group of {self.tp_size}: the sequence-parallel "
+                       f"all-gather failed; without seq_len every rank must hold the same number of positions (this "
+                       f"rank: {x.shape[0]}): {e}")
+                try:
+                    err = type(e)(msg)
+                except Exception:
+                    err = RuntimeError(msg)
+                raise err from e
         else:
             out = _LinearFn.apply(x, self.weight, self.bias, self._pg, "ar", None, self.tp_size, self.tp_rank)
         if self.gather_output and self.tp_size > 1:
@@ -227,7 +242,9 @@ class RowParallelLinear(_TPBase):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, device=dev, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=dev, dtype=dtype)) if bias else None
         if self.bias is not None and sequence_parallel:
-            self.bias.sequence_parallel = True
+            # Marker only. Unlike Megatron's `sequence_parallel` attribute, nothing is left to do: the gradient is
+            # already summed over the group in backward (an all-reduce of it by the caller would count it tp times).
+            self.bias.tp_grad_summed = True
         if _init:
             self._load_full(_dense_linear(in_features, out_features, bias, device, dtype))
 
@@ -343,6 +360,10 @@ class VocabParallelEmbedding(_TPBase):
             raise TypeError(f"{self._desc()} on rank {self.tp_rank}: ids must be int64 or int32, got {ids.dtype}")
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)
+        bad = (ids < 0) | (ids >= self.num_embeddings)
+        if bool(bad.any()):  # every rank would see it as another rank's row: zeros, silently
+            raise IndexError(f"{self._desc()} on rank {self.tp_rank} of a group of {self.tp_size}: id "
+                             f"{int(ids[bad][0])} is out of range [0, {self.num_embeddings})")
         outside = (ids < self.start) | (ids >= self.start + self.num_local)
         local = (ids - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
@@ -367,6 +388,11 @@ class _VocabParallelCE(torch.autograd.Function):
         shifted = x2 - m.unsqueeze(1)
         exp = shifted.exp()
         valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= vocab))
+        if bool(bad.any()):
+            raise IndexError(f"vocab_parallel_cross_entropy on rank {dist.get_rank(pg)} of a group of "
+                             f"{dist.get_world_size(pg)}: target {int(t[bad][0])} is out of bounds for a vocabulary "
+                             f"of {vocab} (ignore_index {ignore_index})")
         inside = valid & (t >= start) & (t < start + n_local)
         idx = (t - start).masked_fill(~inside, 0)
         picked = shifted.gather(1, idx.unsqueeze(1)).squeeze(1).masked_fill(~inside, 0.0)
@@ -399,7 +425,8 @@ class _VocabParallelCE(torch.autograd.Function):
         rows = torch.arange(grad.shape[0], device=grad.device)
         onehot_scale = (1.0 - ctx.smoothing) * inside.to(grad.dtype)
         grad[rows, idx] -= onehot_scale
-        grad = grad * (valid.to(grad.dtype) * (g.to(grad.dtype) / count)).unsqueeze(1)
+        # all targets ignored: the loss is NaN (as F.cross_entropy's), the gradient zero (as F.cross_entropy's)
+        grad = grad * (valid.to(grad.dtype) * (g.to(grad.dtype) / count.clamp_min(1))).unsqueeze(1)
         return grad.reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 

@@ -105,6 +105,21 @@ def _exact_sizes_ok(pg) -> bool:
         return False
 
 
+def check_equal_extent(n: int, pg, size: int, rank: int, where: str, hint: str, device=None) -> None:
+    """Without a full size, every rank must hold ``n`` positions. plait checks that by itself (every message carries
+    its size: ranks that disagree all raise the collective-mismatch error); other backends (gloo pairs unequal
+    all-gathers silently) get one tiny all-gather of the extents here."""
+    if size == 1 or _exact_sizes_ok(pg):
+        return
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    allw = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(allw, t, group=pg)
+    got = [int(w.item()) for w in allw]
+    if any(v != n for v in got):
+        raise ValueError(f"{where} on rank {rank}: the ranks hold {got} positions; without {hint} every rank must "
+                         f"hold the same number (pass {hint} for torch.chunk splits)")
+
+
 def _all_gather_dim(x: torch.Tensor, pg, size: int, dim: int, sizes: list[int] | None = None,
                     async_op: bool = False):
     """All-gather ``x`` along ``dim``; ``sizes`` are every rank's extent on ``dim`` (None: all equal to ours)."""
@@ -163,7 +178,7 @@ class _CopyToRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pg):
         ctx.pg = pg
-        return x.view_as(x)
+        return x.clone()  # not a view, so the caller may modify the result in place
 
     @staticmethod
     def backward(ctx, g):
@@ -204,12 +219,13 @@ class _ScatterLast(torch.autograd.Function):
 class _GatherLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pg, size, rank, sizes):
-        ctx.size, ctx.rank = size, rank
+        ctx.size, ctx.rank, ctx.sizes = size, rank, sizes
         return _forward_collective("all_gather(last dim)", lambda t: _all_gather_dim(t, pg, size, -1, sizes), x)
 
     @staticmethod
     def backward(ctx, g):
-        return _local_chunk(g, ctx.size, ctx.rank, -1, "last dimension"), None, None, None, None
+        start = sum(ctx.sizes[: ctx.rank])
+        return g.narrow(-1, start, ctx.sizes[ctx.rank]).contiguous(), None, None, None, None
 
 
 class _ScatterFirst(torch.autograd.Function):
@@ -324,6 +340,8 @@ def gather_from_region(x: torch.Tensor, group=None, full_size: int | None = None
     pg, size, rank = _info(group)
     if size == 1:
         return x
+    if full_size is None:
+        check_equal_extent(x.shape[-1], pg, size, rank, "plait.parallel.gather_from_region", "full_size", x.device)
     sizes = chunk_sizes(full_size, size, "last dimension") if full_size is not None else [x.shape[-1]] * size
     if x.shape[-1] != sizes[rank]:
         raise ValueError(f"plait.parallel.gather_from_region: rank {rank} holds {x.shape[-1]} of the last "
@@ -345,6 +363,9 @@ def gather_from_sequence_region(x: torch.Tensor, group=None, full_size: int | No
     pg, size, rank = _info(group)
     if size == 1:
         return x
+    if full_size is None:
+        check_equal_extent(x.shape[0], pg, size, rank, "plait.parallel.gather_from_sequence_region", "full_size",
+                           x.device)
     sizes = chunk_sizes(full_size, size, "first (sequence) dimension") if full_size is not None else [x.shape[0]] * size
     if x.shape[0] != sizes[rank]:
         raise ValueError(f"plait.parallel.gather_from_sequence_region: rank {rank} holds {x.shape[0]} of the first "
@@ -371,6 +392,8 @@ def all_to_all(x: torch.Tensor, group=None, scatter_dim: int = -1, gather_dim: i
     if scatter_dim % x.dim() == gather_dim % x.dim():
         raise ValueError("plait.parallel.all_to_all: scatter_dim and gather_dim must differ")
     if gather_full_size is None:
+        check_equal_extent(x.shape[gather_dim], pg, size, rank, "plait.parallel.all_to_all", "gather_full_size",
+                           x.device)
         recv_g = [x.shape[gather_dim]] * size
     else:
         recv_g = chunk_sizes(gather_full_size, size, f"all_to_all gather dimension {gather_dim % x.dim()} of size")

@@ -49,7 +49,9 @@ class ReplayCache:
     def collective(self, name, fn, args):
         if self.recording:
             out = fn(*args)
-            self.entries.append((name, _detach(out)))
+            # A private copy: the region may modify the result in place (h += x), and the replay must see the value
+            # the collective produced, not the modified one.
+            self.entries.append((name, _copy(out)))
             return out
         if self.pos >= len(self.entries):
             raise RuntimeError(
@@ -61,7 +63,7 @@ class ReplayCache:
                 f"plait.parallel.checkpoint ({self.region}): the recomputation's collective #{self.pos} is {name}, "
                 f"the first forward's was {rec_name}; the region is not deterministic")
         self.pos += 1
-        return out
+        return _copy(out)  # the recomputation may modify it in place too (and may run more than once)
 
     @property
     def nbytes(self) -> int:
@@ -75,11 +77,11 @@ class ReplayCache:
         return total
 
 
-def _detach(out):
+def _copy(out):
     if isinstance(out, torch.Tensor):
-        return out.detach()
+        return out.detach().clone()
     if isinstance(out, tuple):
-        return tuple(_detach(o) for o in out)
+        return tuple(_copy(o) for o in out)
     return out
 
 
@@ -139,14 +141,17 @@ class SavedTensorMeter:
     full picture.
     """
 
-    def __init__(self):
+    def __init__(self, exclude=()):
+        """``exclude``: tensors whose storage is not counted (pass ``model.parameters()`` to count activations
+        only: autograd also saves the weights a matmul needs, which exist anyway)."""
         self.nbytes = 0
+        self._excluded = {(t.untyped_storage().data_ptr(), t.device) for t in exclude}
         self._seen = set()
         self._ctx = None
 
     def _pack(self, t):
         key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in self._seen:
+        if key not in self._seen and key not in self._excluded:
             self._seen.add(key)
             self.nbytes += t.untyped_storage().nbytes()
         return t
