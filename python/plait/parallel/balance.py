@@ -196,7 +196,9 @@ class Balancer:
     ``balancer.record(n, seconds)``) and then every rank calls ``balancer.step()``. Communication must stay outside
     the measured time: a fast rank that waits for a slow one at an all-reduce would otherwise look slow too, and the
     balancer would never move samples to it. With DDP, ``register_sum_hook(..., balancer=bal)`` marks the end of the
-    local backward (the last bucket handed to the all-reduce) and ``measure()`` stops its clock there.
+    local backward (the last bucket handed to the all-reduce) and ``measure()`` stops its clock there. (A DDP model
+    with buffers and ``broadcast_buffers=True`` also synchronises at the start of each forward; construct it with
+    ``broadcast_buffers=False`` or the wait for the slowest rank lands in the measured time.)
 
     The split is a pure function (``split_batch``) of all-gathered numbers, so every rank computes the same one;
     each rebalance also gathers every rank's current split and step count and raises ``RuntimeError`` naming the
