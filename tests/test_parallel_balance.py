@@ -225,10 +225,22 @@ def _expect_raise(fn, exc=RuntimeError):
 
 def _part_errors(rank, ws):
     out = {}
-    # a rank with a different global batch: every rank raises at the rebalance
-    bal = Balancer(16 if rank != 2 else 17, rebalance_every=1, warmup=0)
+    # a rank that skipped a step(): every rank raises at the rebalance
+    bal = Balancer(16, rebalance_every=2, warmup=0)
     bal.record(bal.local_count, 0.01)
-    out["disagree"] = _expect_raise(bal.step)
+    bal.step()
+    out["disagree"] = _expect_raise(bal.step if rank != 2 else bal.rebalance)
+    # settings that differ between ranks: every rank raises at construction, naming the setting and the values
+    out["set_batch"] = _expect_raise(lambda: Balancer(16 if rank != 2 else 17), ValueError)
+    out["set_init"] = _expect_raise(lambda: Balancer(12, initial_throughputs=[1.0, 2.0, 3.0 + (rank == 1)]),
+                                    ValueError)
+    out["set_init_none"] = _expect_raise(lambda: Balancer(12, initial_throughputs=None if rank else [1, 1, 1]),
+                                         ValueError)
+    out["set_smooth"] = _expect_raise(lambda: Balancer(12, smoothing=0.25 * rank), ValueError)
+    out["set_many"] = _expect_raise(lambda: Balancer(12, rebalance_every=5 + (rank == 0), warmup=rank % 2,
+                                                     min_per_rank=1 + (rank == 2)), ValueError)
+    # an invalid argument on one rank only: it raises its own error, the others raise instead of hanging
+    out["one_bad"] = _expect_raise(lambda: Balancer(12, smoothing=1.0 if rank == 1 else 0.0), ValueError)
     # a rank that never recorded a timing: every rank raises, naming it
     bal = Balancer(16, rebalance_every=2, warmup=0)
     if rank != 1:
@@ -260,6 +272,75 @@ def _part_subgroup(rank):
             "local": bal.local_count, "split_for": bal.split_for(5)}
 
 
+def _part_hook_groups(rank):
+    """DDP on subgroups {0, 1} and {2}: register_sum_hook(ddp) sums over DDP's own group, not the world; a hook state
+    without a group, or a group other than DDP's, raises."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from plait.parallel.balance import SumHookState, sum_allreduce_hook
+
+    g01, g2 = dist.new_group([0, 1]), dist.new_group([2])
+    dp, n = (g01, 2) if rank < 2 else (g2, 1)
+    out = {}
+    for how in ("register", "state"):
+        torch.manual_seed(0)
+        m = DDP(nn.Linear(2, 1, bias=False).double(), process_group=dp)
+        if how == "register":
+            register_sum_hook(m)
+        else:
+            m.register_comm_hook(SumHookState(dp), sum_allreduce_hook)
+        x = torch.full((1, 2), float(rank + 1), dtype=torch.float64)
+        normalize_loss(m(x).sum(), n).backward()
+        out[how] = m.module.weight.grad.tolist()
+    m = DDP(nn.Linear(2, 1, bias=False).double(), process_group=dp)
+    out["no_group"] = _expect_raise(lambda: SumHookState(), ValueError)
+    out["none_state"] = _expect_raise(lambda: sum_allreduce_hook(None, None), ValueError)
+    out["wrong_group"] = _expect_raise(lambda: register_sum_hook(m, dist.group.WORLD), ValueError)
+    return out
+
+
+def _part_untouched(rank):
+    """allreduce_gradients: a parameter no rank touched keeps .grad None (weight decay leaves it alone); one only
+    rank 1 touched gets rank 1's gradient on every rank (zeros joined elsewhere)."""
+    a, b, c = (nn.Parameter(torch.full((3,), v, dtype=torch.float64)) for v in (1.0, 2.0, 3.0))
+    loss = a.sum() * (rank + 1)
+    if rank == 1:
+        loss = loss + (b * b).sum()
+    loss.backward()
+    allreduce_gradients([a, b, c])
+    opt = torch.optim.SGD([a, b, c], lr=0.5, weight_decay=0.1, momentum=0.9)
+    opt.step()
+    return {"ga": a.grad.tolist(), "gb": b.grad.tolist(), "gc": c.grad, "c": c.detach().tolist()}
+
+
+def _part_lossy_group(rank):
+    """On a plait group configured with int8 compression, the sum hook and allreduce_gradients stay exact (they
+    call plait.all_reduce(..., compression="none")), while a plain dist.all_reduce on that group is lossy."""
+    if not H.IS_PLAIT:
+        return None
+    import plait
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    lossy = dist.new_group(backend="plait", pg_options=plait.Options(compression="int8"))
+    g = torch.Generator().manual_seed(100 + rank)
+    vals = [torch.randn(4096, generator=g, dtype=torch.float64) for _ in range(3)]  # every rank knows all three
+    exact = sum(torch.randn(4096, generator=torch.Generator().manual_seed(100 + r), dtype=torch.float64)
+                for r in range(3))
+    t = vals[0].float()
+    dist.all_reduce(t, group=lossy)
+    out = {"raw": _rel(t.double(), exact)}
+    # allreduce_gradients on float32 gradients
+    p = nn.Parameter(torch.zeros(4096))
+    p.grad = vals[0].float()
+    allreduce_gradients([p], group=lossy)
+    out["plain"] = _rel(p.grad.double(), exact)
+    # the DDP hook: d(sum(w * v))/dw = v
+    m = DDP(nn.Linear(4096, 1, bias=False), process_group=lossy)
+    register_sum_hook(m)
+    (m(vals[0].float().unsqueeze(0))).sum().backward()
+    out["hook"] = _rel(m.module.weight.grad.double().reshape(-1), exact)
+    return out
+
+
 def worker_all(rank, ws):
     return {
         "grads": _part_grads(rank, [5, 2, 9]),
@@ -267,6 +348,9 @@ def worker_all(rank, ws):
         "mark": _part_ddp_mark(rank),
         "errors": _part_errors(rank, ws),
         "subgroup": _part_subgroup(rank),
+        "hook_groups": _part_hook_groups(rank),
+        "untouched": _part_untouched(rank),
+        "lossy": _part_lossy_group(rank),
     }
 
 
@@ -317,7 +401,22 @@ def test_measure_excludes_ddp_wait(world3):
 def test_errors(world3):
     for r, res in enumerate(world3):
         e = res["errors"]
-        assert e["disagree"] and "disagree" in e["disagree"] and "global_batch 17" in e["disagree"], (r, e)
+        assert e["disagree"] and "disagree" in e["disagree"] and "rank 2: step 1" in e["disagree"], (r, e)
+        assert "rank 0: step 2" in e["disagree"], (r, e)
+        assert e["set_batch"] and "global_batch: rank 0: 16, rank 1: 16, rank 2: 17" in e["set_batch"], (r, e)
+        assert e["set_init"] and "initial_throughputs: rank 0: [1.0, 2.0, 3.0], rank 1: [1.0, 2.0, 4.0], " \
+            "rank 2: [1.0, 2.0, 3.0]" in e["set_init"], (r, e)
+        assert "global_batch" not in e["set_init"] and "smoothing" not in e["set_init"], (r, e)
+        assert e["set_init_none"] and "initial_throughputs: rank 0: [1.0, 1.0, 1.0], rank 1: None" \
+            in e["set_init_none"], (r, e)
+        assert e["set_smooth"] and "smoothing: rank 0: 0.0, rank 1: 0.25, rank 2: 0.5" in e["set_smooth"], (r, e)
+        for needle in ("rebalance_every: rank 0: 6, rank 1: 5, rank 2: 5", "warmup: rank 0: 0, rank 1: 1, rank 2: 0",
+                       "min_per_rank: rank 0: 1, rank 1: 1, rank 2: 2"):
+            assert e["set_many"] and needle in e["set_many"], (r, needle, e["set_many"])
+        if r == 1:
+            assert e["one_bad"] and "smoothing must be a number in [0, 1), got 1.0" in e["one_bad"], e
+        else:
+            assert e["one_bad"] and "rank(s) [1] of the group rejected their arguments" in e["one_bad"], (r, e)
         assert e["missing"] and "rank(s) [1] recorded no compute timing" in e["missing"], (r, e)
         assert "too small for 3 ranks" in e["too_small"]
         assert "smoothing" in e["smoothing"]
@@ -336,3 +435,31 @@ def test_subgroup(world3):
     assert (a["slice"], b["slice"]) == ((0, 8), (8, 10))
     assert (a["local"], b["local"]) == (8, 2)
     assert a["split_for"] == b["split_for"] == [4, 1]   # 3.75 / 1.25
+
+
+def test_sum_hook_uses_ddp_group(world3):
+    for r, res in enumerate(world3):
+        h = res["hook_groups"]
+        # pair {0, 1}: (1 + 2) / 2 per input; rank 2 alone: 3 / 1 (a world sum would give 3 + 3 = 6 on every rank)
+        want = [[1.5, 1.5]] if r < 2 else [[3.0, 3.0]]
+        assert h["register"] == want and h["state"] == want, (r, h)
+        assert h["no_group"] and "group is None" in h["no_group"] and "ddp.process_group" in h["no_group"], (r, h)
+        assert h["none_state"] and "state is None" in h["none_state"], (r, h)
+        assert h["wrong_group"] and "global ranks [0, 1, 2]" in h["wrong_group"], (r, h)
+
+
+def test_allreduce_gradients_leaves_untouched_none(world3):
+    for r, res in enumerate(world3):
+        u = res["untouched"]
+        assert u["ga"] == [6.0] * 3, (r, u)          # 1 + 2 + 3
+        assert u["gb"] == [4.0] * 3, (r, u)          # only rank 1: 2 * b
+        assert u["gc"] is None and u["c"] == [3.0] * 3, (r, u)   # weight decay did not touch it
+
+
+def test_exact_on_lossy_plait_group(world3):
+    if not H.IS_PLAIT:
+        pytest.skip("plait-only: int8 group compression")
+    for r, res in enumerate(world3):
+        lo = res["lossy"]
+        assert lo["raw"] > 1e-4, (r, lo)             # the group really compresses
+        assert lo["plain"] <= 1e-6 and lo["hook"] <= 1e-6, (r, lo)   # float32 rounding only

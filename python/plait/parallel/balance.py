@@ -200,9 +200,14 @@ class Balancer:
     with buffers and ``broadcast_buffers=True`` also synchronises at the start of each forward; construct it with
     ``broadcast_buffers=False`` or the wait for the slowest rank lands in the measured time.)
 
+    Construction is collective (one small all-gather over the group): every rank must construct its Balancer at
+    the same point, and if any rank's arguments are invalid, or ``global_batch``, ``rebalance_every``, ``warmup``,
+    ``min_per_rank``, ``smoothing`` or ``initial_throughputs`` differ between ranks, every rank raises
+    ``ValueError`` naming the setting and each rank's value.
+
     The split is a pure function (``split_batch``) of all-gathered numbers, so every rank computes the same one;
     each rebalance also gathers every rank's current split and step count and raises ``RuntimeError`` naming the
-    ranks if they differ (a rank that skipped ``step()``, a different ``global_batch``).
+    ranks if they differ (a rank that skipped ``step()``).
     """
 
     def __init__(self, global_batch: int, group=None, rebalance_every: int = 10, warmup: int = 2,
@@ -211,30 +216,40 @@ class Balancer:
         self.group = resolve_group(group)
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        self.global_batch = _check_int("Balancer: global_batch", global_batch, 1)
-        self.rebalance_every = _check_int("Balancer: rebalance_every", rebalance_every, 1)
-        self.warmup = _check_int("Balancer: warmup", warmup, 0)
-        self.min_per_rank = _check_int("Balancer: min_per_rank", min_per_rank, 0)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"{_PREFIX}: Balancer: smoothing must be a number in [0, 1), got {smoothing!r}")
-        self.smoothing = float(smoothing)
-        if synchronize is not None and not callable(synchronize):
-            raise TypeError(f"{_PREFIX}: Balancer: synchronize must be callable or None")
+        # Validate locally, but join the settings all-gather even when this rank's arguments are bad, so that every
+        # rank raises instead of the good ones hanging in the collective.
+        local_err: Exception | None = None
+        ts: list[float] | None = None
+        try:
+            self.global_batch = _check_int("Balancer: global_batch", global_batch, 1)
+            self.rebalance_every = _check_int("Balancer: rebalance_every", rebalance_every, 1)
+            self.warmup = _check_int("Balancer: warmup", warmup, 0)
+            self.min_per_rank = _check_int("Balancer: min_per_rank", min_per_rank, 0)
+            if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+                raise ValueError(f"{_PREFIX}: Balancer: smoothing must be a number in [0, 1), got {smoothing!r}")
+            self.smoothing = float(smoothing)
+            if synchronize is not None and not callable(synchronize):
+                raise TypeError(f"{_PREFIX}: Balancer: synchronize must be callable or None")
+            if self.global_batch < self.min_per_rank * self.world_size:
+                raise ValueError(f"{_PREFIX}: Balancer: global_batch {self.global_batch} is too small for "
+                                 f"{self.world_size} ranks with min_per_rank={self.min_per_rank} "
+                                 f"(need >= {self.min_per_rank * self.world_size})")
+            if initial_throughputs is not None:
+                ts = [float(t) for t in initial_throughputs]
+                if len(ts) != self.world_size:
+                    raise ValueError(f"{_PREFIX}: Balancer: initial_throughputs has {len(ts)} values for a group "
+                                     f"of {self.world_size} ranks")
+                counts = split_batch(self.global_batch, ts, self.min_per_rank)
+            else:
+                counts = split_batch(self.global_batch, [1.0] * self.world_size, self.min_per_rank)
+        except (TypeError, ValueError) as e:
+            local_err = e
+        self._check_settings_agree(local_err, ts)
         self._sync = synchronize
-        if self.global_batch < self.min_per_rank * self.world_size:
-            raise ValueError(f"{_PREFIX}: Balancer: global_batch {self.global_batch} is too small for "
-                             f"{self.world_size} ranks with min_per_rank={self.min_per_rank} "
-                             f"(need >= {self.min_per_rank * self.world_size})")
-        if initial_throughputs is not None:
-            ts = [float(t) for t in initial_throughputs]
-            if len(ts) != self.world_size:
-                raise ValueError(f"{_PREFIX}: Balancer: initial_throughputs has {len(ts)} values for a group of "
-                                 f"{self.world_size} ranks")
-            counts = split_batch(self.global_batch, ts, self.min_per_rank)
+        if ts is not None:
             self._est: list[float | None] = list(ts)
             thr = tuple(ts)
         else:
-            counts = split_batch(self.global_batch, [1.0] * self.world_size, self.min_per_rank)
             self._est = [None] * self.world_size
             thr = None
         self._set_counts(counts)
@@ -245,6 +260,51 @@ class Balancer:
         self._win_start = self.warmup
         self._mark: float | None = None
         self._measuring = False
+
+    _SETTINGS = ("global_batch", "rebalance_every", "warmup", "min_per_rank", "smoothing")
+
+    def _gather_rows(self, mine: list[float]) -> list[list[float]]:
+        """All-gather one float64 row per rank over the group (on the GPU for NCCL)."""
+        t = torch.tensor(mine, dtype=torch.float64)
+        backend = dist.get_backend(self.group)
+        if isinstance(backend, str) and backend.lower() == "nccl":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        gathered = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(gathered, t, group=self.group)
+        return [g.cpu().tolist() for g in gathered]
+
+    def _check_settings_agree(self, local_err: Exception | None, ts: list[float] | None) -> None:
+        """One all-gather at construction: every rank's settings (and whether its arguments were valid). Raises on
+        every rank if any rank's arguments were invalid or any setting differs, naming the setting and the values.
+        (A split computed from different settings would make the ranks take overlapping or missing samples.)"""
+        n = self.world_size
+        if local_err is None:
+            row = [1.0] + [float(getattr(self, k)) for k in self._SETTINGS]
+            row += [1.0] + list(ts) if ts is not None else [0.0] + [0.0] * n
+        else:
+            row = [0.0] * (2 + len(self._SETTINGS) + n)
+        rows = self._gather_rows(row)
+        bad = [r for r in range(n) if rows[r][0] != 1.0]
+        if local_err is not None:
+            raise local_err
+        if bad:
+            raise ValueError(f"{_PREFIX}: Balancer: rank(s) {bad} of the group rejected their arguments (see the "
+                             f"error on those ranks); this rank ({self.rank}) raises too instead of waiting for them")
+        diffs = []
+        for i, k in enumerate(self._SETTINGS, start=1):
+            vals = [rows[r][i] for r in range(n)]
+            if any(v != vals[0] for v in vals):
+                shown = [int(v) if k != "smoothing" else v for v in vals]
+                diffs.append(f"{k}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown)))
+        j = 1 + len(self._SETTINGS)
+        init = [tuple(rows[r][j + 1:]) if rows[r][j] == 1.0 else None for r in range(n)]
+        if any(v != init[0] for v in init):
+            diffs.append("initial_throughputs: " + ", ".join(
+                f"rank {r}: {None if v is None else list(v)}" for r, v in enumerate(init)))
+        if diffs:
+            raise ValueError(f"{_PREFIX}: Balancer settings differ across the {n} ranks of the group (seen on rank "
+                             f"{self.rank}): " + "; ".join(diffs) + ". Every rank must construct the Balancer with "
+                             f"the same settings, or the splits (and the samples each rank takes) would disagree.")
 
     # -- the current split ---------------------------------------------------------------------------------------
     def _set_counts(self, counts):
@@ -348,16 +408,8 @@ class Balancer:
         """All-gather every rank's measured window (samples, seconds), step count and current split; check that the
         ranks agree; update the throughput estimates and recompute the split. Collective. Returns the new counts."""
         n = self.world_size
-        mine = torch.tensor([float(self._win_samples), self._win_seconds, float(self.steps), float(self.global_batch)]
-                            + [float(c) for c in self.counts], dtype=torch.float64)
-        dev = torch.device("cpu")
-        backend = dist.get_backend(self.group)
-        if isinstance(backend, str) and backend.lower() == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        mine = mine.to(dev)
-        gathered = [torch.empty_like(mine) for _ in range(n)]
-        dist.all_gather(gathered, mine, group=self.group)
-        rows = [g.cpu().tolist() for g in gathered]
+        rows = self._gather_rows([float(self._win_samples), self._win_seconds, float(self.steps),
+                                  float(self.global_batch)] + [float(c) for c in self.counts])
         ref = rows[0][2:]
         bad = [r for r in range(n) if rows[r][2:] != ref]
         if bad:
@@ -521,12 +573,26 @@ def _sum_allreduce(buf: torch.Tensor, pg, plait_group: bool):
     return dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True)
 
 
+_NEED_GROUP = ("the hook must all-reduce over the DDP model's own process group, which a hook cannot see: pass "
+               "it explicitly (ddp.process_group), or use register_sum_hook(ddp), which does. (An implicit world "
+               "group would sum gradients across unrelated ranks, or hang, when DDP runs on a subgroup.)")
+
+
 class SumHookState:
-    """State of ``sum_allreduce_hook``: the process group (None: DDP's) and an optional ``Balancer`` whose
-    ``measure()`` should stop its clock when the backward hands its last bucket to the all-reduce."""
+    """State of ``sum_allreduce_hook``: the process group to all-reduce over, which must be the DDP model's own
+    (``ddp.process_group``; a ProcessGroup, 1-D DeviceMesh or ``(mesh, dim)``; ``dist.group.WORLD`` when DDP runs
+    on the world), and an optional ``Balancer`` whose ``measure()`` should stop its clock when the backward hands
+    its last bucket to the all-reduce. ``group`` is required: ``None`` raises ``ValueError`` (a hook cannot see
+    DDP's group, and guessing the world group would be wrong for DDP on a subgroup). ``register_sum_hook(ddp)``
+    fills it in from the model."""
 
     def __init__(self, group=None, balancer: Balancer | None = None):
-        self.process_group = None if group is None else resolve_group(group)
+        if group is None:
+            raise ValueError(f"{_PREFIX}: SumHookState: group is None; {_NEED_GROUP}")
+        self.process_group = resolve_group(group)
+        if balancer is not None and not isinstance(balancer, Balancer):
+            raise TypeError(f"{_PREFIX}: SumHookState: balancer must be a Balancer or None, got "
+                            f"{type(balancer).__name__}")
         self.balancer = balancer
         self._plait: dict = {}
 
@@ -537,14 +603,16 @@ def sum_allreduce_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[t
     Use it with a loss normalised by the global sample count (``normalize_loss``): the summed gradients are then
     exactly the full-batch gradient, whatever the per-rank batch sizes. (DDP's built-in hook divides by the world
     size, which is only right when every rank has the same number of samples; see the module docstring.)
-    ``state``: a ``SumHookState``, a ProcessGroup, or None (the world group)."""
+    ``state``: a ``SumHookState`` or the DDP model's ProcessGroup; None raises (see ``SumHookState``)."""
     if isinstance(state, SumHookState):
-        pg = state.process_group if state.process_group is not None else dist.group.WORLD
+        pg = state.process_group
         if state.balancer is not None:
             state.balancer.mark_compute_done()
         cache = state._plait
+    elif state is None:
+        raise ValueError(f"{_PREFIX}: sum_allreduce_hook: state is None; {_NEED_GROUP}")
     else:
-        pg = state if state is not None else dist.group.WORLD
+        pg = state
         cache = {}
     key = id(pg)
     plait_group = cache.get(key)
@@ -562,13 +630,23 @@ sum_allreduce_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket
 
 def register_sum_hook(ddp_model, group=None, balancer: Balancer | None = None) -> SumHookState:
     """``ddp_model.register_comm_hook(SumHookState(group, balancer), sum_allreduce_hook)``; returns the state.
-    ``group`` defaults to the DDP model's process group."""
+    ``group`` defaults to the DDP model's own process group (``ddp_model.process_group``); an explicit group must
+    hold the same ranks, or ``ValueError``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if not isinstance(ddp_model, DDP):
         raise TypeError(f"{_PREFIX}: register_sum_hook needs a DistributedDataParallel model, got "
                         f"{type(ddp_model).__name__}")
-    state = SumHookState(group if group is not None else ddp_model.process_group, balancer)
+    ddp_pg = ddp_model.process_group
+    if group is None:
+        pg = ddp_pg
+    else:
+        pg = resolve_group(group)
+        mine, theirs = dist.get_process_group_ranks(pg), dist.get_process_group_ranks(ddp_pg)
+        if mine != theirs:
+            raise ValueError(f"{_PREFIX}: register_sum_hook: group has global ranks {mine} but the DDP model's "
+                             f"process group has {theirs}; the hook must all-reduce over DDP's group (omit group)")
+    state = SumHookState(pg, balancer)
     ddp_model.register_comm_hook(state, sum_allreduce_hook)
     return state
 
@@ -577,8 +655,10 @@ def allreduce_gradients(module_or_params, group=None, bucket_cap_mb: float = 25.
     """Sum every parameter's ``.grad`` over the group, in place, without dividing by the world size.
 
     ``module_or_params``: an ``nn.Module`` or an iterable of parameters (the same parameters in the same order on
-    every rank). Parameters with ``requires_grad`` take part; a missing ``.grad`` is set to zeros first, so a rank
-    whose share skipped a parameter still joins with the same bucket layout. Gradients are flattened into buckets of
+    every rank). Parameters with ``requires_grad`` take part. A first small all-reduce of a has-gradient mask finds
+    the parameters that some rank has a ``.grad`` for: those that no rank touched are skipped and keep
+    ``.grad = None`` (as in a single-process run, so optimizers with weight decay or momentum leave them alone); a
+    rank missing a gradient that another rank has joins with zeros, so every rank has the same bucket layout. Gradients are flattened into buckets of
     at most ``bucket_cap_mb`` MiB (per dtype and device, in parameter order), all buckets are all-reduced
     asynchronously (on a plait group: ``plait.all_reduce(..., compression="none")``, always exact), then copied back.
     Pair it with a loss normalised by the global sample count (``normalize_loss``)."""
@@ -600,11 +680,26 @@ def allreduce_gradients(module_or_params, group=None, bucket_cap_mb: float = 25.
         raise ValueError(f"{_PREFIX}: allreduce_gradients: bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
     cap = int(bucket_cap_mb * 1024 * 1024)
     for i, p in enumerate(plist):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        elif p.grad.is_sparse:
+        if p.grad is not None and p.grad.is_sparse:
             raise ValueError(f"{_PREFIX}: allreduce_gradients: parameter {i} (shape {tuple(p.shape)}) has a sparse "
                              f"gradient; only dense gradients are supported")
+    plait_group = _is_plait_group(pg)
+    mask = torch.tensor([p.grad is not None for p in plist], dtype=torch.int32)
+    backend = dist.get_backend(pg)
+    if isinstance(backend, str) and backend.lower() == "nccl":
+        mask = mask.to(torch.device("cuda", torch.cuda.current_device()))
+    _sum_allreduce(mask, pg, plait_group).wait()
+    touched = mask.cpu().tolist()
+    kept = []
+    for p, t in zip(plist, touched):
+        if t == 0:
+            continue  # no rank has a gradient for it: leave .grad None everywhere
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        kept.append(p)
+    plist = kept
+    if not plist:
+        return
     # buckets: consecutive parameters with the same dtype and device, up to cap bytes each
     buckets: list[list[torch.Tensor]] = []
     cur, cur_key, cur_bytes = [], None, 0
@@ -620,7 +715,6 @@ def allreduce_gradients(module_or_params, group=None, bucket_cap_mb: float = 25.
         cur_bytes += nb
     if cur:
         buckets.append(cur)
-    plait_group = _is_plait_group(pg)
     pending = []
     for grads in buckets:
         if len(grads) == 1 and grads[0].is_contiguous():
