@@ -72,7 +72,7 @@ def _worker(rank, world, path, a, out):
     step_t0 = [0.0]
     if a.ddp:
         from plait.parallel.balance import SumHookState, sum_allreduce_hook
-        state = SumHookState(None, bal)
+        state = SumHookState(dist.group.WORLD, bal)  # DDP below runs on the world group
 
         def throttled_hook(st, bucket):
             # DDP throttle: before the last bucket (the last gradients computed) goes to the all-reduce
