@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import _harness as H
-from plait.parallel.pipeline import Pipeline, PipelineError, partition, schedule_ops
+from plait.parallel.pipeline import Pipeline, PipelineError, partition, profile_layers, schedule_ops
 
 RTOL = 1e-12
 
@@ -89,6 +89,28 @@ def test_partition_bad_input():
         partition([1, float("nan")], 2)
     with pytest.raises(ValueError, match="num_stages"):
         partition([1, 1], 0)
+    # cost / speed overflows to inf for every split: no finite answer (it used to return [-1, 4])
+    with pytest.raises(ValueError, match="finite slowest-stage time"):
+        partition([1, 1, 1], 2, speeds=[1e-320, 1])
+
+
+def test_profile_layers_leaves_the_model_and_rng_alone():
+    torch.manual_seed(0)
+    act = nn.ReLU()  # one module object listed twice: two layers, both profiled
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), act, nn.Dropout(0.5), nn.Linear(4, 4), act)
+    m[0].weight.grad = torch.full((4, 4), 7.0)
+    x = torch.randn(8, 4)
+    bufs = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(1)
+    expect = torch.rand(5)
+    torch.manual_seed(1)
+    costs = profile_layers(m, x, repeats=2, warmup=1)
+    assert torch.equal(torch.rand(5), expect)  # the global random stream was not consumed (dropout ran)
+    assert len(costs) == 6 and all(c >= 0 for c in costs), costs
+    for k, v in m.state_dict().items():  # running stats and num_batches_tracked restored
+        assert torch.equal(v, bufs[k]), k
+    assert int(m[1].num_batches_tracked) == 0 and m.training
+    assert torch.equal(m[0].weight.grad, torch.full((4, 4), 7.0)) and m[4].weight.grad is None
 
 
 def test_schedule_ops():
@@ -225,12 +247,42 @@ def worker_parity(rank, ws):
             recs.append(_check_pipe(_embed_model, groups[2], tok, lab,
                                     lambda o, t: F.cross_entropy(o, t, reduction="sum"), sched, 3, [2, 3],
                                     reduction="sum"))
+    if dist.get_rank(groups[2]) >= 0:
+        # one activation module object on both stages (named_children() would have dropped its second use), and an
+        # in-place first layer on stage 1 (the received activation must not be an autograd leaf)
+        def dup_model():
+            torch.manual_seed(7)
+            act = nn.Tanh()
+            return nn.Sequential(nn.Linear(5, 12), act, nn.Linear(12, 7), act, nn.Linear(7, 3)).double()
+
+        def inplace_model():
+            torch.manual_seed(8)
+            return nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True),
+                                 nn.Linear(8, 3)).double()
+
+        for sched in ("gpipe", "1f1b"):
+            recs.append(_check_pipe(dup_model, groups[2], x, y, F.mse_loss, sched, 3, [2, 3]))
+            recs.append(_check_pipe(inplace_model, groups[2], x, y, F.mse_loss, sched, 3, [1, 4]))
+    # 1F1B memory: a stage keeps the sends of its in-flight micro-batches only (at most S - s), not all 8
+    pipe = Pipeline(_model(), group=dist.group.WORLD, balance=[2, 3, 2, 2])
+    s = pipe.stage_index
+    most = [0]
+    send = pipe._send
+
+    def counting_send(*a):
+        send(*a)
+        most[0] = max(most[0], len({e[2] for e in pipe._pending if e[2][0] == 1 and e[1].numel() > 0}))
+
+    pipe._send = counting_send
+    xb, yb = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    pipe.step(xb if s == 0 else None, yb if s == 3 else None, loss_fn=F.mse_loss, chunks=8, schedule="1f1b")
+    act_pending = (most[0], 4 - s) if s < 3 else (0, 0)
     # auto balance from measured costs: every rank must agree (checked inside Pipeline) and cover all layers
     pipe = Pipeline(_model(), group=dist.group.WORLD, sample_input=x, profile_repeats=2)
     auto = pipe.balance
     pipe = Pipeline(_model(), group=dist.group.WORLD, speeds=[1, 1, 0.5, 1])
     speeds_bal = pipe.balance
-    return dict(recs=recs, auto=auto, speeds_bal=speeds_bal)
+    return dict(recs=recs, auto=auto, speeds_bal=speeds_bal, act_pending=act_pending)
 
 
 @pytest.mark.timeout(240)
@@ -256,6 +308,8 @@ def test_pipeline_parity_with_unsplit_model():
         # equal layer costs, the third rank half as fast: it gets the fewest layers (bottleneck 3; a tie between
         # [3, 3, 1, 2], [3, 2, 1, 3] and [2, 3, 1, 3] goes to the later stages)
         assert r["speeds_bal"] == [2, 3, 1, 3], r["speeds_bal"]
+        got, bound = r["act_pending"]
+        assert got <= bound, f"rank {rank}: {got} micro-batches' activation sends pending (1F1B bound {bound})"
     # every stage count x schedule x micro-batch count ran (M < S included: chunks 1, 2, 3 at S = 4)
     for S in (1, 2, 3, 4):
         for sched in ("gpipe", "1f1b"):
@@ -342,14 +396,40 @@ def worker_failures(rank, ws):
     else:
         msg = "not involved"
     out["abort_groups"] = dict(msg=msg, s=time.monotonic() - t0)
+    # a bad step argument on one rank (rank 1: reduction="avg") aborts the group: every rank raises at once
+    pipe = Pipeline(_model(), group=dist.new_group(list(range(ws))), balance=[2, 3, 2, 2])
+    t0 = time.monotonic()
+    try:
+        pipe.step(x if rank == 0 else None, y if rank == ws - 1 else None, loss_fn=F.mse_loss, chunks=2,
+                  reduction="avg" if rank == 1 else "mean")
+        msg = "no error"
+    except PipelineError as e:
+        msg = str(e)
+    out["bad_arg"] = dict(msg=msg, s=time.monotonic() - t0)
+
+    # inference: the last stage fails after the others sent everything; they raise too (not return normally)
+    def boom_last():
+        return nn.Sequential(*list(_model()), Boom(at_call=2))
+
+    pipe = Pipeline(boom_last(), group=dist.new_group(list(range(ws))), balance=[2, 3, 2, 3])
+    t0 = time.monotonic()
+    try:
+        pipe(x if rank == 0 else None, chunks=2)
+        msg = "no error"
+    except PipelineError as e:
+        msg = str(e)
+    out["infer"] = dict(msg=msg, s=time.monotonic() - t0)
     # bad construction arguments raise on every rank (and nothing hangs)
     pg = dist.new_group(list(range(ws)))
     msgs = {}
+    tied = nn.Linear(5, 5).double()
     for what, kw in {"more stages than layers": dict(layers=[nn.Linear(2, 2)] * 3),
                      "bad balance": dict(balance=[3, 3, 3, 1]),
                      "disagreeing balance": dict(balance=[2, 2, 2, 3] if rank == 1 else [3, 2, 2, 2]),
                      "zero-layer stage": dict(balance=[0, 3, 3, 3]),
-                     "bad balance on one rank": dict(balance=[2, 2, 2, 2] if rank == 2 else [3, 2, 2, 2])}.items():
+                     "bad balance on one rank": dict(balance=[2, 2, 2, 2] if rank == 2 else [3, 2, 2, 2]),
+                     "tied across stages": dict(layers=[tied, nn.Tanh(), tied, nn.Tanh()]),
+                     "sample_input on one rank": dict(sample_input=x if rank == 0 else None)}.items():
         kw = dict(kw)
         layers = kw.pop("layers", _model())
         try:
@@ -406,8 +486,20 @@ def test_failures_make_every_rank_raise():
             assert "bad balance [2, 2, 2, 2]" in c["bad balance on one rank"], c
         else:
             assert "another rank of the pipeline group has a bad balance" in c["bad balance on one rank"], c
+        assert "parameter 'weight' of layer 0 (stage 0) is also parameter 'weight' of layer 2 (stage 2)" in \
+            c["tied across stages"] and "not supported" in c["tied across stages"], c
+        assert "some ranks of the pipeline group profile" in c["sample_input on one rank"] and \
+            f"stage {rank} (rank {rank})" in c["sample_input on one rank"], c
         assert abs(r["after"] - r["after_ref"]) <= 1e-12 * abs(r["after_ref"]), r
-    for case in ("layer_gpipe", "layer_1f1b", "shape", "sched", "abort_groups"):
+    for case, culprit, text in (("bad_arg", 1, "reduction must be 'mean' or 'sum', got 'avg'"),
+                                ("infer", 3, "layer 9 (Boom())")):
+        recs = [r[case] for r in res]
+        assert all(r["msg"] != "no error" and r["s"] < 10 for r in recs), (case, recs)
+        assert text in recs[culprit]["msg"], recs[culprit]
+        for rank, r in enumerate(recs):
+            if rank != culprit:
+                assert "aborted" in r["msg"], (case, rank, r)
+    for case in ("layer_gpipe", "layer_1f1b", "shape", "sched", "abort_groups", "bad_arg", "infer"):
         print(f"\n{case}:")
         for r in res:
             print(f"  {r[case]['s']:.3f} s  {r[case]['msg']}")

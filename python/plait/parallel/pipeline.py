@@ -35,7 +35,12 @@ Conventions:
 - **Stage boundaries.** ``balance`` (layers per stage) given explicitly, or chosen by :func:`partition` from measured
   per-layer costs (:func:`profile_layers` on ``sample_input``) and optional per-stage ``speeds``. Whatever decides the
   boundaries is checked to agree on every rank of the group at construction (an all-reduce of the balance); a
-  disagreement raises on every rank.
+  disagreement raises on every rank. With ``sample_input``, every rank must profile (or none): one all-reduce of a
+  flag checks it first, and a rank without it (or whose profiling raised) makes every rank raise.
+- **Memory.** Sends whose payload has been delivered are dropped as the step runs (an activation's send at the
+  latest when its gradient comes back), so under 1F1B a stage holds the activations of its in-flight micro-batches
+  only, not of every micro-batch of the step. A stage's received activation is its input without a copy and is not
+  an autograd leaf, so its first layer may work in place (``nn.ReLU(inplace=True)``).
 """
 
 from __future__ import annotations
@@ -160,6 +165,9 @@ def partition(costs, num_stages: int, speeds: Sequence[float] | None = None) -> 
                 if cand < cur:  # strict: the smallest i wins a tie (later stages get more layers)
                     cur, cur_i = cand, i
             best[s][j], arg[s][j] = cur, cur_i
+    if not math.isfinite(best[num_stages - 1][n][0]) or arg[num_stages - 1][n] < 0:
+        raise ValueError(f"{_P}.partition: no split of the {n} layers over {num_stages} stages has a finite slowest-stage "
+                         f"time (costs / speeds overflow: speeds {speeds}); rescale the costs or speeds")
     bounds = [n]
     j = n
     for s in range(num_stages - 1, 0, -1):
@@ -172,7 +180,9 @@ def partition(costs, num_stages: int, speeds: Sequence[float] | None = None) -> 
 
 def _as_layers(layers) -> list[tuple[str, nn.Module]]:
     if isinstance(layers, nn.Sequential):
-        return list(layers.named_children())
+        # _modules, not named_children(): a module object that appears twice (``act = nn.ReLU()`` reused) is two
+        # layers of the model, and named_children() would skip the second occurrence
+        return [(name, m) for name, m in layers._modules.items() if m is not None]
     if isinstance(layers, nn.ModuleList):
         return [(str(i), m) for i, m in enumerate(layers)]
     if isinstance(layers, (list, tuple)):
@@ -192,13 +202,34 @@ def profile_layers(layers, sample_input: torch.Tensor, repeats: int = 3, warmup:
     The layers run in sequence on ``sample_input`` (layer ``l`` gets layer ``l-1``'s output, detached so that each
     layer's backward is timed alone); the backward of the last layer starts from a gradient of ones, each earlier one
     from the input gradient of the layer after it. Layers whose output does not require grad count their forward only.
-    Parameter gradients produced here are cleared (set to ``None``) before returning.
+    The model is left as it was: parameter gradients are restored to what they were before the call, buffers
+    (BatchNorm running statistics, ``num_batches_tracked``) are saved and restored, the global random number
+    generators (CPU, and CUDA on the devices involved) are forked so that dropout here consumes none of the caller's
+    random stream, and the layers run in the training mode they are in (which is not changed).
     """
     named = _as_layers(layers)
     if repeats < 1:
         raise ValueError(f"{_P}.profile_layers: repeats must be >= 1, got {repeats}")
-    params = [p for _, m in named for p in m.parameters()]
+    params = list({id(p): p for _, m in named for p in m.parameters()}.values())
+    buffers = list({id(b): b for _, m in named for b in m.buffers()}.values())
     old_grads = [p.grad for p in params]
+    old_bufs = [b.detach().clone() for b in buffers]
+    for p in params:  # backward would accumulate into (modify) the caller's .grad tensors in place
+        p.grad = None
+    cuda = sorted({t.device.index if t.device.index is not None else torch.cuda.current_device()
+                   for t in [sample_input] + params + buffers if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return _profile(named, sample_input, repeats, warmup)
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers, old_bufs):
+                b.copy_(old)
+        for p, g in zip(params, old_grads):
+            p.grad = g
+
+
+def _profile(named, sample_input, repeats, warmup):
     times = [[] for _ in named]
     for it in range(warmup + repeats):
         x = sample_input
@@ -229,8 +260,6 @@ def profile_layers(layers, sample_input: torch.Tensor, repeats: int = 3, warmup:
         if it >= warmup:
             for li in range(len(named)):
                 times[li].append(fwd[li] + bwd[li])
-    for p, g in zip(params, old_grads):
-        p.grad = g
     return [statistics.median(t) for t in times]
 
 
@@ -309,7 +338,10 @@ class Pipeline(nn.Module):
     Args:
         layers: the full model on every rank: an ``nn.Sequential`` (child names are kept, so this stage's
             ``state_dict`` keys are ``stage.<name>.<param>``, matching the full model's ``<name>.<param>``), an
-            ``nn.ModuleList`` or a list of modules. Each layer takes one tensor and returns one tensor.
+            ``nn.ModuleList`` or a list of modules. Each layer takes one tensor and returns one tensor. A module
+            listed twice (``act = nn.ReLU()`` reused) is two layers. Parameters shared by layers of *different*
+            stages (tied weights across a stage boundary) are not supported: construction raises ``ValueError`` on
+            every rank naming the layers and stages (each stage would get only part of the gradient).
         group: the pipeline group (anything ``resolve_group`` accepts); stage ``s`` is group rank ``s``.
         balance: layers per stage (``len == group size``, each >= 1, summing to the number of layers). Default:
             chosen by :func:`partition`, from measured costs when ``sample_input`` is given (each rank profiles the
@@ -346,12 +378,30 @@ class Pipeline(nn.Module):
         L = len(named)
         where = f"{_P}: stage {s} (rank {self.rank})"
         problem = None
+        # Profiling runs collectives (gather/agree the costs), so every rank must agree first that all of them
+        # profile, and that the profiling worked everywhere: one all-reduce of two flags, on every rank.
+        profiles = balance is None and sample_input is not None and L >= S
+        local, prof_err = None, None
+        if profiles:
+            try:
+                local = profile_layers(_named_to_seq(named), sample_input, repeats=profile_repeats)
+            except Exception as e:
+                prof_err = f"{type(e).__name__}: {e}"
+        t = torch.tensor([int(profiles), -int(profiles), int(prof_err is not None)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+        if int(t[0]) != -int(t[1]):
+            raise ValueError(f"{where}: some ranks of the pipeline group profile layer costs (balance=None with a "
+                             f"sample_input) and others do not (this rank: "
+                             f"{'profiles' if profiles else 'does not profile'}); pass sample_input (and no "
+                             "balance) on every rank, or on none")
+        if int(t[2]):
+            raise ValueError(f"{where}: profiling the layer costs on sample_input failed "
+                             + (f"on this rank: {prof_err}" if prof_err else "on another rank (see its error)"))
         if L < S:
             problem = f"{where}: {L} layers cannot fill {S} stages (each stage needs at least one layer)"
             balance = [0] * S
         elif balance is None:
-            if sample_input is not None:
-                local = profile_layers(_named_to_seq(named), sample_input, repeats=profile_repeats)
+            if profiles:
                 if speeds is None:
                     balance = partition(gather_costs(local, pg), S)
                 else:
@@ -362,6 +412,8 @@ class Pipeline(nn.Module):
         if problem is None and (len(balance) != S or any(b < 1 for b in balance) or sum(balance) != L):
             problem = (f"{where}: bad balance {balance}: need {S} entries (one per stage), each >= 1, summing to "
                        f"the {L} layers")
+        if problem is None:
+            problem = _shared_across_stages(named, balance, where)
         # Every rank must cut the model at the same places. One all-reduce decides, so that a rank with a bad or
         # different balance makes every rank raise (none waits for it in a later collective).
         vec = [1 if problem else 0, L] + (balance if problem is None else [0] * S)
@@ -372,8 +424,8 @@ class Pipeline(nn.Module):
         if problem:
             raise ValueError(problem)
         if hi[0]:
-            raise ValueError(f"{where}: another rank of the pipeline group has a bad balance or too few layers "
-                             "(see its error)")
+            raise ValueError(f"{where}: another rank of the pipeline group has a bad balance, too few layers or "
+                             "parameters shared across stages (see its error)")
         if hi[1] != lo[1]:
             raise ValueError(f"{where}: ranks of the pipeline group have models of different lengths (between "
                              f"{lo[1]} and {hi[1]} layers; this rank {L})")
@@ -393,7 +445,8 @@ class Pipeline(nn.Module):
         self.device = torch.device(device)
         self._step_no = 0
         self._failed: str | None = None
-        self._pending: list = []
+        self._pending: list = []  # (work, payload, (kind, micro-batch)) of isends not yet known to be complete
+        self._anchor = torch.zeros((), requires_grad=True)  # gives _Entry's output a grad_fn (receives no grad)
 
     # -- messages ------------------------------------------------------------------------------------------------
 
@@ -420,11 +473,12 @@ class Pipeline(nn.Module):
         if h.device != payload.device:
             h = h.to(payload.device)
         try:
-            self._pending.append((dist.isend(h, dst, group=self.group), h))
+            self._pending.append((dist.isend(h, dst, group=self.group), h, (kind, mb)))
             if payload.numel():
-                self._pending.append((dist.isend(payload, dst, group=self.group), payload))
+                self._pending.append((dist.isend(payload, dst, group=self.group), payload, (kind, mb)))
         except Exception as e:
             raise _CommFailure(f"sending to {self._peer(dst)}: {e}") from e
+        self._trim_sends()
 
     def _recv(self, src: int, kind: int, mb: int, my_sched: int, meta):
         """Receive one message; ``meta`` is (schedule code, n, batch, rows) or None (learned from this message)."""
@@ -461,13 +515,32 @@ class Pipeline(nn.Module):
                 raise _CommFailure(f"receiving from {peer}: {e}") from e
         return buf, bool(req), (sched, n, batch, rows)
 
-    def _wait_sends(self) -> None:
-        pending, self._pending = self._pending, []
+    def _wait_sends(self, tag=None) -> None:
+        """Wait for the pending sends (all, or those of ``tag`` = (kind, micro-batch)) and drop their payloads."""
+        if tag is None:
+            done, self._pending = self._pending, []
+        else:
+            done = [e for e in self._pending if e[2] == tag]
+            self._pending = [e for e in self._pending if e[2] != tag]
         try:
-            for w, _ in pending:
+            for w, _, _ in done:
                 w.wait()
         except Exception as e:
             raise _CommFailure(f"completing a send: {e}") from e
+
+    def _trim_sends(self) -> None:
+        """Drop the sends that have completed, so their payloads (activations, gradients) are freed during the step
+        rather than held to its end (a completed Work's ``wait`` returns at once, or raises its error)."""
+        keep, done = [], []
+        for e in self._pending:
+            (done if e[0].is_completed() else keep).append(e)
+        if done:
+            self._pending = keep
+            try:
+                for w, _, _ in done:
+                    w.wait()
+            except Exception as e:
+                raise _CommFailure(f"completing a send: {e}") from e
 
     # -- failures ------------------------------------------------------------------------------------------------
 
@@ -500,7 +573,7 @@ class Pipeline(nn.Module):
 
     def _run_stage(self, x: torch.Tensor, mb: int) -> torch.Tensor:
         first_name = next(iter(self.stage._modules))
-        for name, m in self.stage.named_children():
+        for name, m in self.stage._modules.items():  # not named_children(): it skips a module listed twice
             in_f = getattr(m, "in_features", None)
             if isinstance(m, nn.Linear) and isinstance(in_f, int) and (x.dim() == 0 or x.shape[-1] != in_f):
                 if name != first_name:
@@ -549,14 +622,15 @@ class Pipeline(nn.Module):
         Gradients are accumulated into ``.grad`` (as ``loss.backward()`` would); call ``zero_grad`` as usual.
         """
         self._check_usable()
-        if schedule not in ("1f1b", "gpipe"):
-            raise ValueError(f"{_P}: {self._where()}: schedule must be '1f1b' or 'gpipe', got {schedule!r}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"{_P}: {self._where()}: reduction must be 'mean' or 'sum', got {reduction!r}")
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"{_P}: {self._where()}: chunks must be a positive int, got {chunks!r}")
         self._step_no += 1
         try:
+            # a bad argument on one rank fails the step like any other error: the group is aborted so that the peers
+            # (which may have valid arguments and be waiting for this rank) raise too
+            if schedule not in ("1f1b", "gpipe"):
+                raise ValueError(f"schedule must be '1f1b' or 'gpipe', got {schedule!r}")
+            if reduction not in ("mean", "sum"):
+                raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+            _check_chunks(chunks)
             return self._step(inputs, target, loss_fn, chunks, _SCHEDULES[schedule], reduction)
         except Exception as e:
             self._fail(e)
@@ -590,20 +664,26 @@ class Pipeline(nn.Module):
                 if state["meta"] is None:
                     state["meta"] = m
                 rows = m[3]
-                if req:
-                    x.requires_grad_(True)
             state["sizes"][i] = rows
+            gx = None
+            if not first and req:
+                # The received activation enters autograd through _Entry, which makes the buffer itself a non-leaf
+                # (no copy) so a first layer that works in place (nn.ReLU(inplace=True)) is allowed; its gradient
+                # is caught in gx for the send back to the previous stage.
+                gx = []
+                x = _Entry.apply(self._anchor, x, gx)
             y = self._run_stage(x, i)
             if last:
                 loss = self._micro_loss(y, i, loss_fn, target, state, reduction)
-                saved[i] = (x, loss)
+                saved[i] = (x, gx, loss)
             else:
                 mm = state["meta"]
                 self._send(y, self.next_rank, _ACT, i, (mm[0], mm[1], mm[2], rows))
-                saved[i] = (x, y)
+                saved[i] = (x, gx, y)
 
         def backward(i):
-            x, y = saved.pop(i)
+            self._trim_sends()
+            x, gx, y = saved.pop(i)
             if last:
                 if y.requires_grad:
                     self._backward(y, None, i)
@@ -615,11 +695,15 @@ class Pipeline(nn.Module):
                             f"{_P}: {self._where()}: {self._peer(self.next_rank)} sent a gradient of shape "
                             f"{_fmt_shape(g.shape)} ({g.dtype}) for this stage's output of shape "
                             f"{_fmt_shape(y.shape)} ({y.dtype}) on micro-batch {i}")
+                    # the next stage received this micro-batch's activation before it sent the gradient: the
+                    # activation's send is done, drop it (memory: 1F1B holds only in-flight micro-batches)
+                    self._wait_sends((_ACT, i))
                     self._backward(y, g, i)
-            if not first and x.requires_grad:
-                gx = x.grad if x.grad is not None else torch.zeros_like(x)
+            if gx is not None:
+                g_in = gx[0] if gx else torch.zeros_like(x)
+                del x, y
                 mm = state["meta"]
-                self._send(gx, self.prev_rank, _GRAD, i, (mm[0], mm[1], mm[2], state["sizes"][i]))
+                self._send(g_in, self.prev_rank, _GRAD, i, (mm[0], mm[1], mm[2], state["sizes"][i]))
 
         # Every stage's schedule starts with forward(0); the stages after the first learn the micro-batch count
         # from stage 0's first message, so they run it before they know the rest of the schedule.
@@ -693,10 +777,9 @@ class Pipeline(nn.Module):
         on the other stages.
         """
         self._check_usable()
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"{_P}: {self._where()}: chunks must be a positive int, got {chunks!r}")
         self._step_no += 1
         try:
+            _check_chunks(chunks)  # a bad argument aborts the group like any failure (see step)
             with torch.no_grad():
                 return self._forward(inputs, chunks)
         except Exception as e:
@@ -732,6 +815,14 @@ class Pipeline(nn.Module):
                 self._send(y, self.next_rank, _ACT, i, (meta[0], meta[1], meta[2], rows))
             i += 1
         self._wait_sends()
+        if S > 1:
+            # the same closing collective as step: a stage that failed (the last one, say, after the others sent
+            # everything) aborted the group, so every rank raises instead of returning normally
+            ok = torch.ones((), dtype=torch.float64)
+            try:
+                dist.broadcast(ok, src=global_rank(self.group, S - 1), group=self.group)
+            except Exception as e:
+                raise _CommFailure(f"in the closing broadcast from the last stage: {e}") from e
         return torch.cat(outs) if s == S - 1 else None
 
 
@@ -751,6 +842,54 @@ def schedule_ops(schedule: str, num_stages: int, stage: int, n: int) -> list[tup
         ops += [("F", warm + k), ("B", k)]
     ops += [("B", k) for k in range(n - warm, n)]
     return ops
+
+
+class _Entry(torch.autograd.Function):
+    """Identity on a received activation ``buf`` that turns the buffer itself into a non-leaf (``mark_dirty``, no
+    copy) and records the gradient that reaches it in ``holder``."""
+
+    @staticmethod
+    def forward(ctx, anchor, buf, holder):
+        ctx.holder = holder
+        ctx.mark_dirty(buf)
+        return buf
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.holder.append(g)
+        return None, None, None
+
+
+def _check_chunks(chunks) -> None:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+
+
+def _shared_across_stages(named, balance, where) -> str | None:
+    """A message if a parameter (by identity) is used by layers of two different stages, else None.
+
+    Every rank holds the full model, so every rank finds the same sharing and raises (tied weights across stages,
+    e.g. an embedding tied to the output projection on another stage, are not supported: each stage would
+    accumulate only its own part of the gradient)."""
+    owner: dict[int, tuple[int, str, str]] = {}
+    bounds, k = [], 0
+    for b in balance:
+        bounds.append((k, k + b))
+        k += b
+    found = []
+    for st, (lo, hi) in enumerate(bounds):
+        for name, m in named[lo:hi]:
+            for pname, p in m.named_parameters():
+                prev = owner.setdefault(id(p), (st, name, pname))
+                if prev[0] != st:
+                    found.append(f"parameter {prev[2]!r} of layer {prev[1]} (stage {prev[0]}) is also parameter "
+                                 f"{pname!r} of layer {name} (stage {st})")
+    if not found:
+        return None
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return (f"{where}: parameters are shared across pipeline stages with balance {balance}: "
+            + "; ".join(found[:3]) + more + ". Tied weights across stages are not supported (each stage would get "
+            "only part of the gradient); keep the layers that share parameters on one stage (choose balance)")
 
 
 def _named_to_seq(named: list[tuple[str, nn.Module]]) -> nn.Sequential:
