@@ -8,7 +8,12 @@ layer as shipped (the all-reduce is started, the weight gradient computed, then 
 ``dist.all_reduce`` for one that completes before returning, so nothing overlaps. Alternating rounds, median of 20
 backward passes each.
 """
-import plait
+import os, statistics, time
+
+import torch
+import torch.distributed as dist
+
+import plait  # noqa: F401  (registers the backend)
 from plait.parallel import ColumnParallelLinear
 torch.set_num_threads(1)
 dist.init_process_group(os.environ.get("BK", "plait"))
