@@ -33,8 +33,6 @@ step by the caller.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -114,7 +112,7 @@ def _copy_param(p: torch.Tensor, pg, size: int) -> torch.Tensor:
     return p if size == 1 else M._CopyToRegion.apply(p, pg)
 
 
-def _dense_linear(in_features, out_features, bias, device, dtype):
+def _dense_linear(in_features, out_features, bias, dtype):
     # Built on the CPU with the current RNG exactly as nn.Linear builds it (same draws, same order).
     return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
 
@@ -126,8 +124,16 @@ class _TPBase(nn.Module):
         self.tp_size = dist.get_world_size(self._pg)
         self.tp_rank = dist.get_rank(self._pg)
 
-    def _name(self) -> str:
-        return type(self).__name__
+    @classmethod
+    def _from_dense_linear(cls, module, group, mode_flag: bool, sequence_parallel: bool, shard_unit: int):
+        """Shard ``module`` (an ``nn.Linear`` holding the same full weight on every rank of ``group``)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_dense: expected nn.Linear, got {type(module).__name__}")
+        layer = cls(module.in_features, module.out_features, module.bias is not None, group, mode_flag,
+                    sequence_parallel, shard_unit=shard_unit, device=module.weight.device,
+                    dtype=module.weight.dtype, _init=False)
+        layer._load_full(module)
+        return layer
 
 
 class ColumnParallelLinear(_TPBase):
@@ -146,7 +152,7 @@ class ColumnParallelLinear(_TPBase):
         self.weight = nn.Parameter(torch.empty(self.out_local, in_features, device=dev, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.out_local, device=dev, dtype=dtype)) if bias else None
         if _init:
-            self._load_full(_dense_linear(in_features, out_features, bias, device, dtype))
+            self._load_full(_dense_linear(in_features, out_features, bias, dtype))
 
     def _desc(self) -> str:
         return f"ColumnParallelLinear({self.in_features}, {self.out_features})"
@@ -161,13 +167,7 @@ class ColumnParallelLinear(_TPBase):
     def from_dense(cls, module: nn.Linear, group=None, gather_output: bool = False, sequence_parallel: bool = False,
                    *, shard_unit: int = 1) -> "ColumnParallelLinear":
         """Shard ``module`` (an ``nn.Linear`` holding the same full weight on every rank of ``group``)."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"ColumnParallelLinear.from_dense: expected nn.Linear, got {type(module).__name__}")
-        layer = cls(module.in_features, module.out_features, module.bias is not None, group, gather_output,
-                    sequence_parallel, shard_unit=shard_unit, device=module.weight.device,
-                    dtype=module.weight.dtype, _init=False)
-        layer._load_full(module)
-        return layer
+        return cls._from_dense_linear(module, group, gather_output, sequence_parallel, shard_unit)
 
     def to_dense(self) -> nn.Linear:
         """The full ``nn.Linear`` (gathered on every rank of the group)."""
@@ -246,7 +246,7 @@ class RowParallelLinear(_TPBase):
             # already summed over the group in backward (an all-reduce of it by the caller would count it tp times).
             self.bias.tp_grad_summed = True
         if _init:
-            self._load_full(_dense_linear(in_features, out_features, bias, device, dtype))
+            self._load_full(_dense_linear(in_features, out_features, bias, dtype))
 
     def _desc(self) -> str:
         return f"RowParallelLinear({self.in_features}, {self.out_features})"
@@ -261,13 +261,7 @@ class RowParallelLinear(_TPBase):
     def from_dense(cls, module: nn.Linear, group=None, input_is_parallel: bool = True,
                    sequence_parallel: bool = False, *, shard_unit: int = 1) -> "RowParallelLinear":
         """Shard ``module`` (an ``nn.Linear`` holding the same full weight on every rank of ``group``)."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"RowParallelLinear.from_dense: expected nn.Linear, got {type(module).__name__}")
-        layer = cls(module.in_features, module.out_features, module.bias is not None, group, input_is_parallel,
-                    sequence_parallel, shard_unit=shard_unit, device=module.weight.device,
-                    dtype=module.weight.dtype, _init=False)
-        layer._load_full(module)
-        return layer
+        return cls._from_dense_linear(module, group, input_is_parallel, sequence_parallel, shard_unit)
 
     def to_dense(self) -> nn.Linear:
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

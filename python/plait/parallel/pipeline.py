@@ -522,6 +522,10 @@ class Pipeline(nn.Module):
         else:
             done = [e for e in self._pending if e[2] == tag]
             self._pending = [e for e in self._pending if e[2] != tag]
+        self._complete(done)
+
+    @staticmethod
+    def _complete(done) -> None:
         try:
             for w, _, _ in done:
                 w.wait()
@@ -536,11 +540,7 @@ class Pipeline(nn.Module):
             (done if e[0].is_completed() else keep).append(e)
         if done:
             self._pending = keep
-            try:
-                for w, _, _ in done:
-                    w.wait()
-            except Exception as e:
-                raise _CommFailure(f"completing a send: {e}") from e
+            self._complete(done)
 
     # -- failures ------------------------------------------------------------------------------------------------
 
