@@ -73,25 +73,33 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
 }
 
 void Comm::setDevice(int device, void* stream) {
-  if (!dev_ && !viaHost_) {
-    std::unique_ptr<DeviceOps> ops;
-    if (knobs().device == "emulate") {
-      ops = makeEmulatedDeviceOps(timeout());
-    } else {
+  if (!dev_ && !hostOps_) {
+    const bool oneHost = deviceSupported();
+    const std::string& mode = knobs().hostPath;
+    auto make = [&](double pcieGBps) {
+      if (knobs().device == "emulate") return makeEmulatedDeviceOps(timeout(), pcieGBps);
       std::string why;
-      ops = makeCudaDeviceOps(&why);
+      auto ops = makeCudaDeviceOps(&why);
       PLAIT_CHECK(ops, "plait: rank ", rank_, ": CUDA device collectives are unavailable: ", why);
+      return ops;
+    };
+    if (oneHost && mode != "force") {
+      auto ops = make(0);
+      ops->bind(device, stream);  // the engine's setup already allocates and maps on this device
+      dev_ = std::make_unique<DeviceEngine>(rank_, size_, [this] { checkDevicePeers(); }, *store_, prefix_,
+                                            std::move(ops), knobs().deviceBufferBytes);
     }
-    ops->bind(device, stream);  // the engine's setup already allocates and maps on this device
-    if (deviceSupported())
-      dev_ = std::make_unique<DeviceEngine>(rank_, size_, [this] { checkDevicePeers(); }, *store_, prefix_, std::move(ops),
-                                            knobs().deviceBufferBytes);
-    else
-      viaHost_ = std::move(ops);
+    if (!oneHost || mode != "off") {
+      hostOps_ = make(knobs().emuPcieGBps);
+      hostOps_->setPoll([this] { checkDevicePeers(); });
+    }
+    stage_ = dev_ ? Stage::kDevice : oneHost ? Stage::kHostShared : Stage::kHostPrivate;
   }
   hasDev_ = dev_ != nullptr;
-  (dev_ ? dev_->ops() : *viaHost_).bind(device, stream);
+  if (dev_) dev_->ops().bind(device, stream);
+  if (hostOps_) hostOps_->bind(device, stream);
   devActive_ = true;
+  eng_ = dev_.get();
   topo_.device = dev_ != nullptr;
 }
 
@@ -107,6 +115,7 @@ void Comm::checkDeviceErrors() {
   // The device flags a transfer whose size disagrees (it cannot throw); the host sees the flag once the device has
   // run that far: at once with the emulation, at a later call on a GPU.
   int bad = dev_ ? dev_->sizeMismatchPeer() : -1;
+  if (bad < 0 && hostEng_) bad = hostEng_->sizeMismatchPeer();
   if (bad >= 0)
     fail(cat("plait: rank ", rank_, ": a device collective received from peer rank ", bad,
              " a different number of bytes than this rank expected (the ranks called different collectives or "
@@ -122,6 +131,7 @@ void Comm::checkDevicePeers() {
   }
   // Liveness locks (transport/shm.h), not process ids: one fcntl per peer, valid across PID namespaces.
   int gone = dev_ ? dev_->gonePeer() : -1;
+  if (gone < 0 && hostEng_) gone = hostEng_->gonePeer();
   for (int p = 0; p < size_ && gone < 0; ++p)
     if (p != rank_ && shm_ && channels_[p] && channels_[p]->kind() == TransportKind::kShm && shm_->peerGone(p))
       gone = p;
@@ -129,18 +139,20 @@ void Comm::checkDevicePeers() {
 }
 
 std::string Comm::deviceEngineName() const {
-  return dev_ ? dev_->name() : viaHost_ ? cat(viaHost_->name(), " via host") : "";
+  if (dev_) return dev_->name();
+  if (!hostOps_) return "";
+  return cat(hostOps_->name(), stage_ == Stage::kHostShared ? " host path" : " via host");
 }
 
 void Comm::localCopy(void* dst, const void* src, size_t bytes) {
-  if (devActive_ && dev_) dev_->copy(dst, src, bytes);
-  else if (devActive_) viaHost_->copy(dst, src, bytes);
+  if (devActive_ && eng_) eng_->copy(dst, src, bytes);
+  else if (devActive_) hostOps_->copy(dst, src, bytes);
   else if (bytes && dst != src) std::memmove(dst, src, bytes);
 }
 
 void Comm::localReduce(RedOp op, DType dtype, void* dst, const void* a, const void* b, size_t count) {
-  if (devActive_ && dev_) dev_->reduce(op, dtype, dst, a, b, count);
-  else if (devActive_) viaHost_->reduce(op, dtype, dst, a, b, count);
+  if (devActive_ && eng_) eng_->reduce(op, dtype, dst, a, b, count);
+  else if (devActive_) hostOps_->reduce(op, dtype, dst, a, b, count);
   else plait::reduce(op, dtype, dst, a, b, count, reduceThreads());
 }
 
@@ -153,34 +165,129 @@ struct StagedScope {
 };
 }  // namespace
 
+void Comm::withStage(Stage s, const std::function<void()>& body) {
+  PLAIT_CHECK(s == stage_ || (s == Stage::kHostShared && hostPathBeside()) || (s == Stage::kDevice && dev_),
+              "plait: internal: staging ", int(s), " unavailable");
+  struct Restore {
+    Comm& c;
+    Stage s;
+    ~Restore() { c.stage_ = s; }
+  } r{*this, stage_};
+  stage_ = s;
+  body();
+}
+
 char* Comm::stageBuf(size_t need) {
-  if (dev_) {
-    dev_->reserve(need);
-    return dev_->staging();
+  switch (stage_) {
+    case Stage::kDevice:
+      dev_->reserve(need);
+      return dev_->staging();
+    case Stage::kHostShared:
+      if (!hostEng_) {
+        // Created at the first use, which every local rank reaches at the same call (the decision is agreed): the
+        // engine's setup exchanges flag segments. Its staging is allocated by the CPU operations and pinned once
+        // per growth with the device's (hostOps_).
+        auto cpu = makeEmulatedDeviceOps(timeout(), 0, knobs().device == "emulate" ? nullptr : hostOps_.get());
+        hostEng_ = std::make_unique<DeviceEngine>(rank_, size_, [this] { checkDevicePeers(); }, *store_,
+                                                  prefix_ + "hp/", std::move(cpu), need);
+      }
+      if (need > hostEng_->capacity()) hostOps_->synchronize();  // copies may still use the old buffer
+      hostEng_->reserve(need);
+      return hostEng_->staging();
+    case Stage::kHostPrivate:
+      break;
   }
   if (need > hostStageBytes_) {
-    viaHost_->synchronize();  // copies out of the old buffer may still be in flight
-    if (hostStage_) viaHost_->releaseHost(hostStage_);
+    hostOps_->synchronize();  // copies out of the old buffer may still be in flight
+    if (hostStage_) hostOps_->releaseHost(hostStage_);
     hostStage_ = nullptr;
     hostStageBytes_ = 0;
-    hostStage_ = static_cast<char*>(viaHost_->allocHost(std::max<size_t>(need, 4096)));
+    hostStage_ = static_cast<char*>(hostOps_->allocHost(std::max<size_t>(need, 4096)));
     hostStageBytes_ = std::max<size_t>(need, 4096);
   }
   return hostStage_;
 }
 
-size_t Comm::stageSlice() const { return dev_ ? dev_->capacity() : std::numeric_limits<size_t>::max(); }
+size_t Comm::stageSlice() const {
+  switch (stage_) {
+    case Stage::kDevice: return dev_->capacity();
+    case Stage::kHostShared: return std::max(knobs().deviceBufferBytes, knobs().hostChunkBytes);
+    case Stage::kHostPrivate: break;
+  }
+  return std::numeric_limits<size_t>::max();
+}
 
-void Comm::runStaged(const std::function<void()>& body) {
-  if (dev_) {
+uint64_t Comm::stageIn(void* dst, const void* src, size_t bytes) {
+  if (stage_ == Stage::kDevice) {
+    dev_->copy(dst, src, bytes);
+    return 0;
+  }
+  if (!forked_) {
+    hostOps_->fork();
+    forked_ = true;
+  }
+  // Peers may still be reading this part of the shared staging (the CPU engine's pulls of an earlier chunk).
+  if (stage_ == Stage::kHostShared) hostEng_->awaitReaders(dst, bytes);
+  downloaded_ = true;
+  return lastIn_ = hostOps_->download(dst, src, bytes);
+}
+
+void Comm::stageOut(void* dst, const void* src, size_t bytes) {
+  if (stage_ == Stage::kDevice) return dev_->copy(dst, src, bytes);
+  if (!forked_) {
+    hostOps_->fork();
+    forked_ = true;
+  }
+  hostOps_->upload(dst, src, bytes);
+}
+
+void Comm::stageFence() {
+  if (stage_ != Stage::kDevice && forked_) hostOps_->fence();
+}
+
+void Comm::stageWaitUploads() {
+  if (stage_ != Stage::kDevice) hostOps_->waitUploads();
+}
+
+void Comm::stageDone() {
+  downloaded_ = false;
+  if (hostOps_ && forked_) {
+    forked_ = false;
+    hostOps_->join();
+  }
+}
+
+void Comm::runStaged(const std::function<void()>& body, uint64_t ticket) {
+  if (stage_ == Stage::kDevice) {
     StagedScope s(devStaged_);
     body();
     return;
   }
-  viaHost_->synchronize();  // the copies in have landed in host memory
-  runOnHost(body);
+  if (ticket != ~uint64_t(0)) hostOps_->waitDownload(ticket);
+  else if (downloaded_) hostOps_->waitDownload(lastIn_);
+  else hostOps_->waitUploads();  // nothing came in: the body may write staging that uploads still read
+  if (stage_ == Stage::kHostPrivate) return runOnHost(body);
+  // The CPU engine: the same device-mode verbs, executed by the host over the shared staging.
+  struct EngineScope {
+    Comm& c;
+    DeviceEngine* was;
+    ~EngineScope() { c.eng_ = was; }
+  } e{*this, eng_};
+  eng_ = hostEng_.get();
+  StagedScope s(devStaged_);
+  body();
 }
 
+
+DeviceOps& Comm::deviceOps() {
+  PLAIT_CHECK(dev_, "plait: internal: no device engine");
+  return dev_->ops();
+}
+
+void Comm::syncDevice() {
+  if (dev_) dev_->ops().synchronize();
+  if (hostOps_) hostOps_->synchronize();
+}
 
 void Comm::runOnHost(const std::function<void()>& body) {
   // Leaves device mode for the duration of the call and comes back to it whatever way the call ends.
@@ -200,18 +307,20 @@ void Comm::runOnHost(const std::function<void()>& body) {
 }
 
 void Comm::setStageScratchBase(size_t off) {
-  if (dev_) dev_->setScratchBase(off);
+  if (stage_ == Stage::kDevice) dev_->setScratchBase(off);
+  else if (stage_ == Stage::kHostShared && hostEng_) hostEng_->setScratchBase(off);
 }
 
 Comm::~Comm() {
   if (wakeFd_ >= 0) close(wakeFd_);
   dev_.reset();
-  if (viaHost_) {
+  if (hostOps_) {
     try {
-      viaHost_->synchronize();
+      hostOps_->synchronize();
     } catch (...) {
     }
-    if (hostStage_) viaHost_->releaseHost(hostStage_);
+    hostEng_.reset();  // unpins its staging with hostOps_
+    if (hostStage_) hostOps_->releaseHost(hostStage_);
   }
   if (knobs().debug >= 2)
     logInfo(cat("rank ", rank_, " stats: ", stats_.collectives, " collectives, ", stats_.spinsIdle, " idle spins, ",
@@ -320,6 +429,7 @@ void Comm::fail(const std::string& what, bool secondHand) {
   pending_ = pendingColl_ = 0;
   if (tcp_) tcp_->abortAll();
   if (dev_) dev_->releaseWaits();
+  if (hostEng_) hostEng_->releaseWaits();
   // Callbacks must not throw (the torch layer's do not); one that does cannot stop the others from being told.
   for (auto& d : toNotify) try {
       d(&msg);

@@ -29,6 +29,23 @@ namespace plait {
 class DeviceEngine;
 class DeviceOps;
 
+// The host path beside the device engine (one host, device tensors): rates measured once per group
+// (Comm::hostSplit), identical on every rank. Rates are of the buffer (algorithm bandwidth), in GB/s.
+struct HostPathRates {
+  bool measured = false;
+  double pcieGBps = 0;    // per direction, downloads and uploads at once
+  double sumGBps = 0;     // the CPU's all-reduce of the shared page-locked staging among the local ranks
+  double deviceGBps = 0;  // the device engine's all-reduce
+  double pathGBps = 0;    // the host path end to end (pipelined), when measured: bounds min(pcie, sum) (0: unknown)
+  double hostCallUs = 0, deviceCallUs = 0;  // each path's fixed cost per call
+};
+// The planner's answer (algo/cost_model.h, planHostSplit).
+struct HostSplit {
+  double share = 0;  // of the buffer, through the host path
+  double predictedUs = 0, deviceOnlyUs = 0, hostOnlyUs = 0;
+  std::string why;
+};
+
 class Comm {
  public:
   Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts);
@@ -59,7 +76,9 @@ class Comm {
   // Every rank is on this host (the same answer on every rank): device collectives run over the device engine.
   // Otherwise they stage through page-locked host memory and run on the host engine (the host waits for the copies).
   bool deviceSupported() const { return topo_.nhosts == 1; }
-  // "cuda" / "emulated" (device engine), "cuda via host" / "emulated via host", or "" before the first device call.
+  // "cuda" / "emulated" (device engine, maybe with the host path beside it), "cuda host path" / "emulated host path"
+  // (one host, PLAIT_HOST_PATH=force), "cuda via host" / "emulated via host" (several hosts), or "" before the first
+  // device call.
   std::string deviceEngineName() const;
   // Throws (telling the peers) if a peer failed or its process is gone: for hosts that wait on device flags, and
   // for the backend's watchdog while device work may be waiting on a peer (a failure releases the waits).
@@ -98,14 +117,49 @@ class Comm {
   // ---- device staging (algo/device_collectives.cc copies each device collective through it) ----
   // True when a collective should take the staged device path (device mode, not yet inside a staged call).
   bool stageOnDevice() const { return devActive_ && !devStaged_; }
-  // The staging buffer a device collective copies through: the device engine's (`need` must be the same on every
-  // rank: it may grow, collectively) or the page-locked host buffer (grows locally).
+  // Where a device collective's buffers are staged:
+  //   kDevice: the device engine's staging buffer (device memory local peers map); the schedule runs on the stream.
+  //   kHostShared (the host path on one host): page-locked host memory every local rank maps, the staging buffer of a
+  //     second DeviceEngine whose operations are the CPU's; buffers are downloaded into it on a copy stream, the
+  //     host runs the schedule there (reading and summing peers' staging directly, in the schedule's fixed order),
+  //     and the result is uploaded on another copy stream.
+  //   kHostPrivate (groups that span hosts): private page-locked memory; the host engine runs the schedule (shared
+  //     memory inside a host, TCP between hosts) between the downloads and the uploads.
+  enum class Stage : uint8_t { kDevice, kHostShared, kHostPrivate };
+  Stage stage() const { return stage_; }
+  // kHostShared can be used beside the device engine (one host, PLAIT_HOST_PATH not off).
+  bool hostPathBeside() const { return dev_ != nullptr && hostOps_ != nullptr; }
+  // Runs body with the staging switched to `s` (the host share of a split collective), restoring it however it ends.
+  void withStage(Stage s, const std::function<void()>& body);
+  // The staging buffer a device collective copies through: kDevice and kHostShared grow collectively (`need` must
+  // be the same on every rank), kHostPrivate locally. Host stages wait for the copies still using the old buffer.
   char* stageBuf(size_t need);
   size_t stageSlice() const;  // bytes an element-wise collective handles per pass
-  // Scratch for the schedule starts this far into the device engine's staging buffer (no-op via host).
+  bool stageGrowsCollectively() const { return stage_ != Stage::kHostPrivate; }
+  // Scratch for the schedule starts this far into the staging buffer (no-op for kHostPrivate).
   void setStageScratchBase(size_t off);
-  // Runs a collective's body on the staged pointers: on the device engine, or on the host after the copies in.
-  void runStaged(const std::function<void()>& body);
+  // User memory -> staging (a stream-ordered copy, or a download on the host path's copy stream) and back (a copy,
+  // or an upload). stageIn returns the download's ticket (0 on the device engine).
+  uint64_t stageIn(void* dst, const void* src, size_t bytes);
+  void stageOut(void* dst, const void* src, size_t bytes);
+  // Host stages: the next downloads may overwrite staging memory that uploads enqueued so far read.
+  void stageFence();
+  // Host stages: the host waits for the uploads so far (before it writes staging memory without a download first).
+  void stageWaitUploads();
+  // Runs a collective's body on the staged pointers: on the device engine's stream, or on the host once the
+  // downloads up to `ticket` (default: all so far) have landed, over the shared staging's engine or the host engine.
+  void runStaged(const std::function<void()>& body, uint64_t ticket = ~uint64_t(0));
+  // End of a device collective: the bound stream waits for the host path's uploads (the host does not).
+  void stageDone();
+  // The device engine's operations (needs hostPathBeside() or a device engine), and a host wait for everything the
+  // device engine's stream and the host path's copy streams have been given (measurements only).
+  DeviceOps& deviceOps();
+  void syncDevice();
+  // The host path's rates, measured once per group by the algorithms (coll::hostSplitFor), identical on every rank.
+  const HostPathRates& hostRates() const { return hostRates_; }
+  void setHostRates(const HostPathRates& r) { hostRates_ = r; }
+  bool measuringHostPath() const { return measuring_; }
+  void setMeasuringHostPath(bool m) { measuring_ = m; }
   // Runs body on the host engine in the middle of a device collective, returning to device mode however it ends.
   void runOnHost(const std::function<void()>& body);
 
@@ -280,9 +334,17 @@ class Comm {
   std::atomic<bool> abortRequested_{false};
   std::mutex abortMu_;
   std::string abortWhy_;
-  std::unique_ptr<DeviceEngine> dev_;    // one host: the device engine
-  std::unique_ptr<DeviceOps> viaHost_;  // several hosts: device buffers staged through host memory
-  char* hostStage_ = nullptr;
+  std::unique_ptr<DeviceEngine> dev_;      // one host: the device engine
+  std::unique_ptr<DeviceOps> hostOps_;     // the host path's downloads and uploads (both stages through host memory)
+  std::unique_ptr<DeviceEngine> hostEng_;  // kHostShared: the CPU engine over staging shared by the local ranks
+  DeviceEngine* eng_ = nullptr;            // the engine device-mode verbs go to: dev_, or hostEng_ (kHostShared)
+  Stage stage_ = Stage::kDevice;
+  uint64_t lastIn_ = 0;                    // the last download's ticket
+  bool forked_ = false;                    // the copy streams have waited for the bound stream in this collective
+  bool downloaded_ = false;                // this collective downloaded something (lastIn_ is its)
+  HostPathRates hostRates_;
+  bool measuring_ = false;
+  char* hostStage_ = nullptr;              // kHostPrivate's staging
   size_t hostStageBytes_ = 0;
   std::atomic<bool> hasDev_{false};
   bool devActive_ = false;

@@ -81,6 +81,19 @@ const Knobs& knobs() {
     k.deviceBufferBytes = envSize("PLAIT_DEVICE_BUFFER_BYTES", size_t(64) << 20);
     k.compression = envStr("PLAIT_COMPRESSION", "none");
     k.compressionBlock = envSize("PLAIT_COMPRESSION_BLOCK", 0);
+    k.hostPath = envStr("PLAIT_HOST_PATH", "auto");
+    if (k.hostPath != "auto" && k.hostPath != "off" && k.hostPath != "force")
+      throw Error(cat("plait: PLAIT_HOST_PATH=", k.hostPath, " is not one of off, auto, force"));
+    {
+      std::string v = envStr("PLAIT_HOST_SHARE", "");
+      char* end = nullptr;
+      k.hostShare = v.empty() ? -1 : std::strtod(v.c_str(), &end);
+      if (!v.empty() && (end == v.c_str() || *end || !(k.hostShare >= 0 && k.hostShare <= 1)))
+        throw Error(cat("plait: PLAIT_HOST_SHARE=", v, " is not a number from 0 to 1"));
+    }
+    k.hostChunkBytes = std::max<size_t>(4096, envSize("PLAIT_HOST_CHUNK_BYTES", size_t(4) << 20));
+    k.emuPcieGBps = std::strtod(envStr("PLAIT_EMU_PCIE_GBPS", "0").c_str(), nullptr);
+    if (!(k.emuPcieGBps >= 0)) throw Error("plait: PLAIT_EMU_PCIE_GBPS must be >= 0");
     k.kernels = envStr("PLAIT_KERNELS", "auto");
     if (k.kernels != "auto" && k.kernels != "scalar")
       throw Error(cat("plait: PLAIT_KERNELS=", k.kernels, " is not one of auto, scalar"));

@@ -71,6 +71,10 @@ struct Knobs {
   int64_t testDialDelayMs; // PLAIT_TEST_DIAL_DELAY_MS: tests only: wait this long before dialing TCP peers
   std::string device;      // PLAIT_DEVICE: auto (CUDA tensors use CUDA) | emulate (tests: CPU tensors run the device engine)
   size_t deviceBufferBytes;  // PLAIT_DEVICE_BUFFER_BYTES: initial staging buffer per rank for device collectives
+  std::string hostPath;    // PLAIT_HOST_PATH: off|auto|force: the host path for device tensors on one host
+  double hostShare;        // PLAIT_HOST_SHARE: fixed share of an element-wise collective on the host path (-1: plan)
+  size_t hostChunkBytes;   // PLAIT_HOST_CHUNK_BYTES: the host path's pipelining chunk
+  double emuPcieGBps;      // PLAIT_EMU_PCIE_GBPS: emulated device only: model the host path's link (0: copies at once)
   std::string kernels;     // PLAIT_KERNELS: auto (AVX2/F16C when the CPU has them) | scalar (force the portable kernels)
   std::string compression;  // PLAIT_COMPRESSION: none|auto|int8|int4|fp8|bf16 (all-reduce on the wire)
   size_t compressionBlock;  // PLAIT_COMPRESSION_BLOCK: values per codec block (0: the codec's default)

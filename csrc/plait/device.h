@@ -59,6 +59,13 @@ class DeviceEngine {
   // user memory.
   void copy(void* dst, const void* src, size_t bytes);
   void reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t count);
+  // Before something other than this engine writes [dst, dst + bytes) of the staging buffer (the host path's
+  // downloads): everything recorded is enqueued, and the stream waits until peers have read what they were shown
+  // there (on the CPU engine the host itself waits).
+  void awaitReaders(const void* dst, size_t bytes) {
+    flush();
+    beforeWrite(dst, bytes);
+  }
 
   // The first size disagreement a receive found (the peer's rank), or -1; reading it does not wait for the device.
   int sizeMismatchPeer() const;

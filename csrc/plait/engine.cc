@@ -36,7 +36,7 @@ void Comm::begin(const CollCtx& ctx) {
   if (!failure_.empty())
     throw Error(cat("plait: rank ", rank_, ": the process group is unusable after an earlier error: ", failure_));
   PLAIT_CHECK(pendingColl_ == 0, "plait: internal: a collective began with transfers still pending");
-  if (dev_) {
+  if (dev_ || hostEng_) {
     checkDeviceErrors();
     // Device work never makes the host wait, so this is where a dead peer is noticed between the watchdog's checks;
     // at most every 10 ms (a handful of fcntl calls), not on every small collective.
@@ -59,13 +59,13 @@ void Comm::begin(const CollCtx& ctx) {
 
 Comm::Xfer* Comm::post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
-  if (devActive_ && dev_) {
+  if (devActive_ && eng_) {
     PLAIT_CHECK(ctx_.coll != Coll::kSendRecv, "plait: internal: point-to-point in device mode");
     PLAIT_CHECK(kind <= Xfer::kRecvReduce, "plait: internal: codec transfer in device mode");
     // Device transfers live apart from the host engine's: point-to-point transfers still in flight there (an irecv
     // posted before this collective) must survive the device collective's waitAll.
     devXfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
-    dev_->record(&devXfers_.back(), ctx_.op, ctx_.dtype);
+    eng_->record(&devXfers_.back(), ctx_.op, ctx_.dtype);
     return &devXfers_.back();
   }
   xfers_.push_back(Xfer{kind, peer, static_cast<char*>(buf), bytes, dep});
@@ -291,7 +291,7 @@ bool Comm::advanceRecvDec(Xfer* x) {
 }
 
 char* Comm::scratch(size_t bytes) {
-  if (devActive_ && dev_) return dev_->scratch(bytes);
+  if (devActive_ && eng_) return eng_->scratch(bytes);
   if (scratch_.size() < bytes) scratch_.resize(bytes);
   return scratch_.data();
 }
@@ -713,9 +713,9 @@ void Comm::checkP2PDeadlines(Clock::time_point now) {
 }
 
 bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
-  if (devActive_ && dev_) {  // enqueue: the device does the waiting
+  if (devActive_ && eng_) {  // enqueue: the device does the waiting (the host, for the host path's CPU engine)
     try {
-      dev_->flush();
+      eng_->flush();
     } catch (const PeerFailed& e) {
       devXfers_.clear();
       fail(e.what(), true);

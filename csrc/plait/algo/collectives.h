@@ -43,6 +43,10 @@ bool compressedHierarchical(const Comm& c);
 // Device mode: the same collectives through the staging buffer (device_collectives.cc); the ones above call these
 // when Comm::stageOnDevice() says so.
 void deviceAllreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Algo algo);
+// The share of a device all-reduce of `bytes` that takes the host path, agreed on every rank (device mode): 1 on the
+// host path's own stages, 0 without it beside the device engine, PLAIT_HOST_SHARE when set, else the planner's
+// (planHostSplit), measuring the rates first at the first call that needs them (every local rank calls it there).
+HostSplit hostSplitFor(Comm& c, size_t bytes);
 void deviceBroadcast(Comm& c, void* buf, size_t bytes, int root);
 void deviceReduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, int root);
 void deviceAllgather(Comm& c, const void* in, void* out, const std::vector<size_t>& bytes);

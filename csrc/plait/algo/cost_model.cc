@@ -255,4 +255,40 @@ CompressionPlan planCompression(const Topology& t, size_t count, DType dt, bool 
   return p;
 }
 
+double hostPathGBps(const HostPathRates& r) {
+  double b = std::min(r.pcieGBps, r.sumGBps);
+  return r.pathGBps > 0 ? std::min(b, r.pathGBps) : b;
+}
+
+HostSplit planHostSplit(const HostPathRates& r, size_t bytes) {
+  HostSplit h;
+  if (!r.measured || !(r.deviceGBps > 0) || !(r.pcieGBps > 0) || !(r.sumGBps > 0)) {
+    h.why = "the host path's rates are not measured (they are, at the first device all-reduce of 1 MiB or more)";
+    return h;
+  }
+  const double M = double(bytes), bd = r.deviceGBps * 1e3, bh = hostPathGBps(r) * 1e3;  // bytes per us
+  const double cd = r.deviceCallUs, ch = r.hostCallUs;
+  h.deviceOnlyUs = cd + M / bd;
+  h.hostOnlyUs = ch + M / bh;
+  double a = M > 0 ? (M / bd + cd - ch) / (M * (1 / bh + 1 / bd)) : 0;
+  a = std::max(0.0, std::min(1.0, a));
+  const double split = std::max(cd + (1 - a) * M / bd, ch + a * M / bh);
+  const std::string rates =
+      cat("device ", r.deviceGBps, " GB/s + ", cd, " us; host ", bh * 1e-3, " GB/s + ", ch, " us: ",
+          r.pcieGBps <= r.sumGBps ? "PCIe-bound, " : "CPU-bound, ", "PCIe ", r.pcieGBps, " GB/s per direction, CPU sum ",
+          r.sumGBps, " GB/s", r.pathGBps > 0 ? cat(", end to end ", r.pathGBps, " GB/s") : std::string());
+  if (a <= 0 || h.deviceOnlyUs - split < ch) {
+    h.share = 0;
+    h.predictedUs = h.deviceOnlyUs;
+    h.why = cat("device only: the split would gain ", std::max(0.0, h.deviceOnlyUs - split),
+                " us, below the host path's fixed cost of ", ch, " us (", rates, ")");
+    return h;
+  }
+  h.share = a;
+  h.predictedUs = split;
+  h.why = cat("host path share ", a, ": predicted ", split, " us against ", h.deviceOnlyUs, " us device only (", rates,
+              ")");
+  return h;
+}
+
 }  // namespace plait

@@ -30,6 +30,21 @@ void computeLinkLoads(Topology& t, const std::vector<int>& hostOf);
 AllreducePlan planAllreduce(const Topology& t, size_t bytes, Algo forced);
 std::string explain(const AllreducePlan& p, const Topology& t, size_t bytes);
 
+// The host path's share of an element-wise device collective of `bytes` (one host; see DESIGN.md, "Host resources").
+// Each path costs a fixed time per call plus bytes over its rate:
+//   device  t_d(M) = c_d + M / B_d            (B_d: the device engine's all-reduce rate)
+//   host    t_h(M) = c_h + M / B_h,  B_h = min(B_pcie, B_sum, B_path)   (downloads and uploads at once on their own
+//           streams and the CPU summation, pipelined chunk by chunk; B_path: the host path end to end, measured)
+// Both run at once on their shares, so the split that finishes both together is
+//   alpha = (M / B_d + c_d - c_h) / (M (1 / B_h + 1 / B_d)),   clamped to [0, 1],
+// predicted time max(c_d + (1 - alpha) M / B_d, c_h + alpha M / B_h). alpha is 0 where the predicted gain over the
+// device path alone is below the host path's fixed cost c_h (the gain would be within the model's noise).
+HostSplit planHostSplit(const HostPathRates& r, size_t bytes);
+// B_h: min(B_pcie, B_sum), and the end-to-end rate where measured.
+double hostPathGBps(const HostPathRates& r);
+// Below this the host path never pays (its fixed cost); the rates are not even measured.
+constexpr size_t kHostPathMinBytes = size_t(1) << 20;
+
 // Whether a compressed all-reduce pays (compression="auto"), or what an explicit codec will run. The same inputs on
 // every rank, so every rank decides the same. `requested` kNone with autoMode false: no compression.
 struct CompressionPlan {

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "plait/kernels/cuda_info.h"
 #include "plait/transport/device.h"
@@ -29,6 +31,19 @@ void checkRc(int rc, const char* what) { check(cudaError_t(rc), what); }
 class CudaDeviceOps : public DeviceOps {
  public:
   CudaDeviceOps(WriteValue32 w, WaitValue32 wt) : write_(w), wait_(wt) {}
+  ~CudaDeviceOps() override {
+    if (down_ || up_) {
+      cudaStreamSynchronize(down_);
+      cudaStreamSynchronize(up_);
+      cudaStreamDestroy(down_);
+      cudaStreamDestroy(up_);
+    }
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    if (fenceEv_) cudaEventDestroy(fenceEv_);
+    if (forkEv_) cudaEventDestroy(forkEv_);
+    if (joinEv_[0]) cudaEventDestroy(joinEv_[0]);
+    if (joinEv_[1]) cudaEventDestroy(joinEv_[1]);
+  }
   const char* name() const override { return "cuda"; }
   void bind(int device, void* stream) override {
     device_ = device;
@@ -95,9 +110,88 @@ class CudaDeviceOps : public DeviceOps {
                        CU_STREAM_WAIT_VALUE_GEQ);
     PLAIT_CHECK(r == CUDA_SUCCESS, what(), ": cuStreamWaitValue32 failed (CUresult ", int(r), ")");
   }
-  void synchronize() override { check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+  void synchronize() override {
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    if (down_) {
+      check(cudaStreamSynchronize(down_), "cudaStreamSynchronize (host path downloads)");
+      check(cudaStreamSynchronize(up_), "cudaStreamSynchronize (host path uploads)");
+    }
+  }
+
+  // ---- the host path: two copy streams and events, created on first use ----
+  void fork() override {
+    streams();
+    check(cudaEventRecord(forkEv_, stream_), "cudaEventRecord (host path fork)");
+    check(cudaStreamWaitEvent(down_, forkEv_, 0), "cudaStreamWaitEvent (host path fork)");
+    check(cudaStreamWaitEvent(up_, forkEv_, 0), "cudaStreamWaitEvent (host path fork)");
+    fence();
+  }
+  void fence() override {
+    streams();
+    check(cudaEventRecord(fenceEv_, up_), "cudaEventRecord (host path fence)");
+    check(cudaStreamWaitEvent(down_, fenceEv_, 0), "cudaStreamWaitEvent (host path fence)");
+  }
+  uint64_t download(void* dst, const void* src, size_t bytes) override {
+    streams();
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, down_), "cudaMemcpyAsync (host path download)");
+    const uint64_t t = ++tickets_;
+    cudaEvent_t& e = events_[t % events_.size()];
+    if (!e) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    check(cudaEventRecord(e, down_), "cudaEventRecord (host path download)");
+    return t;
+  }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    streams();
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, up_), "cudaMemcpyAsync (host path upload)");
+  }
+  void waitDownload(uint64_t t) override {
+    if (t == 0) return;
+    // Tickets older than the ring of events are long done (a window never has that many chunks in flight).
+    PLAIT_CHECK(tickets_ - t < events_.size(), "plait: internal: host path download ticket too old");
+    waitEvent(events_[t % events_.size()]);
+  }
+  void waitUploads() override {
+    if (!up_) return;
+    check(cudaEventRecord(fenceEv_, up_), "cudaEventRecord (host path uploads)");
+    waitEvent(fenceEv_);
+  }
+  // The host polls (a blocking synchronize would not notice a failed peer).
+  void waitEvent(cudaEvent_t e) {
+    for (int i = 0;; ++i) {
+      cudaError_t r = cudaEventQuery(e);
+      if (r == cudaSuccess) return;
+      if (r != cudaErrorNotReady) check(r, "cudaEventQuery (host path download)");
+      if (poll_ && i % 64 == 63) poll_();  // a peer that failed makes the wait give up
+      std::this_thread::sleep_for(std::chrono::microseconds(i < 100 ? 5 : 50));
+    }
+  }
+  void join() override {
+    if (!down_) return;
+    check(cudaEventRecord(joinEv_[0], down_), "cudaEventRecord (host path join)");
+    check(cudaEventRecord(joinEv_[1], up_), "cudaEventRecord (host path join)");
+    check(cudaStreamWaitEvent(stream_, joinEv_[0], 0), "cudaStreamWaitEvent (host path join)");
+    check(cudaStreamWaitEvent(stream_, joinEv_[1], 0), "cudaStreamWaitEvent (host path join)");
+  }
+  void pin(void* p, size_t bytes) override {
+    check(cudaHostRegister(p, bytes, cudaHostRegisterPortable), "cudaHostRegister of the host path's staging");
+  }
+  void unpin(void* p) override { cudaHostUnregister(p); }
 
  private:
+  void streams() {
+    if (down_) return;
+    check(cudaSetDevice(device_), "cudaSetDevice");
+    check(cudaStreamCreateWithFlags(&down_, cudaStreamNonBlocking), "cudaStreamCreate (host path downloads)");
+    check(cudaStreamCreateWithFlags(&up_, cudaStreamNonBlocking), "cudaStreamCreate (host path uploads)");
+    for (cudaEvent_t* e : {&forkEv_, &fenceEv_, &joinEv_[0], &joinEv_[1]})
+      check(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
+    events_.assign(1024, nullptr);
+  }
+  cudaStream_t down_ = nullptr, up_ = nullptr;
+  cudaEvent_t forkEv_ = nullptr, fenceEv_ = nullptr, joinEv_[2] = {nullptr, nullptr};
+  std::vector<cudaEvent_t> events_;
+  uint64_t tickets_ = 0;
+
   WriteValue32 write_;
   WaitValue32 wait_;
   int device_ = 0;

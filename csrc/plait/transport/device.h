@@ -57,6 +57,29 @@ class DeviceOps {
   virtual void waitGeq(const uint32_t* addr, uint32_t v, const std::function<std::string()>& what) = 0;
   // The host waits for everything enqueued so far (used only when staging memory is replaced).
   virtual void synchronize() = 0;
+  // ---- the host path's copies (a DeviceOps that stages device buffers through page-locked host memory) ----
+  // Downloads (device -> host) and uploads (host -> device) run on two copy streams beside the bound stream, so both
+  // directions of the link move at once and neither waits behind the bound stream's own work. fork(): both copy
+  // streams wait for everything enqueued on the bound stream so far, and downloads for every upload enqueued so far
+  // (the staging memory they write may still be read by an upload). fence(): only the latter (a new window of the
+  // staging buffer). download() returns a ticket that waitDownload() makes the host wait for (the poll callback runs
+  // meanwhile). join(): the bound stream waits for every download and upload enqueued so far; the host does not.
+  // The defaults run each copy at once (the emulation without a modelled link).
+  virtual void fork() {}
+  virtual void fence() {}
+  virtual uint64_t download(void* dst, const void* src, size_t bytes) {
+    copy(dst, src, bytes);
+    return 0;
+  }
+  virtual void upload(void* dst, const void* src, size_t bytes) { copy(dst, src, bytes); }
+  virtual void waitDownload(uint64_t /*ticket*/) {}
+  // The host waits for every upload enqueued so far (before it writes staging memory that an upload may still read).
+  virtual void waitUploads() {}
+  virtual void join() {}
+  // Host memory allocated elsewhere (the host path's shared staging) made page-locked once, for fast copies.
+  virtual void pin(void* /*p*/, size_t /*bytes*/) {}
+  virtual void unpin(void* /*p*/) {}
+
   // Called now and then while the host itself waits (only the emulation does): throws to give up, e.g. when a peer
   // failed.
   void setPoll(std::function<void()> poll) { poll_ = std::move(poll); }
@@ -67,7 +90,11 @@ class DeviceOps {
 
 // CUDA: nullptr when the CUDA build is off or no device is usable here (the reason in *why).
 std::unique_ptr<DeviceOps> makeCudaDeviceOps(std::string* why);
-// The emulation; waits give up after `timeout`.
-std::unique_ptr<DeviceOps> makeEmulatedDeviceOps(std::chrono::milliseconds timeout);
+// The emulation; waits give up after `timeout`. `pcieGBps` > 0 (PLAIT_EMU_PCIE_GBPS) models a GPU's link for the
+// host path: downloads and uploads then run on two threads of their own (the copy engines), each taking at least
+// bytes / pcieGBps; 0 runs them at once on the calling thread. `pinWith` (optional): memory this emulation allocates
+// is pinned (DeviceOps::pin) with it, e.g. the host path's shared staging with the CUDA device.
+std::unique_ptr<DeviceOps> makeEmulatedDeviceOps(std::chrono::milliseconds timeout, double pcieGBps = 0,
+                                                 DeviceOps* pinWith = nullptr);
 
 }  // namespace plait

@@ -1,11 +1,16 @@
 // The emulated device (PLAIT_DEVICE=emulate): device memory is host shared memory (a memfd each peer opens through
 // /proc/<pid>/fd), and each stream operation runs at once on the calling thread. See transport/device.h.
+// With a modelled link (PLAIT_EMU_PCIE_GBPS > 0) the host path's downloads and uploads run on two copy-engine threads
+// instead, each copy taking at least bytes / rate, so that the host path's pipelining can be measured without a GPU.
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -19,11 +24,91 @@ namespace plait {
 
 namespace {
 
+// One emulated copy engine: a thread that runs copies in the order they were queued, each taking at least
+// bytes / rate (it sleeps off the rest: a copy engine does not use the host's cores).
+class CopyEngine {
+ public:
+  explicit CopyEngine(double bytesPerUs) : bytesPerUs_(bytesPerUs), th_([this] { loop(); }) {}
+  ~CopyEngine() {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    th_.join();
+  }
+  uint64_t push(void* dst, const void* src, size_t bytes) {
+    std::lock_guard<std::mutex> g(m_);
+    q_.push_back(Job{dst, src, bytes});
+    cv_.notify_all();
+    return ++queued_;
+  }
+  // Waits until job `ticket` (1-based, in queue order) has finished; `poll` runs every few milliseconds.
+  void wait(uint64_t ticket, std::chrono::milliseconds timeout, const std::function<void()>& poll) {
+    const auto deadline = Clock::now() + timeout;
+    std::unique_lock<std::mutex> l(m_);
+    while (done_ < ticket) {
+      cv_.wait_for(l, std::chrono::milliseconds(2));
+      if (done_ >= ticket) break;
+      if (poll) {
+        l.unlock();
+        poll();
+        l.lock();
+      }
+      if (Clock::now() >= deadline)
+        throw Error(cat("plait: emulated device: a host-path copy did not finish within ", timeout.count(), " ms"));
+    }
+  }
+  uint64_t queued() {
+    std::lock_guard<std::mutex> g(m_);
+    return queued_;
+  }
+
+ private:
+  struct Job {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  void loop() {
+    std::unique_lock<std::mutex> l(m_);
+    for (;;) {
+      cv_.wait(l, [&] { return stop_ || !q_.empty(); });
+      if (q_.empty()) return;
+      Job j = q_.front();
+      l.unlock();
+      const auto start = Clock::now();
+      if (j.bytes && j.dst != j.src) std::memmove(j.dst, j.src, j.bytes);
+      std::this_thread::sleep_until(start + std::chrono::microseconds(int64_t(double(j.bytes) / bytesPerUs_)));
+      l.lock();
+      q_.pop_front();
+      ++done_;
+      cv_.notify_all();
+    }
+  }
+  double bytesPerUs_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::deque<Job> q_;
+  uint64_t queued_ = 0, done_ = 0;
+  bool stop_ = false;
+  std::thread th_;
+};
+
 class EmulatedDeviceOps : public DeviceOps {
  public:
-  explicit EmulatedDeviceOps(std::chrono::milliseconds timeout) : timeout_(timeout) {}
+  EmulatedDeviceOps(std::chrono::milliseconds timeout, double pcieGBps, DeviceOps* pinWith)
+      : timeout_(timeout), pinWith_(pinWith) {
+    if (pcieGBps > 0) {
+      down_ = std::make_unique<CopyEngine>(pcieGBps * 1e3);
+      up_ = std::make_unique<CopyEngine>(pcieGBps * 1e3);
+    }
+  }
   ~EmulatedDeviceOps() override {
+    down_.reset();  // finishes the queued copies
+    up_.reset();
     for (auto& [p, m] : maps_) {
+      if (pinWith_ && m.fd >= 0) pinWith_->unpin(p);
       munmap(p, m.bytes);
       if (m.fd >= 0) close(m.fd);
     }
@@ -47,9 +132,17 @@ class EmulatedDeviceOps : public DeviceOps {
       throw Error(cat("plait: emulated device: mmap of ", bytes, " B failed: ", std::strerror(e)));
     }
     maps_[p] = Map{bytes, fd};
+    if (pinWith_) {
+      try {
+        pinWith_->pin(p, bytes);
+      } catch (...) {
+        unmap(p, false);
+        throw;
+      }
+    }
     return p;
   }
-  void release(void* p) override { unmap(p); }
+  void release(void* p) override { unmap(p, true); }
   std::string exportMem(void* p) override {
     auto it = maps_.find(p);
     PLAIT_CHECK(it != maps_.end() && it->second.fd >= 0, "plait: emulated device: export of unknown memory");
@@ -69,7 +162,7 @@ class EmulatedDeviceOps : public DeviceOps {
     maps_[p] = Map{size_t(bytes), -1};
     return p;
   }
-  void closeImported(void* p) override { unmap(p); }
+  void closeImported(void* p) override { unmap(p, false); }
   void* allocHost(size_t bytes) override {
     void* p = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
     PLAIT_CHECK(p, "plait: emulated device: cannot allocate ", bytes, " B of host staging memory");
@@ -80,8 +173,28 @@ class EmulatedDeviceOps : public DeviceOps {
   void unmapHost(void*) override {}
 
   void copy(void* dst, const void* src, size_t bytes) override {
+    drain();  // stream order: after the host path's copies queued so far
     if (bytes && dst != src) std::memmove(dst, src, bytes);
   }
+  // The host path's copies: on the copy-engine threads with a modelled link, else at once (the defaults).
+  void fence() override {
+    if (up_) up_->wait(up_->queued(), timeout_, poll_);
+  }
+  void fork() override { fence(); }
+  uint64_t download(void* dst, const void* src, size_t bytes) override {
+    if (!down_) return DeviceOps::download(dst, src, bytes);
+    return down_->push(dst, src, bytes);
+  }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    if (!up_) return DeviceOps::upload(dst, src, bytes);
+    up_->push(dst, src, bytes);
+  }
+  void waitDownload(uint64_t ticket) override {
+    if (down_) down_->wait(ticket, timeout_, poll_);
+  }
+  void waitUploads() override { fence(); }
+  // The emulated bound stream is the calling thread: it waits for the copies here.
+  void join() override { drain(); }
   void reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t count) override {
     plait::reduce(op, dt, dst, a, b, count);
   }
@@ -117,28 +230,36 @@ class EmulatedDeviceOps : public DeviceOps {
       std::this_thread::sleep_for(std::chrono::microseconds(Clock::now() - start < std::chrono::milliseconds(5) ? 20 : 200));
     }
   }
-  void synchronize() override {}
+  void synchronize() override { drain(); }
 
  private:
+  void drain() {
+    if (down_) down_->wait(down_->queued(), timeout_, poll_);
+    if (up_) up_->wait(up_->queued(), timeout_, poll_);
+  }
   struct Map {
     size_t bytes;
     int fd;
   };
-  void unmap(void* p) {
+  void unmap(void* p, bool unpin) {
     auto it = maps_.find(p);
     if (it == maps_.end()) return;
+    if (unpin && pinWith_ && it->second.fd >= 0) pinWith_->unpin(p);
     munmap(p, it->second.bytes);
     if (it->second.fd >= 0) close(it->second.fd);
     maps_.erase(it);
   }
   std::chrono::milliseconds timeout_;
+  DeviceOps* pinWith_;
   std::map<void*, Map> maps_;
+  std::unique_ptr<CopyEngine> down_, up_;
 };
 
 }  // namespace
 
-std::unique_ptr<DeviceOps> makeEmulatedDeviceOps(std::chrono::milliseconds timeout) {
-  return std::make_unique<EmulatedDeviceOps>(timeout);
+std::unique_ptr<DeviceOps> makeEmulatedDeviceOps(std::chrono::milliseconds timeout, double pcieGBps,
+                                                 DeviceOps* pinWith) {
+  return std::make_unique<EmulatedDeviceOps>(timeout, pcieGBps, pinWith);
 }
 
 }  // namespace plait
