@@ -11,6 +11,22 @@ namespace py = pybind11;
 
 namespace plait_torch {
 
+static py::tuple splitTuple(const plait::HostSplit& h) {
+  return py::make_tuple(h.share, h.predictedUs, h.deviceOnlyUs, h.hostOnlyUs, h.why);
+}
+
+static py::dict ratesDict(const plait::HostPathRates& r) {
+  py::dict d;
+  d["measured"] = r.measured;
+  d["pcie_gbps"] = r.pcieGBps;
+  d["sum_gbps"] = r.sumGBps;
+  d["path_gbps"] = r.pathGBps;
+  d["device_gbps"] = r.deviceGBps;
+  d["host_call_us"] = r.hostCallUs;
+  d["device_call_us"] = r.deviceCallUs;
+  return d;
+}
+
 static py::tuple planTuple(const plait::Comm& c, size_t bytes, bool device = false) {
   plait::Topology t = c.topology();
   t.device = device && c.deviceSupported();
@@ -44,6 +60,8 @@ void register_backend(py::module_& m) {
                                d["link_source"] = t.linkSource;
                                // "" until the first collective on device tensors (CUDA, or PLAIT_DEVICE=emulate)
                                d["device_engine"] = self.comm().deviceEngineName();
+                               // the host path's rates (measured at the first device all-reduce that needs them)
+                               d["host_path"] = ratesDict(self.comm().hostRates());
                                return d;
                              })
       .def("all_reduce",
@@ -93,7 +111,30 @@ void register_backend(py::module_& m) {
            py::arg("count"), py::arg("dtype") = "float32", py::arg("compression") = "")
       .def("plan_allreduce",
            [](PlaitBackend& self, size_t bytes, bool device) { return planTuple(self.comm(), bytes, device); },
-           py::arg("bytes"), py::arg("device") = false);
+           py::arg("bytes"), py::arg("device") = false)
+      .def("plan_host_split",
+           [](PlaitBackend& self, size_t bytes) {
+             auto& c = self.comm();
+             return splitTuple(plait::decideHostSplit(c.deviceSupported(), c.hostRates(), bytes));
+           },
+           py::arg("bytes"));
+
+  m.def(
+      "_plan_host_split",
+      [](size_t bytes, double pcieGBps, double sumGBps, double deviceGBps, double hostCallUs, double deviceCallUs,
+         double pathGBps) {
+        plait::HostPathRates r;
+        r.measured = true;
+        r.pcieGBps = pcieGBps;
+        r.sumGBps = sumGBps;
+        r.deviceGBps = deviceGBps;
+        r.hostCallUs = hostCallUs;
+        r.deviceCallUs = deviceCallUs;
+        r.pathGBps = pathGBps;
+        return splitTuple(plait::planHostSplit(r, bytes));
+      },
+      py::arg("bytes"), py::arg("pcie_gbps"), py::arg("sum_gbps"), py::arg("device_gbps"), py::arg("host_call_us"),
+      py::arg("device_call_us"), py::arg("path_gbps"));
 
   m.def(
       "_hmac_sha256",

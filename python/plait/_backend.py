@@ -166,25 +166,37 @@ def monitored_barrier(group=None, timeout: datetime.timedelta | None = None, wai
 def topology(group=None) -> dict:
     """Where the group's ranks live, as the cost model sees it: {'nranks', 'nhosts', 'all_shm', ...}.
 
-    'device_engine' says how device tensors run: 'cuda' / 'emulated' (device engine, one host), 'cuda via host' /
-    'emulated via host' (staged through host memory, groups across hosts), '' before the first such call.
+    'device_engine' says how device tensors run: 'cuda' / 'emulated' (device engine, one host, with the host path
+    beside it unless PLAIT_HOST_PATH=off), 'cuda host path' / 'emulated host path' (one host, PLAIT_HOST_PATH=force),
+    'cuda via host' / 'emulated via host' (staged through host memory, groups across hosts), '' before the first
+    such call. 'host_path' holds the host path's measured rates ('measured' False until the first device all-reduce
+    of 1 MiB or more in auto mode).
     """
     return _backend_of(group).topology
 
 
+_NO_HOST = (0.0, 0.0, 0.0, 0.0, "not a device plan (device=False)")
+
+
 class AllreducePlan(tuple):
     """``(algo, one_shot, predicted_us, why)``, plus what the all-reduce sends on the wire: ``compression`` (codec
-    name or ``"none"``), ``compression_block``, ``compression_hierarchical``, ``compression_why``."""
+    name or ``"none"``), ``compression_block``, ``compression_hierarchical``, ``compression_why``; and, for device
+    tensors (``device=True``), the host path's part: ``host_share`` (the share of the buffer summed through host
+    memory by the CPU, beside the device engine), ``host_path_us`` (predicted time with that split),
+    ``device_only_us``, ``host_only_us`` and ``host_path_why``."""
 
-    def __new__(cls, plan, comp):
+    def __new__(cls, plan, comp, host=_NO_HOST):
         self = super().__new__(cls, plan)
         (self.compression, self.compression_block, self.compression_hierarchical, self.uncompressed_us,
          self.compressed_us, self.compression_why) = comp
+        self.host_share, self.host_path_us, self.device_only_us, self.host_only_us, self.host_path_why = host
         return self
 
     def __reduce__(self):  # picklable (a tuple subclass with its own __new__)
         return (AllreducePlan, (tuple(self), (self.compression, self.compression_block, self.compression_hierarchical,
-                                              self.uncompressed_us, self.compressed_us, self.compression_why)))
+                                              self.uncompressed_us, self.compressed_us, self.compression_why),
+                                (self.host_share, self.host_path_us, self.device_only_us, self.host_only_us,
+                                 self.host_path_why)))
 
     algo = property(lambda self: self[0])
     one_shot = property(lambda self: self[1])
@@ -197,7 +209,10 @@ def plan_allreduce(nbytes: int, group=None, device: bool = False, dtype: torch.d
     """The cost model's choice for an all-reduce of nbytes: (algo, one_shot, predicted_us, why), with the
     compression decision as attributes (``.compression``, ``.compression_why``, see AllreducePlan).
 
-    device=True: for device (CUDA) tensors on a group whose ranks share one host (the device engine's model).
+    device=True: for device (CUDA) tensors on a group whose ranks share one host (the device engine's model), with
+    the host path's split as attributes (``.host_share``, ``.host_path_us``, ``.host_path_why``). The split uses the
+    rates the group measured at its first device all-reduce of 1 MiB or more (``topology(group)["host_path"]``);
+    before that, ``host_share`` is 0 and ``host_path_why`` says so. Every rank gets the same answer.
     compression: None for the group's setting, else "none", "auto" or a codec name.
     """
     b = _backend_of(group)
@@ -206,9 +221,39 @@ def plan_allreduce(nbytes: int, group=None, device: bool = False, dtype: torch.d
     count = int(nbytes) // max(1, torch.empty((), dtype=dtype).element_size())
     if device:
         comp = ("none", 0, False, 0.0, 0.0, "device tensors are not compressed yet")
-    else:
-        comp = b.plan_compression(count, name, "" if compression is None else _check_compression(compression))
+        return AllreducePlan(plan, comp, tuple(b.plan_host_split(int(nbytes))))
+    comp = b.plan_compression(count, name, "" if compression is None else _check_compression(compression))
     return AllreducePlan(plan, comp)
+
+
+class HostPathPlan(tuple):
+    """``(share, predicted_us, device_only_us, host_only_us, why)``: see ``plan_host_path``."""
+
+    share = property(lambda self: self[0])
+    predicted_us = property(lambda self: self[1])
+    device_only_us = property(lambda self: self[2])
+    host_only_us = property(lambda self: self[3])
+    why = property(lambda self: self[4])
+
+
+def plan_host_path(nbytes: int, pcie_gbps: float, sum_gbps: float, device_gbps: float, host_call_us: float = 0.0,
+                   device_call_us: float = 0.0, path_gbps: float = 0.0) -> HostPathPlan:
+    """The host path planner on given figures (GB/s of the buffer, i.e. algorithm bandwidth; fixed costs in us):
+    what share of an all-reduce of ``nbytes`` to send through host memory beside the device path, and the predicted
+    times. ``pcie_gbps``: each GPU's link to the host per direction with downloads and uploads at once;
+    ``sum_gbps``: the CPU's all-reduce of the local ranks' host buffers; ``device_gbps``: the device path's
+    all-reduce; ``path_gbps`` (optional): the host path end to end. The formulas are in the README ("Host path").
+    No process group is needed: this is how to ask what a host you do not have would do."""
+    for name, v in (("pcie_gbps", pcie_gbps), ("sum_gbps", sum_gbps), ("device_gbps", device_gbps)):
+        if not v > 0:
+            raise ValueError(f"plait.plan_host_path: {name} must be > 0, got {v!r}")
+    for name, v in (("host_call_us", host_call_us), ("device_call_us", device_call_us), ("path_gbps", path_gbps)):
+        if not v >= 0:
+            raise ValueError(f"plait.plan_host_path: {name} must be >= 0, got {v!r}")
+    if int(nbytes) < 0:
+        raise ValueError(f"plait.plan_host_path: nbytes must be >= 0, got {nbytes!r}")
+    return HostPathPlan(_C._plan_host_split(int(nbytes), float(pcie_gbps), float(sum_gbps), float(device_gbps),
+                                            float(host_call_us), float(device_call_us), float(path_gbps)))
 
 
 def _check_compression(c):

@@ -255,6 +255,30 @@ CompressionPlan planCompression(const Topology& t, size_t count, DType dt, bool 
   return p;
 }
 
+HostSplit decideHostSplit(bool oneHost, const HostPathRates& r, size_t bytes, bool* needsRates) {
+  HostSplit h;
+  if (needsRates) *needsRates = false;
+  const Knobs& k = knobs();
+  if (!oneHost) {
+    h.share = 1;
+    h.why = "the group spans hosts: device buffers go through host memory (pipelined chunk by chunk)";
+  } else if (k.hostPath == "force") {
+    h.share = 1;
+    h.why = "PLAIT_HOST_PATH=force: every device collective takes the host path";
+  } else if (k.hostPath == "off") {
+    h.why = "device only: PLAIT_HOST_PATH=off";
+  } else if (k.hostShare >= 0) {
+    h.share = k.hostShare;
+    h.why = cat("PLAIT_HOST_SHARE=", k.hostShare);
+  } else if (bytes < kHostPathMinBytes) {
+    h.why = cat("device only: ", bytes, " B is below ", kHostPathMinBytes, " B, where the host path's fixed cost rules");
+  } else {
+    if (needsRates && !r.measured) *needsRates = true;
+    h = planHostSplit(r, bytes);
+  }
+  return h;
+}
+
 double hostPathGBps(const HostPathRates& r) {
   double b = std::min(r.pcieGBps, r.sumGBps);
   return r.pathGBps > 0 ? std::min(b, r.pathGBps) : b;

@@ -44,6 +44,10 @@ HostSplit planHostSplit(const HostPathRates& r, size_t bytes);
 double hostPathGBps(const HostPathRates& r);
 // Below this the host path never pays (its fixed cost); the rates are not even measured.
 constexpr size_t kHostPathMinBytes = size_t(1) << 20;
+// The whole decision for a device all-reduce of `bytes`, from what every rank knows alike: whether the group is on
+// one host, PLAIT_HOST_PATH / PLAIT_HOST_SHARE, the measured rates. needsRates (optional): set when the answer waits
+// for the rates to be measured (auto, no fixed share, large enough, not measured yet).
+HostSplit decideHostSplit(bool oneHost, const HostPathRates& r, size_t bytes, bool* needsRates = nullptr);
 
 // Whether a compressed all-reduce pays (compression="auto"), or what an explicit codec will run. The same inputs on
 // every rank, so every rank decides the same. `requested` kNone with autoMode false: no compression.

@@ -161,23 +161,18 @@ HostSplit hostSplitFor(Comm& c, size_t bytes) {
   HostSplit h;
   if (onHostPath(c)) {
     h.share = 1;
-    h.why = c.hostPathBeside() ? "host path" : "every device collective takes the host path";
+    h.why = "host path";
     return h;
   }
-  if (!c.hostPathBeside()) {
-    h.why = "the host path is off (PLAIT_HOST_PATH=off)";
+  if (!c.hostPathBeside() || c.measuringHostPath()) {
+    h.why = c.hostPathBeside() ? "measuring the host path" : "device only: PLAIT_HOST_PATH=off";
     return h;
   }
-  if (knobs().hostShare >= 0) {
-    h.share = knobs().hostShare;
-    h.why = cat("PLAIT_HOST_SHARE=", knobs().hostShare);
-  } else if (c.measuringHostPath()) {
-    h.why = "measuring the host path";
-  } else if (bytes < kHostPathMinBytes) {
-    h.why = cat("device only: ", bytes, " B is below ", kHostPathMinBytes, " B, where the host path's fixed cost rules");
-  } else {
-    if (!c.hostRates().measured) measureHostPath(c);
-    h = planHostSplit(c.hostRates(), bytes);
+  bool needsRates = false;
+  h = decideHostSplit(true, c.hostRates(), bytes, &needsRates);
+  if (needsRates) {
+    measureHostPath(c);
+    h = decideHostSplit(true, c.hostRates(), bytes);
   }
   if (infoEnabled()) {
     static thread_local std::string last;
