@@ -4,8 +4,8 @@
 #
 #   bash scripts/gpu_checks.sh                     # all steps
 #   bash scripts/gpu_checks.sh --quick             # shorter benchmarks (fewer sizes, 200 latency calls)
-#   bash scripts/gpu_checks.sh --skip sanitize     # skip a step (repeatable): kernels, codec, parallel, gpu-tests, sanitize,
-#                                                  #   bench-kernels, bench-allreduce
+#   bash scripts/gpu_checks.sh --skip sanitize     # skip a step (repeatable): kernels, codec, parallel, host-path,
+#                                                  #   gpu-tests, sanitize, bench-kernels, bench-allreduce, bench-host-path
 #   bash scripts/gpu_checks.sh --only gpu-tests    # run only these steps (repeatable)
 #   PYTEST_ADDOPTS="-k 'stream or ddp'" bash scripts/gpu_checks.sh --only gpu-tests   # a part of the GPU tests
 #   OUT=/tmp/gpu PYTHON=/path/to/python bash scripts/gpu_checks.sh
@@ -13,15 +13,19 @@
 # Where one command may run only so long, run the steps one by one with --only (and split gpu-tests with
 # PYTEST_ADDOPTS=-k ...); outputs of earlier steps stay in $OUT.
 #
-# Steps, each logged to $OUT/<step>.log (OUT defaults to build/gpu):
+# Steps (in order: the quickest checks first), each logged to $OUT/<step>.log (OUT defaults to build/gpu):
 #   kernels          pytest tests/test_cuda_kernels.py         (junit: $OUT/test_cuda_kernels.xml)
 #   codec            pytest -m gpu tests/test_codec.py         (CUDA codec bytes == CPU bytes; junit: $OUT/test_codec_gpu.xml)
 #   parallel         pytest -m gpu tests/test_parallel_layers.py (plait.parallel layers on CUDA tensors == dense;
 #                    junit: $OUT/test_parallel_gpu.xml)
+#   host-path        pytest tests/test_gpu.py -k host_path     (the host path forced / split / auto on CUDA tensors;
+#                    junit: $OUT/test_host_path_gpu.xml)
 #   gpu-tests        pytest tests/test_gpu.py                  (junit: $OUT/test_gpu.xml)
 #   sanitize         scripts/gpu_sanitize.sh (compute-sanitizer memcheck + racecheck over the kernel tests)
 #   bench-kernels    bench/gpu_kernels.py --json $OUT/gpu_kernels.json
 #   bench-allreduce  bench/gpu_allreduce.py --json $OUT/gpu_allreduce.json (2 and 4 ranks on one GPU vs gloo)
+#   bench-host-path  bench/gpu_host_path.py --json $OUT/gpu_host_path.json (pinned copies through the host path vs
+#                    plain copies; all-reduce off / auto / force; the planner's share)
 # plus $OUT/env.txt (GPU, driver, torch, plait) and $OUT/summary.txt (the table printed at the end).
 #
 # Exit status: 0 every step passed (or no CUDA device: nothing to check, said so), 1 a step failed, 2 usage or
@@ -108,7 +112,8 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=15)
 run_step kernels "${PYTEST[@]}" tests/test_cuda_kernels.py --junitxml="$OUT/test_cuda_kernels.xml"
 run_step codec "${PYTEST[@]}" -m gpu tests/test_codec.py --junitxml="$OUT/test_codec_gpu.xml"
 run_step parallel "${PYTEST[@]}" -m gpu tests/test_parallel_layers.py --junitxml="$OUT/test_parallel_gpu.xml"
-run_step gpu-tests "${PYTEST[@]}" tests/test_gpu.py --junitxml="$OUT/test_gpu.xml"
+run_step host-path "${PYTEST[@]}" tests/test_gpu.py -k host_path --junitxml="$OUT/test_host_path_gpu.xml"
+run_step gpu-tests "${PYTEST[@]}" tests/test_gpu.py -k "not host_path" --junitxml="$OUT/test_gpu.xml"
 run_step sanitize env PYTHON="$PY" bash scripts/gpu_sanitize.sh
 if [[ "${status[sanitize]}" == "FAIL (exit 2)" ]]; then
   status[sanitize]="NOT RUN"  # compute-sanitizer not installed: said in the log, not a failure of plait
@@ -117,9 +122,11 @@ if ((QUICK)); then
   run_step bench-kernels "$PY" bench/gpu_kernels.py --sizes 1M,16M,256M --json "$OUT/gpu_kernels.json"
   run_step bench-allreduce "$PY" bench/gpu_allreduce.py --sizes 4,1K,64K,1M,16M,256M --latency-iters 200 \
     --json "$OUT/gpu_allreduce.json"
+  run_step bench-host-path "$PY" bench/gpu_host_path.py --quick --json "$OUT/gpu_host_path.json"
 else
   run_step bench-kernels "$PY" bench/gpu_kernels.py --json "$OUT/gpu_kernels.json"
   run_step bench-allreduce "$PY" bench/gpu_allreduce.py --json "$OUT/gpu_allreduce.json"
+  run_step bench-host-path "$PY" bench/gpu_host_path.py --json "$OUT/gpu_host_path.json"
 fi
 
 failed=0
@@ -132,7 +139,7 @@ done
   for n in "${names[@]}"; do
     printf '%-16s %-16s %6s  %s\n' "$n" "${status[$n]}" "${secs[$n]}" "${notes[$n]}"
   done
-  for f in test_cuda_kernels.xml test_codec_gpu.xml test_parallel_gpu.xml test_gpu.xml gpu_kernels.json gpu_allreduce.json; do
+  for f in test_cuda_kernels.xml test_codec_gpu.xml test_parallel_gpu.xml test_host_path_gpu.xml test_gpu.xml gpu_kernels.json gpu_allreduce.json gpu_host_path.json; do
     [[ -f "$OUT/$f" ]] && echo "wrote $OUT/$f"
   done
   if [[ -f "$OUT/bench-allreduce.log" ]]; then

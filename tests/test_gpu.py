@@ -158,6 +158,49 @@ def test_all_collectives_on_gpu_small_staging(ws):
     _check_engines(res, ws)
 
 
+# The host path (issue 13) on CUDA tensors: every collective forced through page-locked host memory summed by the
+# CPU (one host), and the all-reduce split between the device engine and the host path; small windows and chunks so
+# that the copy streams, tickets, fences and joins all run.
+HOST_PATH_ENVS = {
+    "force": {"PLAIT_HOST_PATH": "force", "PLAIT_HOST_CHUNK_BYTES": "4096", **SMALL_STAGING},
+    "split": {"PLAIT_HOST_SHARE": "0.37", "PLAIT_HOST_CHUNK_BYTES": "4096", **SMALL_STAGING},
+    "split-big-chunks": {"PLAIT_HOST_SHARE": "0.5"},
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", list(HOST_PATH_ENVS))
+@pytest.mark.parametrize("ws", [2, 3])
+def test_host_path_on_gpu(ws, mode):
+    dtypes = [torch.float32, torch.int64, torch.bfloat16, torch.float16, torch.uint8]
+    res = H.run_world(worker_collectives, ws, dtypes, 2, COUNTS + [3001], env=HOST_PATH_ENVS[mode], timeout_s=570)
+    _assert_no_failures(res, min_checks=100 * ws)
+    _check_engines(res, ws, want="cuda host path" if mode == "force" else "cuda")
+
+
+def worker_host_path_auto(rank, ws):
+    import plait
+
+    _setup()
+    n = 16 << 20  # 64 MiB of float32: the planner measures the rates at the first all-reduce of 1 MiB or more
+    t = torch.full((n,), float(rank + 1), device=DEV)
+    dist.all_reduce(t)
+    torch.cuda.synchronize()
+    ok = bool((t == ws * (ws + 1) / 2).all())
+    p = plait.plan_allreduce(4 * n, device=True)
+    return dict(ok=ok, rates=plait.topology()["host_path"], share=p.host_share, why=p.host_path_why)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ws", [2, 4])
+def test_host_path_auto_on_gpu(ws):
+    res = H.run_world(worker_host_path_auto, ws, timeout_s=270)
+    assert all(r["ok"] for r in res), res
+    assert all(r["rates"]["measured"] for r in res), res
+    assert all(r["rates"] == res[0]["rates"] and r["share"] == res[0]["share"] for r in res), "ranks disagree"
+    print(f"ws={ws}: host path rates {res[0]['rates']}; 64 MiB share {res[0]['share']}: {res[0]['why']}")
+
+
 def worker_large(rank, ws):
     """Messages larger than the default 64 MiB staging buffer (sliced), on every algorithm."""
     import plait

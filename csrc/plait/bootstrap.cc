@@ -248,6 +248,9 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
       {"compression block (PLAIT_COMPRESSION_BLOCK / Options.compression_block)",
        cat(opts.compressionBlock ? size_t(opts.compressionBlock) : knobs().compressionBlock)},
       {"PLAIT_DEVICE_BUFFER_BYTES", cat(knobs().deviceBufferBytes)},
+      {"PLAIT_HOST_PATH", knobs().hostPath},
+      {"PLAIT_HOST_SHARE", cat(knobs().hostShare)},
+      {"PLAIT_HOST_CHUNK_BYTES", cat(knobs().hostChunkBytes)},
   };
   std::string schedInfo;
   for (const auto& kv : sched) schedInfo += cat(schedInfo.empty() ? "" : "\t", kv.second);
