@@ -132,10 +132,14 @@ def worker_init_only(rank, ws):
     ("PLAIT_ALGO", "ring", "direct", "algo"),
     ("PLAIT_TCP_STREAMS", "1", "2", "PLAIT_TCP_STREAMS"),
     ("PLAIT_LINK_GBPS", "0", "5", "PLAIT_LINK_GBPS"),
+    # the host path (issue 13): ranks that split or chunk differently would wait for each other's staging forever
+    ("PLAIT_HOST_PATH", "auto", "force", "PLAIT_HOST_PATH"),
+    ("PLAIT_HOST_SHARE", "0.25", "0.5", "PLAIT_HOST_SHARE"),
+    ("PLAIT_HOST_CHUNK_BYTES", "4096", "8192", "PLAIT_HOST_CHUNK_BYTES"),
 ])
 def test_schedule_knobs_must_agree(knob, a, b, needle):
     rank_env = {0: {knob: a}, 1: {knob: b}}
-    if knob != "PLAIT_ALGO":  # the link knobs matter across hosts: two fake hosts, TCP between them
+    if knob.startswith("PLAIT_LINK") or knob == "PLAIT_TCP_STREAMS":  # the link knobs matter across hosts: two fake hosts, TCP between them
         rank_env[0]["PLAIT_HOST_ID"] = "fakehostA"
         rank_env[1]["PLAIT_HOST_ID"] = "fakehostB"
     res = H.run_world(worker_init_only, 2, pg_timeout_s=PG_TIMEOUT_S, rank_env=rank_env, expect_fail=True,
