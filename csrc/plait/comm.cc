@@ -97,7 +97,10 @@ void Comm::setDevice(int device, void* stream) {
   }
   hasDev_ = dev_ != nullptr;
   if (dev_) dev_->ops().bind(device, stream);
-  if (hostOps_) hostOps_->bind(device, stream);
+  if (hostOps_) {
+    hostOps_->bind(device, stream);
+    hostOps_->setWaitTimeout(timeout());
+  }
   devActive_ = true;
   eng_ = dev_.get();
   topo_.device = dev_ != nullptr;
@@ -123,6 +126,7 @@ void Comm::checkDeviceErrors() {
 }
 
 void Comm::checkDevicePeers() {
+  checkAbort();  // abort() / destroy with work in flight ends the host's waits too
   if (shm_) {
     std::string why;
     int by = shm_->abortedBy(&why);
@@ -191,14 +195,14 @@ char* Comm::stageBuf(size_t need) {
         hostEng_ = std::make_unique<DeviceEngine>(rank_, size_, [this] { checkDevicePeers(); }, *store_,
                                                   prefix_ + "hp/", std::move(cpu), need);
       }
-      if (need > hostEng_->capacity()) hostOps_->synchronize();  // copies may still use the old buffer
+      if (need > hostEng_->capacity()) hostOps_->waitIdle();  // copies may still use the old buffer
       hostEng_->reserve(need);
       return hostEng_->staging();
     case Stage::kHostPrivate:
       break;
   }
   if (need > hostStageBytes_) {
-    hostOps_->synchronize();  // copies out of the old buffer may still be in flight
+    hostOps_->waitIdle();  // copies out of the old buffer may still be in flight
     if (hostStage_) hostOps_->releaseHost(hostStage_);
     hostStage_ = nullptr;
     hostStageBytes_ = 0;
@@ -274,6 +278,7 @@ void Comm::runStaged(const std::function<void()>& body, uint64_t ticket) {
     ~EngineScope() { c.eng_ = was; }
   } e{*this, eng_};
   eng_ = hostEng_.get();
+  hostEng_->ops().setWaitTimeout(timeout());
   StagedScope s(devStaged_);
   body();
 }
@@ -285,8 +290,33 @@ DeviceOps& Comm::deviceOps() {
 }
 
 void Comm::syncDevice() {
-  if (dev_) dev_->ops().synchronize();
-  if (hostOps_) hostOps_->synchronize();
+  if (dev_) {
+    dev_->ops().setWaitTimeout(timeout());
+    dev_->ops().waitIdle();
+  }
+  if (hostOps_) hostOps_->waitIdle();
+}
+
+void Comm::guardStaged(const std::function<void()>& body) {
+  try {
+    body();
+  } catch (...) {
+    // Nothing the host path queued may touch user or staging memory once the error is out, and the next call must
+    // start from a clean state (its copy streams forked from the bound stream again).
+    if (hostOps_) hostOps_->abandon(false);
+    forked_ = downloaded_ = false;
+    lastIn_ = 0;
+    if (failure_.empty()) {
+      try {
+        throw;
+      } catch (const PeerFailed& e) {
+        fail(e.what(), true);
+      } catch (const std::exception& e) {
+        fail(cat(e.what(), " (", where(), ", device collective)"));
+      }
+    }
+    throw;
+  }
 }
 
 void Comm::runOnHost(const std::function<void()>& body) {
@@ -315,11 +345,8 @@ Comm::~Comm() {
   if (wakeFd_ >= 0) close(wakeFd_);
   dev_.reset();
   if (hostOps_) {
-    try {
-      hostOps_->synchronize();
-    } catch (...) {
-    }
-    hostEng_.reset();  // unpins its staging with hostOps_
+    hostOps_->abandon(true);  // after a failure copies may still be queued: none may outlive the staging
+    hostEng_.reset();         // unpins its staging with hostOps_
     if (hostStage_) hostOps_->releaseHost(hostStage_);
   }
   if (knobs().debug >= 2)

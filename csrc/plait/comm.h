@@ -155,9 +155,29 @@ class Comm {
   // device engine's stream and the host path's copy streams have been given (measurements only).
   DeviceOps& deviceOps();
   void syncDevice();
+  // Runs one device collective; if it throws, the host path's copies are abandoned (none touches memory after this
+  // returns), the staging state is reset and the group is failed (peers are told) before the error propagates.
+  void guardStaged(const std::function<void()>& body);
   // The host path's rates, measured once per group by the algorithms (coll::hostSplitFor), identical on every rank.
-  const HostPathRates& hostRates() const { return hostRates_; }
-  void setHostRates(const HostPathRates& r) { hostRates_ = r; }
+  // Any thread (Python reads them while the worker may be measuring).
+  HostPathRates hostRates() const {
+    std::lock_guard<std::mutex> g(ratesMu_);
+    return hostRates_;
+  }
+  void setHostRates(const HostPathRates& r) {
+    std::lock_guard<std::mutex> g(ratesMu_);
+    hostRates_ = r;
+    ++hostMeasurements_;
+  }
+  // Bytes of device all-reduces that went through the device engine and through the host path (the split, observed),
+  // and how many times the rates were measured.
+  void countPathBytes(uint64_t device, uint64_t host) {
+    deviceBytes_ += device;
+    hostBytes_ += host;
+  }
+  uint64_t deviceEngineBytes() const { return deviceBytes_.load(); }
+  uint64_t hostPathBytes() const { return hostBytes_.load(); }
+  int hostMeasurements() const { return hostMeasurements_.load(); }
   bool measuringHostPath() const { return measuring_; }
   void setMeasuringHostPath(bool m) { measuring_ = m; }
   // Runs body on the host engine in the middle of a device collective, returning to device mode however it ends.
@@ -342,7 +362,10 @@ class Comm {
   uint64_t lastIn_ = 0;                    // the last download's ticket
   bool forked_ = false;                    // the copy streams have waited for the bound stream in this collective
   bool downloaded_ = false;                // this collective downloaded something (lastIn_ is its)
+  mutable std::mutex ratesMu_;
   HostPathRates hostRates_;
+  std::atomic<uint64_t> deviceBytes_{0}, hostBytes_{0};
+  std::atomic<int> hostMeasurements_{0};
   bool measuring_ = false;
   char* hostStage_ = nullptr;              // kHostPrivate's staging
   size_t hostStageBytes_ = 0;

@@ -92,8 +92,13 @@ const Knobs& knobs() {
         throw Error(cat("plait: PLAIT_HOST_SHARE=", v, " is not a number from 0 to 1"));
     }
     k.hostChunkBytes = std::max<size_t>(4096, envSize("PLAIT_HOST_CHUNK_BYTES", size_t(4) << 20));
-    k.emuPcieGBps = std::strtod(envStr("PLAIT_EMU_PCIE_GBPS", "0").c_str(), nullptr);
-    if (!(k.emuPcieGBps >= 0)) throw Error("plait: PLAIT_EMU_PCIE_GBPS must be >= 0");
+    {
+      std::string v = envStr("PLAIT_EMU_PCIE_GBPS", "0");
+      char* end = nullptr;
+      k.emuPcieGBps = std::strtod(v.c_str(), &end);
+      if (end == v.c_str() || *end || !(k.emuPcieGBps >= 0 && k.emuPcieGBps < 1e6))
+        throw Error(cat("plait: PLAIT_EMU_PCIE_GBPS=", v, " is not a rate in GB/s (0 for copies at once)"));
+    }
     k.kernels = envStr("PLAIT_KERNELS", "auto");
     if (k.kernels != "auto" && k.kernels != "scalar")
       throw Error(cat("plait: PLAIT_KERNELS=", k.kernels, " is not one of auto, scalar"));

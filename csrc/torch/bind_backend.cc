@@ -62,6 +62,10 @@ void register_backend(py::module_& m) {
                                d["device_engine"] = self.comm().deviceEngineName();
                                // the host path's rates (measured at the first device all-reduce that needs them)
                                d["host_path"] = ratesDict(self.comm().hostRates());
+                               // bytes of device all-reduces summed by each path so far, and the rate measurements
+                               d["device_engine_bytes"] = self.comm().deviceEngineBytes();
+                               d["host_path_bytes"] = self.comm().hostPathBytes();
+                               d["host_path_measurements"] = self.comm().hostMeasurements();
                                return d;
                              })
       .def("all_reduce",

@@ -54,7 +54,8 @@ template <typename F>
 void hostChunks(Comm& c, char* user, size_t count, size_t es, size_t scratchChunks, bool copyIn, bool copyOut,
                 F&& run, const std::function<void()>& between = {}) {
   constexpr size_t kMaxChunksPerWindow = 256;  // the copy streams' tickets (transport/device.h) outlive a window
-  const size_t slice = std::max<size_t>(c.stageSlice() / es, 1);
+  // At least 4 chunks per window: each window boundary waits for the previous window's uploads.
+  const size_t slice = std::max<size_t>(std::max(c.stageSlice(), 4 * knobs().hostChunkBytes) / es, 1);
   const size_t window = std::max<size_t>(1, std::min(count, slice));
   const size_t chunk = std::max({size_t(1), std::min(window, knobs().hostChunkBytes / es),
                                  (window + kMaxChunksPerWindow - 1) / kMaxChunksPerWindow});
@@ -63,7 +64,9 @@ void hostChunks(Comm& c, char* user, size_t count, size_t es, size_t scratchChun
   bool first = true;
   do {
     const size_t wn = std::min(window, count - off);
-    // The same need at every window (and on every rank): kHostShared grows collectively.
+    // The same need at every window (and on every rank): kHostShared grows collectively. kHostPrivate runs the
+    // collective on the host engine, which has scratch of its own.
+    if (c.stage() == Comm::Stage::kHostPrivate) scratchChunks = 0;
     char* s = c.stageBuf((window + scratchChunks * chunk) * es);
     if (!first) c.stageFence();
     if (!copyIn) c.stageWaitUploads();  // the host writes the window without downloading into it first
@@ -97,16 +100,18 @@ void measureHostPath(Comm& c) {
   constexpr size_t kBig = size_t(8) << 20, kSmall = size_t(64) << 10;
   DeviceOps& dev = c.deviceOps();
   struct Probe {
+    Comm& c;
     DeviceOps& ops;
     char* p;
     ~Probe() {
       try {
-        ops.synchronize();
+        c.syncDevice();
+        ops.release(p);
       } catch (...) {
+        // a failed stream may still use it: leaked rather than freed under it
       }
-      ops.release(p);
     }
-  } probe{dev, static_cast<char*>(dev.alloc(kBig))};
+  } probe{c, dev, static_cast<char*>(dev.alloc(kBig))};
   auto timed = [&](const std::function<void()>& fn) {
     double best = std::numeric_limits<double>::infinity();
     for (int rep = 0; rep < 2; ++rep) {
@@ -184,94 +189,117 @@ HostSplit hostSplitFor(Comm& c, size_t bytes) {
 }
 
 void deviceAllreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
-  const size_t es = dtypeSize(dtype);
-  char* user = static_cast<char*>(buf);
-  auto run = [&](char* s, size_t n) { allreduce(c, s, n, dtype, op, algo); };
-  // One-shot needs one copy of the chunk per rank as scratch.
-  if (onHostPath(c)) return hostChunks(c, user, count, es, size_t(c.size()), true, true, run);
-  auto onDevice = [&](char* b, size_t n) {
-    // Room for the slice and, for one-shot, one copy per rank after it.
-    inSlices(c, b, n, es, c.stageSlice() / (size_t(c.size() + 1) * es), true, true, run);
-  };
-  const HostSplit h = hostSplitFor(c, count * es);
-  const size_t nh = std::min(count, size_t(std::floor(double(count) * h.share))), nd = count - nh;
-  if (nh == 0) return onDevice(user, count);
-  // The device engine's share [0, nd) is enqueued once the host share's first downloads are, then the host sums
-  // its share [nd, count) while the device works.
-  c.withStage(Comm::Stage::kHostShared, [&] {
-    hostChunks(c, user + nd * es, nh, es, size_t(c.size()), true, true, run, [&] {
-      if (nd) c.withStage(Comm::Stage::kDevice, [&] { onDevice(user, nd); });
+  c.guardStaged([&] {
+    const size_t es = dtypeSize(dtype);
+    char* user = static_cast<char*>(buf);
+    auto run = [&](char* s, size_t n) { allreduce(c, s, n, dtype, op, algo); };
+    auto count_ = [&](size_t onDev, size_t onHost) {  // what took which path (not the measurement's probes)
+      if (!c.measuringHostPath()) c.countPathBytes(onDev * es, onHost * es);
+    };
+    // One-shot needs one copy of the chunk per rank as scratch.
+    if (onHostPath(c)) {
+      count_(0, count);
+      return hostChunks(c, user, count, es, size_t(c.size()), true, true, run);
+    }
+    auto onDevice = [&](char* b, size_t n) {
+      // Room for the slice and, for one-shot, one copy per rank after it.
+      inSlices(c, b, n, es, c.stageSlice() / (size_t(c.size() + 1) * es), true, true, run);
+    };
+    const HostSplit h = hostSplitFor(c, count * es);
+    const size_t nh = std::min(count, size_t(std::floor(double(count) * h.share))), nd = count - nh;
+    count_(nd, nh);
+    if (nh == 0) return onDevice(user, count);
+    // The device engine's share [0, nd) is enqueued once the host share's first downloads are, then the host sums
+    // its share [nd, count) while the device works.
+    c.withStage(Comm::Stage::kHostShared, [&] {
+      hostChunks(c, user + nd * es, nh, es, size_t(c.size()), true, true, run, [&] {
+        if (nd) c.withStage(Comm::Stage::kDevice, [&] { onDevice(user, nd); });
+      });
     });
   });
 }
 
 void deviceBroadcast(Comm& c, void* buf, size_t bytes, int root) {
-  auto run = [&](char* s, size_t n) { broadcast(c, s, n, root); };
-  char* user = static_cast<char*>(buf);
-  if (onHostPath(c)) return hostChunks(c, user, bytes, 1, 0, c.rank() == root, c.rank() != root, run);
-  inSlices(c, user, bytes, 1, c.stageSlice(), c.rank() == root, c.rank() != root, run);
+  c.guardStaged([&] {
+    auto run = [&](char* s, size_t n) { broadcast(c, s, n, root); };
+    char* user = static_cast<char*>(buf);
+    if (onHostPath(c)) return hostChunks(c, user, bytes, 1, 0, c.rank() == root, c.rank() != root, run);
+    inSlices(c, user, bytes, 1, c.stageSlice(), c.rank() == root, c.rank() != root, run);
+  });
 }
 
 void deviceReduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, int root) {
-  const size_t es = dtypeSize(dtype);
-  auto run = [&](char* s, size_t n) { reduce(c, s, n, dtype, op, root); };
-  char* user = static_cast<char*>(buf);
-  // Scratch for interior ranks of the tree: one chunk (slice) after it.
-  if (onHostPath(c)) return hostChunks(c, user, count, es, 1, true, c.rank() == root, run);
-  inSlices(c, user, count, es, c.stageSlice() / (2 * es), true, c.rank() == root, run);
+  c.guardStaged([&] {
+    const size_t es = dtypeSize(dtype);
+    auto run = [&](char* s, size_t n) { reduce(c, s, n, dtype, op, root); };
+    char* user = static_cast<char*>(buf);
+    // Scratch for interior ranks of the tree: one chunk (slice) after it.
+    if (onHostPath(c)) return hostChunks(c, user, count, es, 1, true, c.rank() == root, run);
+    inSlices(c, user, count, es, c.stageSlice() / (2 * es), true, c.rank() == root, run);
+  });
 }
 
 void deviceAllgather(Comm& c, const void* in, void* out, const std::vector<size_t>& bytes) {
-  const size_t all = totalOf(bytes);
-  Blocks b = packedBlocks(bytes);
-  char* s = c.stageBuf(all);
-  c.stageIn(s + b.off[c.rank()], in, b.len[c.rank()]);
-  c.runStaged([&] { allgather(c, s + b.off[c.rank()], s, bytes); });
-  c.stageOut(out, s, all);
-  c.stageDone();
+  c.guardStaged([&] {
+    const size_t all = totalOf(bytes);
+    Blocks b = packedBlocks(bytes);
+    char* s = c.stageBuf(all);
+    c.stageIn(s + b.off[c.rank()], in, b.len[c.rank()]);
+    c.runStaged([&] { allgather(c, s + b.off[c.rank()], s, bytes); });
+    c.stageOut(out, s, all);
+    c.stageDone();
+  });
 }
 
 void deviceReduceScatter(Comm& c, const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
-  const size_t es = dtypeSize(dtype), all = totalOf(counts) * es;
-  const size_t most = *std::max_element(counts.begin(), counts.end()) * es;
-  char* s = c.stageBuf(2 * all + most);  // input, output, scratch (the ring reduces a copy of the input)
-  c.stageIn(s, in, all);
-  c.setStageScratchBase(all + most);
-  c.runStaged([&] { reduceScatter(c, s, s + all, counts, dtype, op); });
-  c.stageOut(out, s + all, counts[c.rank()] * es);
-  c.stageDone();
+  c.guardStaged([&] {
+    const size_t es = dtypeSize(dtype), all = totalOf(counts) * es;
+    const size_t most = *std::max_element(counts.begin(), counts.end()) * es;
+    char* s = c.stageBuf(2 * all + most);  // input, output, scratch (the ring reduces a copy of the input)
+    c.stageIn(s, in, all);
+    c.setStageScratchBase(all + most);
+    c.runStaged([&] { reduceScatter(c, s, s + all, counts, dtype, op); });
+    c.stageOut(out, s + all, counts[c.rank()] * es);
+    c.stageDone();
+  });
 }
 
 void deviceAlltoall(Comm& c, const void* in, const std::vector<size_t>& sendBytes, void* out,
                     const std::vector<size_t>& recvBytes) {
-  const size_t sendAll = totalOf(sendBytes), recvAll = totalOf(recvBytes);
-  uint64_t need = sendAll + recvAll;
-  if (c.stageGrowsCollectively()) {
-    // Each rank knows only its own sizes, and the staging buffer grows collectively: agree on the largest need on
-    // the host first (the only device collective whose host talks to its peers before the copies).
-    c.runOnHost([&] { allreduce(c, &need, 1, DType::kInt64, RedOp::kMax, Algo::kDirect); });
-  }
-  char* s = c.stageBuf(size_t(need));
-  c.stageIn(s, in, sendAll);
-  c.runStaged([&] { alltoall(c, s, sendBytes, s + sendAll, recvBytes); });
-  c.stageOut(out, s + sendAll, recvAll);
-  c.stageDone();
+  c.guardStaged([&] {
+    const size_t sendAll = totalOf(sendBytes), recvAll = totalOf(recvBytes);
+    uint64_t need = sendAll + recvAll;
+    if (c.stageGrowsCollectively()) {
+      // Each rank knows only its own sizes, and the staging buffer grows collectively: agree on the largest need on
+      // the host first (the only device collective whose host talks to its peers before the copies).
+      c.runOnHost([&] { allreduce(c, &need, 1, DType::kInt64, RedOp::kMax, Algo::kDirect); });
+    }
+    char* s = c.stageBuf(size_t(need));
+    c.stageIn(s, in, sendAll);
+    c.runStaged([&] { alltoall(c, s, sendBytes, s + sendAll, recvBytes); });
+    c.stageOut(out, s + sendAll, recvAll);
+    c.stageDone();
+  });
 }
 
 void deviceGather(Comm& c, const void* in, size_t bytes, void* out, int root) {
-  char* s = c.stageBuf(size_t(c.size()) * bytes);
-  c.stageIn(s + size_t(c.rank()) * bytes, in, bytes);
-  c.runStaged([&] { gather(c, s + size_t(c.rank()) * bytes, bytes, s, root); });
-  if (c.rank() == root) c.stageOut(out, s, size_t(c.size()) * bytes);
-  c.stageDone();
+  c.guardStaged([&] {
+    char* s = c.stageBuf(size_t(c.size()) * bytes);
+    c.stageIn(s + size_t(c.rank()) * bytes, in, bytes);
+    c.runStaged([&] { gather(c, s + size_t(c.rank()) * bytes, bytes, s, root); });
+    if (c.rank() == root) c.stageOut(out, s, size_t(c.size()) * bytes);
+    c.stageDone();
+  });
 }
 
 void deviceScatter(Comm& c, const void* in, void* out, size_t bytes, int root) {
-  char* s = c.stageBuf(size_t(c.size() + 1) * bytes);
-  if (c.rank() == root) c.stageIn(s, in, size_t(c.size()) * bytes);
-  c.runStaged([&] { scatter(c, s, s + size_t(c.size()) * bytes, bytes, root); });
-  c.stageOut(out, s + size_t(c.size()) * bytes, bytes);
-  c.stageDone();
+  c.guardStaged([&] {
+    char* s = c.stageBuf(size_t(c.size() + 1) * bytes);
+    if (c.rank() == root) c.stageIn(s, in, size_t(c.size()) * bytes);
+    c.runStaged([&] { scatter(c, s, s + size_t(c.size()) * bytes, bytes, root); });
+    c.stageOut(out, s + size_t(c.size()) * bytes, bytes);
+    c.stageDone();
+  });
 }
 
 }  // namespace coll

@@ -153,15 +153,39 @@ class CudaDeviceOps : public DeviceOps {
   void waitUploads() override {
     if (!up_) return;
     check(cudaEventRecord(fenceEv_, up_), "cudaEventRecord (host path uploads)");
-    waitEvent(fenceEv_);
+    waitEvent(fenceEv_, "the host path's uploads");
   }
-  // The host polls (a blocking synchronize would not notice a failed peer).
-  void waitEvent(cudaEvent_t e) {
+  void waitIdle() override {
+    streams();
+    check(cudaEventRecord(joinEv_[0], stream_), "cudaEventRecord (wait idle)");
+    waitEvent(joinEv_[0], "the communication stream");
+    check(cudaEventRecord(joinEv_[0], down_), "cudaEventRecord (wait idle)");
+    waitEvent(joinEv_[0], "the host path's downloads");
+    waitUploads();
+  }
+  void abandon(bool drain) noexcept override {
+    if (!down_) return;
+    try {
+      join();
+    } catch (...) {
+    }
+    if (drain) {
+      cudaStreamSynchronize(down_);
+      cudaStreamSynchronize(up_);
+      cudaGetLastError();
+    }
+  }
+  void setWaitTimeout(std::chrono::milliseconds t) override { waitTimeout_ = t; }
+  // The host polls (a blocking synchronize would neither notice a failed peer nor give up).
+  void waitEvent(cudaEvent_t e, const char* what = "a host path download") {
+    const auto deadline = Clock::now() + waitTimeout_;
     for (int i = 0;; ++i) {
       cudaError_t r = cudaEventQuery(e);
       if (r == cudaSuccess) return;
-      if (r != cudaErrorNotReady) check(r, "cudaEventQuery (host path download)");
-      if (poll_ && i % 64 == 63) poll_();  // a peer that failed makes the wait give up
+      if (r != cudaErrorNotReady) check(r, "cudaEventQuery (host path)");
+      if (poll_ && i % 64 == 63) poll_();  // a peer that failed (or an abort) makes the wait give up
+      if (Clock::now() >= deadline)
+        throw Error(cat("plait: CUDA: ", what, " did not finish within ", waitTimeout_.count(), " ms"));
       std::this_thread::sleep_for(std::chrono::microseconds(i < 100 ? 5 : 50));
     }
   }
@@ -191,6 +215,7 @@ class CudaDeviceOps : public DeviceOps {
   cudaEvent_t forkEv_ = nullptr, fenceEv_ = nullptr, joinEv_[2] = {nullptr, nullptr};
   std::vector<cudaEvent_t> events_;
   uint64_t tickets_ = 0;
+  std::chrono::milliseconds waitTimeout_{std::chrono::minutes(30)};
 
   WriteValue32 write_;
   WaitValue32 wait_;

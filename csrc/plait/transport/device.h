@@ -75,6 +75,15 @@ class DeviceOps {
   virtual void waitDownload(uint64_t /*ticket*/) {}
   // The host waits for every upload enqueued so far (before it writes staging memory that an upload may still read).
   virtual void waitUploads() {}
+  // The host waits for everything enqueued so far on the bound stream and the copy streams, polling (the poll
+  // callback runs) and giving up after the wait timeout.
+  virtual void waitIdle() { synchronize(); }
+  // After a failure: no queued copy may touch memory once this returns (the emulation drops the copies not yet
+  // started and waits for the running one; CUDA makes the bound stream wait for the copy streams and, with `drain`,
+  // the host too). Never throws.
+  virtual void abandon(bool /*drain*/) noexcept {}
+  // How long the host waits above may take before they throw (the group's timeout).
+  virtual void setWaitTimeout(std::chrono::milliseconds) {}
   virtual void join() {}
   // Host memory allocated elsewhere (the host path's shared staging) made page-locked once, for fast copies.
   virtual void pin(void* /*p*/, size_t /*bytes*/) {}

@@ -56,12 +56,24 @@ class CopyEngine {
         l.lock();
       }
       if (Clock::now() >= deadline)
-        throw Error(cat("plait: emulated device: a host-path copy did not finish within ", timeout.count(), " ms"));
+        throw Error(cat("plait: emulated device: a host-path copy (", ticket - done_, " still queued) did not finish "
+                        "within ", timeout.count(), " ms"));
     }
   }
   uint64_t queued() {
     std::lock_guard<std::mutex> g(m_);
     return queued_;
+  }
+  // Drops the copies not yet started (counted as done, so no wait hangs on them) and waits for the running one.
+  void cancel() noexcept {
+    std::unique_lock<std::mutex> l(m_);
+    if (!q_.empty()) {
+      const size_t drop = q_.size() - (running_ ? 1 : 0);
+      q_.erase(q_.end() - std::ptrdiff_t(drop), q_.end());
+      done_ += drop;
+    }
+    cv_.notify_all();
+    cv_.wait(l, [&] { return !running_; });
   }
 
  private:
@@ -76,11 +88,13 @@ class CopyEngine {
       cv_.wait(l, [&] { return stop_ || !q_.empty(); });
       if (q_.empty()) return;
       Job j = q_.front();
+      running_ = true;
       l.unlock();
       const auto start = Clock::now();
       if (j.bytes && j.dst != j.src) std::memmove(j.dst, j.src, j.bytes);
       std::this_thread::sleep_until(start + std::chrono::microseconds(int64_t(double(j.bytes) / bytesPerUs_)));
       l.lock();
+      running_ = false;
       q_.pop_front();
       ++done_;
       cv_.notify_all();
@@ -91,7 +105,7 @@ class CopyEngine {
   std::condition_variable cv_;
   std::deque<Job> q_;
   uint64_t queued_ = 0, done_ = 0;
-  bool stop_ = false;
+  bool stop_ = false, running_ = false;
   std::thread th_;
 };
 
@@ -105,7 +119,8 @@ class EmulatedDeviceOps : public DeviceOps {
     }
   }
   ~EmulatedDeviceOps() override {
-    down_.reset();  // finishes the queued copies
+    abandon(false);  // the memory the queued copies would touch may be gone
+    down_.reset();
     up_.reset();
     for (auto& [p, m] : maps_) {
       if (pinWith_ && m.fd >= 0) pinWith_->unpin(p);
@@ -193,6 +208,12 @@ class EmulatedDeviceOps : public DeviceOps {
     if (down_) down_->wait(ticket, timeout_, poll_);
   }
   void waitUploads() override { fence(); }
+  void waitIdle() override { drain(); }
+  void abandon(bool) noexcept override {
+    if (down_) down_->cancel();
+    if (up_) up_->cancel();
+  }
+  void setWaitTimeout(std::chrono::milliseconds t) override { timeout_ = t; }
   // The emulated bound stream is the calling thread: it waits for the copies here.
   void join() override { drain(); }
   void reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t count) override {
