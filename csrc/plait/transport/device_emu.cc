@@ -72,6 +72,7 @@ class CopyEngine {
       q_.erase(q_.end() - std::ptrdiff_t(drop), q_.end());
       done_ += drop;
     }
+    ++cancels_;  // cuts the running copy's modelled time short (its bytes have moved)
     cv_.notify_all();
     cv_.wait(l, [&] { return !running_; });
   }
@@ -89,11 +90,13 @@ class CopyEngine {
       if (q_.empty()) return;
       Job j = q_.front();
       running_ = true;
+      const uint64_t cancels = cancels_;
       l.unlock();
       const auto start = Clock::now();
       if (j.bytes && j.dst != j.src) std::memmove(j.dst, j.src, j.bytes);
-      std::this_thread::sleep_until(start + std::chrono::microseconds(int64_t(double(j.bytes) / bytesPerUs_)));
       l.lock();
+      cv_.wait_until(l, start + std::chrono::microseconds(int64_t(double(j.bytes) / bytesPerUs_)),
+                     [&] { return stop_ || cancels_ != cancels; });
       running_ = false;
       q_.pop_front();
       ++done_;
@@ -104,7 +107,7 @@ class CopyEngine {
   std::mutex m_;
   std::condition_variable cv_;
   std::deque<Job> q_;
-  uint64_t queued_ = 0, done_ = 0;
+  uint64_t queued_ = 0, done_ = 0, cancels_ = 0;
   bool stop_ = false, running_ = false;
   std::thread th_;
 };
