@@ -12,9 +12,10 @@ speed of real GPUs, PCIe or NICs.
      copy-all    PLAIT_DEVICE=emulate, PLAIT_EMU_PCIE_GBPS=<pcie>, PLAIT_HOST_CHUNK_BYTES=1 GiB (larger than the
                  buffer: one chunk, i.e. download everything, then all_reduce over the host engine, then upload
                  everything: the staging before the pipelined host path);
-     pipe-4M     the same with the default 4 MiB chunk (download of chunk i+1 and upload of chunk i-1 overlap the
-                 host engine's all_reduce of chunk i);
-     pipe-1M     the same with 1 MiB chunks.
+     pipe-4M     the same with 4 MiB chunks (download of chunk i+1 and upload of chunk i-1 overlap the host
+                 engine's all_reduce of chunk i; the default before these measurements);
+     pipe-1M     the same with 1 MiB chunks (the default since: the first download and the last upload are not
+                 hidden, and 4 MiB of them showed at 1 Gbit/s).
    <pcie> is the emulated PCIe rate of each rank's (each GPU's) link to its host per direction, in GB/s: by default
    --pcie-ratio (2) times the host's link rate in GB/s, i.e. 0.25 GB/s at 1 Gbit/s and 2.5 GB/s at 10 Gbit/s. The
    ratio 2 is a host with one 100 Gbit/s NIC (12.5 GB/s) shared by PCIe 4.0 x16 GPUs (~25 GB/s each): copies are
@@ -291,7 +292,7 @@ def copy_model_ms(name: str, knobs: dict, nbytes: int, link_ms: float | None, pc
     if link_ms is None or name == "link-only":
         return "–"
     copy_ms = nbytes / pcie / 1e6
-    chunk = min(int(knobs.get("PLAIT_HOST_CHUNK_BYTES", 4 << 20)), nbytes)
+    chunk = min(int(knobs.get("PLAIT_HOST_CHUNK_BYTES", 1 << 20)), nbytes)
     if chunk >= nbytes:
         return f"{link_ms + 2 * copy_ms:.1f}"
     return f"{max(link_ms, copy_ms) + 2 * chunk / pcie / 1e6:.1f}"

@@ -91,7 +91,7 @@ const Knobs& knobs() {
       if (!v.empty() && (end == v.c_str() || *end || !(k.hostShare >= 0 && k.hostShare <= 1)))
         throw Error(cat("plait: PLAIT_HOST_SHARE=", v, " is not a number from 0 to 1"));
     }
-    k.hostChunkBytes = std::max<size_t>(4096, envSize("PLAIT_HOST_CHUNK_BYTES", size_t(4) << 20));
+    k.hostChunkBytes = std::max<size_t>(4096, envSize("PLAIT_HOST_CHUNK_BYTES", size_t(1) << 20));
     {
       std::string v = envStr("PLAIT_EMU_PCIE_GBPS", "0");
       char* end = nullptr;

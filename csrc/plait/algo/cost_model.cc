@@ -299,7 +299,9 @@ HostSplit planHostSplit(const HostPathRates& r, size_t bytes) {
   const double split = std::max(cd + (1 - a) * M / bd, ch + a * M / bh);
   const std::string rates =
       cat("device ", r.deviceGBps, " GB/s + ", cd, " us; host ", bh * 1e-3, " GB/s + ", ch, " us: ",
-          r.pcieGBps <= r.sumGBps ? "PCIe-bound, " : "CPU-bound, ", "PCIe ", r.pcieGBps, " GB/s per direction, CPU sum ",
+          r.pathGBps > 0 && r.pathGBps < std::min(r.pcieGBps, r.sumGBps) ? "pipeline-bound, "
+          : r.pcieGBps <= r.sumGBps                                         ? "PCIe-bound, "
+                                                                            : "CPU-bound, ", "PCIe ", r.pcieGBps, " GB/s per direction, CPU sum ",
           r.sumGBps, " GB/s", r.pathGBps > 0 ? cat(", end to end ", r.pathGBps, " GB/s") : std::string());
   if (a <= 0 || h.deviceOnlyUs - split < ch) {
     h.share = 0;
