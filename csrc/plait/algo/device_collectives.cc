@@ -193,12 +193,12 @@ void deviceAllreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Al
     const size_t es = dtypeSize(dtype);
     char* user = static_cast<char*>(buf);
     auto run = [&](char* s, size_t n) { allreduce(c, s, n, dtype, op, algo); };
-    auto count_ = [&](size_t onDev, size_t onHost) {  // what took which path (not the measurement's probes)
+    auto counted = [&](size_t onDev, size_t onHost) {  // what took which path (not the measurement's probes)
       if (!c.measuringHostPath()) c.countPathBytes(onDev * es, onHost * es);
     };
     // One-shot needs one copy of the chunk per rank as scratch.
     if (onHostPath(c)) {
-      count_(0, count);
+      counted(0, count);
       return hostChunks(c, user, count, es, size_t(c.size()), true, true, run);
     }
     auto onDevice = [&](char* b, size_t n) {
@@ -207,7 +207,7 @@ void deviceAllreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Al
     };
     const HostSplit h = hostSplitFor(c, count * es);
     const size_t nh = std::min(count, size_t(std::floor(double(count) * h.share))), nd = count - nh;
-    count_(nd, nh);
+    counted(nd, nh);
     if (nh == 0) return onDevice(user, count);
     // The device engine's share [0, nd) is enqueued once the host share's first downloads are, then the host sums
     // its share [nd, count) while the device works.
