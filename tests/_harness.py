@@ -106,6 +106,7 @@ def run_world(
     options: dict | None = None,
     expect_fail: bool = False,
     shutdown_grace_s: float = 30.0,
+    port: int | None = None,
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes.
 
@@ -116,6 +117,8 @@ def run_world(
     env: extra environment for every child; rank_env: {rank: {name: value}} for single ranks.
     options: kwargs for ``plait.Options`` passed as ``pg_options`` (ignored unless the backend is plait).
     expect_fail: return the list of ``RankResult`` instead of failing the test when a rank fails.
+    port: the rendezvous store's port for init "tcp" / "env" (default: a free one), e.g. one that summation servers
+    were started against.
 
     Returns the list of per-rank return values (or ``RankResult`` objects when ``expect_fail``).
     """
@@ -124,14 +127,14 @@ def run_world(
     backend = backend or BACKEND
     workdir = tempfile.mkdtemp(prefix="plait_test_world_")
     init_method = None
-    port = None
+    port = port or None  # the caller's, else a free one below
     if init == "file":
         init_method = f"file://{workdir}/filestore"
     elif init == "tcp":
-        port = free_port()
+        port = port or free_port()
         init_method = f"tcp://127.0.0.1:{port}"
     elif init == "env":
-        port = free_port()
+        port = port or free_port()
         init_method = "env://"
     elif init is not None:
         raise ValueError(f"unknown init {init!r}")

@@ -251,6 +251,10 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
       {"PLAIT_HOST_PATH", knobs().hostPath},
       {"PLAIT_HOST_SHARE", cat(knobs().hostShare)},
       {"PLAIT_HOST_CHUNK_BYTES", cat(knobs().hostChunkBytes)},
+      {"servers (PLAIT_SERVERS / Options.servers)", cat(opts.servers >= 0 ? opts.servers : knobs().servers)},
+      {"PLAIT_SERVER_SHARE", cat(knobs().serverShare)},
+      {"PLAIT_SERVER_SEGMENT_BYTES", cat(knobs().serverSegBytes)},
+      {"PLAIT_SERVER_GBPS", cat(knobs().serverGbps)},
   };
   std::string schedInfo;
   for (const auto& kv : sched) schedInfo += cat(schedInfo.empty() ? "" : "\t", kv.second);
@@ -369,12 +373,19 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
   if (tcpPeers.empty()) b.tcp.reset();
   computeLinkLoads(b.topo, b.hostOf);
   if (b.topo.nhosts > 1) probeLink(b, store, rank, timeout);
+  const int nServers = opts.servers >= 0 ? opts.servers : knobs().servers;
+  if (nServers > 0 && size > 0)
+    b.serverLinks = attachServers(store, opts.rootStore.get(), prefix, uuid, secret, rank, b.hostRanks, b.hostOf,
+                                  nServers, timeout, opts.storeDesc, &b.servers);
   if (infoEnabled())
     logInfo(cat("rank ", rank, "/", size, " group '", opts.groupName, "': ", b.topo.nhosts, " host(s), ",
                 shmPeers.size(), " shm peer(s), ", tcpPeers.size(), " tcp peer(s), kernels ", kernelIsa(),
                 ", algo ", algoName(algo), ", chunk ", chunkBytes, " B",
                 b.topo.nhosts > 1 ? cat(", inter-host link ", b.topo.linkAlphaUs, " us + ",
                                        1e-3 / b.topo.linkUsPerByte, " GB/s (", b.topo.linkSource, ")")
+                                 : std::string()) +
+                (b.servers.k > 0 ? cat(", ", b.servers.k, " summation server(s) at ", b.servers.gbps * 8,
+                                       " Gbit/s each (", b.servers.source, ")")
                                  : std::string()));
   return b;
 }

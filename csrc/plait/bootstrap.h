@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "plait/common.h"
+#include "plait/server/link.h"
 #include "plait/store.h"
 #include "plait/transport/channel.h"
 
@@ -18,6 +19,7 @@ namespace plait {
 
 class ShmDomain;
 class TcpDomain;
+class ServerLinks;
 
 // kHier: hierarchical, the cost model picks ring or tree across hosts; kHierRing / kHierTree force that choice.
 enum class Algo : uint8_t { kAuto, kRing, kTree, kDirect, kHier, kHierRing, kHierTree };
@@ -33,6 +35,11 @@ struct Options {
   uint32_t compressionBlock = 0;   // 0: PLAIT_COMPRESSION_BLOCK, else the codec's default
   std::string addressHint;     // host of the rendezvous store, to pick the interface to advertise
   std::string groupName;
+  int servers = -1;            // summation servers (-1: PLAIT_SERVERS)
+  // The rendezvous store's root (not the group's prefixed view): where summation servers register and read job
+  // secrets. Needed only with servers; storeDesc ("host:port") names it in errors.
+  std::shared_ptr<Store> rootStore;
+  std::string storeDesc;
 };
 
 // Where ranks live: the cost model's input, identical on every rank.
@@ -64,6 +71,8 @@ struct Bootstrap {
   Topology topo;
   bool oversubscribed = false;  // this machine runs more ranks than it has cores
   int reduceThreads = 1;        // PLAIT_THREADS, else the cores this host has per local rank
+  std::unique_ptr<ServerLinks> serverLinks;  // summation servers (host leaders only)
+  ServerInfo servers;                        // the same on every rank (k = 0: none)
   Bootstrap();
   ~Bootstrap();
   Bootstrap(Bootstrap&&) noexcept;

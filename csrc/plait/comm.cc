@@ -70,6 +70,8 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   topo_ = b.topo;
   oversubscribed_ = b.oversubscribed;
   reduceThreads_ = b.reduceThreads;
+  serverLinks_ = std::move(b.serverLinks);
+  servers_ = b.servers;
 }
 
 void Comm::setDevice(int device, void* stream) {
@@ -455,6 +457,7 @@ void Comm::fail(const std::string& what, bool secondHand) {
   for (auto& i : in_) i = Inbound{};
   pending_ = pendingColl_ = 0;
   if (tcp_) tcp_->abortAll();
+  if (serverLinks_) serverLinks_->shutdownAll();  // the servers drop the job and tell the other workers
   if (dev_) dev_->releaseWaits();
   if (hostEng_) hostEng_->releaseWaits();
   // Callbacks must not throw (the torch layer's do not); one that does cannot stop the others from being told.

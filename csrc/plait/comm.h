@@ -204,6 +204,8 @@ class Comm {
   static constexpr uint8_t kSchedCompressed = 0x40;
   // Set with kSchedCompressed for AVG (divided before quantizing): ranks mixing SUM and AVG raise.
   static constexpr uint8_t kSchedAverage = 0x20;
+  // The summation servers' mixed partition (algo/servers.cc).
+  static constexpr uint8_t kSchedServers = 0x10;
   // The current collective (as passed to begin(), with its schedule).
   const CollCtx& ctx() const { return ctx_; }
   // Records the schedule chosen after begin() (before anything is posted).
@@ -239,6 +241,18 @@ class Comm {
 
   // Threads for whole-buffer reductions: PLAIT_THREADS, else the cores this host has per local rank.
   int reduceThreads() const { return reduceThreads_; }
+
+  // ---- summation servers (server/link.h; algo/servers.cc runs the schedule) ----
+  // The group's servers (k = 0: none), the same on every rank; the links exist on host leaders only.
+  const ServerInfo& servers() const { return servers_; }
+  ServerLinks* serverLinks() { return serverLinks_.get(); }
+  // Bytes of all-reduces that went through the servers and through the workers' own schedule (this rank's view).
+  void countServerBytes(uint64_t viaServers, uint64_t viaWorkers) {
+    serverBytes_ += viaServers;
+    workerBytes_ += viaWorkers;
+  }
+  uint64_t serverBytes() const { return serverBytes_.load(); }
+  uint64_t workerBytes() const { return workerBytes_.load(); }
 
  private:
   struct Peer;
@@ -370,6 +384,9 @@ class Comm {
   char* hostStage_ = nullptr;              // kHostPrivate's staging
   size_t hostStageBytes_ = 0;
   std::atomic<bool> hasDev_{false};
+  std::unique_ptr<ServerLinks> serverLinks_;
+  ServerInfo servers_;
+  std::atomic<uint64_t> serverBytes_{0}, workerBytes_{0};
   bool devActive_ = false;
   bool devStaged_ = false;  // inside a staged device collective: pointers are in the staging buffer
 };

@@ -99,6 +99,24 @@ const Knobs& knobs() {
       if (end == v.c_str() || *end || !(k.emuPcieGBps >= 0 && k.emuPcieGBps < 1e6))
         throw Error(cat("plait: PLAIT_EMU_PCIE_GBPS=", v, " is not a rate in GB/s (0 for copies at once)"));
     }
+    {
+      std::string v = envStr("PLAIT_SERVERS", "0");
+      char* end = nullptr;
+      long n = std::strtol(v.c_str(), &end, 10);
+      if (end == v.c_str() || *end || n < 0 || n > 1024)
+        throw Error(cat("plait: PLAIT_SERVERS=", v, " is not a number of servers from 0 to 1024"));
+      k.servers = int(n);
+      v = envStr("PLAIT_SERVER_SHARE", "");
+      k.serverShare = v.empty() ? -1 : std::strtod(v.c_str(), &end);
+      if (!v.empty() && (end == v.c_str() || *end || !(k.serverShare >= 0 && k.serverShare <= 1)))
+        throw Error(cat("plait: PLAIT_SERVER_SHARE=", v, " is not a number from 0 to 1"));
+      v = envStr("PLAIT_SERVER_GBPS", "0");
+      k.serverGbps = std::strtod(v.c_str(), &end);
+      if (end == v.c_str() || *end || !(k.serverGbps >= 0 && k.serverGbps < 1e7))
+        throw Error(cat("plait: PLAIT_SERVER_GBPS=", v, " is not a rate in Gbit/s (0: measure)"));
+      k.serverSegBytes = std::min<size_t>(size_t(64) << 20,
+                                          std::max<size_t>(4096, envSize("PLAIT_SERVER_SEGMENT_BYTES", size_t(512) << 10)));
+    }
     k.kernels = envStr("PLAIT_KERNELS", "auto");
     if (k.kernels != "auto" && k.kernels != "scalar")
       throw Error(cat("plait: PLAIT_KERNELS=", k.kernels, " is not one of auto, scalar"));

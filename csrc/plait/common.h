@@ -78,6 +78,10 @@ struct Knobs {
   std::string kernels;     // PLAIT_KERNELS: auto (AVX2/F16C when the CPU has them) | scalar (force the portable kernels)
   std::string compression;  // PLAIT_COMPRESSION: none|auto|int8|int4|fp8|bf16 (all-reduce on the wire)
   size_t compressionBlock;  // PLAIT_COMPRESSION_BLOCK: values per codec block (0: the codec's default)
+  int servers;              // PLAIT_SERVERS: summation servers each group waits for and uses (0: none)
+  double serverShare;       // PLAIT_SERVER_SHARE: fixed share of an all-reduce through the servers (-1: plan)
+  size_t serverSegBytes;    // PLAIT_SERVER_SEGMENT_BYTES: the servers' pipelining segment
+  double serverGbps;        // PLAIT_SERVER_GBPS: the servers' link rate in Gbit/s for the planner (0: measure)
 };
 const Knobs& knobs();
 

@@ -210,19 +210,6 @@ void PlaitWork::complete(std::exception_ptr error) {
 PlaitBackend::PlaitBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                            std::chrono::milliseconds timeout, const plait::Options& opts)
     : c10d::Backend(rank, size), opts_(opts), groupTimeout_(timeout) {
-  struct StoreAdapter : plait::Store {
-    c10::intrusive_ptr<c10d::Store> s;
-    explicit StoreAdapter(c10::intrusive_ptr<c10d::Store> st) : s(std::move(st)) {}
-    void set(const std::string& k, const std::string& v) override {
-      s->set(k, std::vector<uint8_t>(v.begin(), v.end()));
-    }
-    std::string get(const std::string& k) override {
-      auto v = s->get(k);
-      return std::string(v.begin(), v.end());
-    }
-    int64_t add(const std::string& k, int64_t d) override { return s->add(k, d); }
-    bool check(const std::string& k) override { return s->check({k}); }
-  };
   compression_ = opts.compression.empty() ? plait::knobs().compression : opts.compression;
   TORCH_CHECK(opts.compressionBlock || plait::knobs().compressionBlock <= 65536,
               "plait: PLAIT_COMPRESSION_BLOCK=", plait::knobs().compressionBlock,

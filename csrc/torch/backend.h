@@ -21,6 +21,19 @@
 
 namespace plait_torch {
 
+// torch's c10d::Store as the core's plait::Store (the group's store, the rendezvous root, a server's store).
+struct StoreAdapter : plait::Store {
+  c10::intrusive_ptr<c10d::Store> s;
+  explicit StoreAdapter(c10::intrusive_ptr<c10d::Store> st) : s(std::move(st)) {}
+  void set(const std::string& k, const std::string& v) override { s->set(k, std::vector<uint8_t>(v.begin(), v.end())); }
+  std::string get(const std::string& k) override {
+    auto v = s->get(k);
+    return std::string(v.begin(), v.end());
+  }
+  int64_t add(const std::string& k, int64_t d) override { return s->add(k, d); }
+  bool check(const std::string& k) override { return s->check({k}); }
+};
+
 class PlaitWork : public c10d::Work {
  public:
   PlaitWork(int rank, c10d::OpType type, std::vector<at::Tensor> outputs);

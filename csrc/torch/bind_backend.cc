@@ -66,6 +66,16 @@ void register_backend(py::module_& m) {
                                d["device_engine_bytes"] = self.comm().deviceEngineBytes();
                                d["host_path_bytes"] = self.comm().hostPathBytes();
                                d["host_path_measurements"] = self.comm().hostMeasurements();
+                               // summation servers (k = 0: none), and the all-reduce bytes each side summed
+                               const auto& si = self.comm().servers();
+                               py::dict sd;
+                               sd["count"] = si.k;
+                               sd["addresses"] = si.addrs;
+                               sd["gbps"] = si.gbps * 8;
+                               sd["source"] = si.source;
+                               sd["server_bytes"] = self.comm().serverBytes();
+                               sd["worker_bytes"] = self.comm().workerBytes();
+                               d["servers"] = sd;
                                return d;
                              })
       .def("all_reduce",
@@ -116,6 +126,12 @@ void register_backend(py::module_& m) {
       .def("plan_allreduce",
            [](PlaitBackend& self, size_t bytes, bool device) { return planTuple(self.comm(), bytes, device); },
            py::arg("bytes"), py::arg("device") = false)
+      .def("plan_server_split",
+           [](PlaitBackend& self, size_t bytes) {
+             auto p = plait::coll::serverSplitFor(self.comm(), bytes);
+             return py::make_tuple(p.share, p.predictedUs, p.ringUs, p.workerBytes, p.serverBytes, p.why);
+           },
+           py::arg("bytes"))
       .def("plan_host_split",
            [](PlaitBackend& self, size_t bytes) {
              auto& c = self.comm();
@@ -153,8 +169,12 @@ void register_backend(py::module_& m) {
       [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size, std::chrono::milliseconds timeout,
          const std::string& algo, const std::string& transport, size_t chunkBytes, size_t shmRingBytes,
          const std::string& addressHint, const std::string& groupName, const std::string& compression,
-         uint32_t compressionBlock) {
+         uint32_t compressionBlock, int servers, const c10::intrusive_ptr<c10d::Store>& rootStore,
+         const std::string& storeDesc) {
         plait::Options o;
+        o.servers = servers;
+        if (rootStore) o.rootStore = std::make_shared<StoreAdapter>(rootStore);
+        o.storeDesc = storeDesc;
         o.compression = compression;
         o.compressionBlock = compressionBlock;
         o.algo = algo;
@@ -168,7 +188,8 @@ void register_backend(py::module_& m) {
       py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("timeout"), py::arg("algo") = "",
       py::arg("transport") = "", py::arg("chunk_bytes") = 0, py::arg("shm_ring_bytes") = 0,
       py::arg("address_hint") = "", py::arg("group_name") = "", py::arg("compression") = "",
-      py::arg("compression_block") = 0, py::call_guard<py::gil_scoped_release>());
+      py::arg("compression_block") = 0, py::arg("servers") = -1, py::arg("root_store") = nullptr,
+      py::arg("store_desc") = "", py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace plait_torch

@@ -5,6 +5,7 @@ namespace py = pybind11;
 namespace plait_torch {
 void register_backend(py::module_& m);
 void register_kernels(py::module_& m);
+void register_server(py::module_& m);
 }  // namespace plait_torch
 
 PYBIND11_MODULE(_C, m) {
@@ -12,4 +13,5 @@ PYBIND11_MODULE(_C, m) {
   py::module_::import("torch.distributed");  // registers c10d::Backend / Store with pybind11
   plait_torch::register_backend(m);
   plait_torch::register_kernels(m);
+  plait_torch::register_server(m);
 }

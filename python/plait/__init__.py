@@ -11,8 +11,8 @@ the cost model sees and picks; ``monitored_barrier()`` stands in for torch's glo
 (``PLAIT_ALGO``, ``PLAIT_DEBUG``, ...) are listed in the README.
 """
 
-from ._backend import (AllreducePlan, HostPathPlan, Options, all_reduce, monitored_barrier, plan_allreduce,
-                       plan_host_path, topology)
+from ._backend import (AllreducePlan, HostPathPlan, Options, ServerCount, ServersPlan, all_reduce, monitored_barrier,
+                       plan_allreduce, plan_host_path, plan_servers, topology)
 from . import hooks
 from . import _C
 
@@ -24,4 +24,4 @@ def cuda_available() -> bool:
     return _C.cuda_compiled() and _C.cuda_device_count() > 0
 
 
-__all__ = ["AllreducePlan", "HostPathPlan", "plan_host_path", "Options", "all_reduce", "hooks", "monitored_barrier", "plan_allreduce", "topology", "cuda_available", "__version__"]
+__all__ = ["AllreducePlan", "HostPathPlan", "plan_host_path", "plan_servers", "ServersPlan", "ServerCount", "Options", "all_reduce", "hooks", "monitored_barrier", "plan_allreduce", "topology", "cuda_available", "__version__"]

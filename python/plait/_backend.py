@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ class Options:
     shm_ring_bytes: int = 0
     compression: str = ""
     compression_block: int = 0
+    # Summation servers the group waits for at creation and uses (None: PLAIT_SERVERS; README "Summation servers").
+    servers: int | None = None
     # The group's timeout; None: the one passed to init_process_group / new_group (torch's default).
     timeout: datetime.timedelta | None = None
 
@@ -58,6 +61,9 @@ class Options:
         if self.compression_block and (self.compression_block % 8 or not 8 <= self.compression_block <= 65536):
             raise ValueError("plait.Options: compression_block must be 0 (the codec's default) or a multiple of 8 "
                              f"in [8, 65536], got {self.compression_block!r}")
+        if self.servers is not None and (not isinstance(self.servers, int) or isinstance(self.servers, bool)
+                                         or not 0 <= self.servers <= 1024):
+            raise ValueError(f"plait.Options: servers must be None or a number from 0 to 1024, got {self.servers!r}")
         if self.chunk_bytes < 0 or self.shm_ring_bytes < 0:
             raise ValueError("plait.Options: chunk_bytes and shm_ring_bytes must be >= 0")
         if self.timeout is not None and not isinstance(self.timeout, datetime.timedelta):
@@ -77,6 +83,19 @@ def _address_hint(store) -> str:
     return os.environ.get("MASTER_ADDR", "")
 
 
+def _root_store(store):
+    """The rendezvous store under torch's prefixes (where summation servers register), and "host:port" for a
+    TCPStore (what ``plait-server`` is given)."""
+    s = store
+    for _ in range(16):
+        inner = getattr(s, "underlying_store", None)
+        if inner is None:
+            break
+        s = inner
+    desc = f"{s.host}:{s.port}" if isinstance(s, dist.TCPStore) else ""
+    return s, desc
+
+
 def _create(dist_opts, pg_options):
     opts = pg_options if isinstance(pg_options, Options) else Options()
     if pg_options is not None and not isinstance(pg_options, Options):
@@ -84,6 +103,8 @@ def _create(dist_opts, pg_options):
     timeout = opts.timeout if opts.timeout is not None else dist_opts.timeout
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
+    servers = -1 if opts.servers is None else int(opts.servers)
+    root, desc = _root_store(dist_opts.store) if (servers > 0 or (servers < 0 and _env_servers() > 0)) else (None, "")
     return _C.create_backend(
         dist_opts.store,
         dist_opts.group_rank,
@@ -97,7 +118,17 @@ def _create(dist_opts, pg_options):
         group_name=str(dist_opts.group_id),
         compression=opts.compression,
         compression_block=int(opts.compression_block),
+        servers=servers,
+        root_store=root,
+        store_desc=desc,
     )
+
+
+def _env_servers() -> int:
+    try:
+        return int(os.environ.get("PLAIT_SERVERS", "0") or 0)
+    except ValueError:
+        return 0  # the core raises with the knob's name
 
 
 def _register():
@@ -176,6 +207,7 @@ def topology(group=None) -> dict:
 
 
 _NO_HOST = (0.0, 0.0, 0.0, 0.0, "not a device plan (device=False)")
+_NO_SERVERS = (0.0, 0.0, 0.0, 0.0, 0.0, "no servers")
 
 
 class AllreducePlan(tuple):
@@ -183,10 +215,16 @@ class AllreducePlan(tuple):
     name or ``"none"``), ``compression_block``, ``compression_hierarchical``, ``compression_why``; and, for device
     tensors (``device=True``), the host path's part: ``host_share`` (the share of the buffer summed through host
     memory by the CPU, beside the device engine), ``host_path_us`` (predicted time with that split),
-    ``device_only_us``, ``host_only_us`` and ``host_path_why``."""
+    ``device_only_us``, ``host_only_us`` and ``host_path_why``. With summation servers (``Options.servers`` /
+    PLAIT_SERVERS): ``server_share`` (the share of the buffer the servers sum; 0: the workers' own schedule),
+    ``servers_us`` (predicted time with that share), ``servers_ring_us`` (the workers' ring alone),
+    ``servers_worker_bytes`` / ``servers_server_bytes`` (bytes per direction through a worker host's / a server's
+    link) and ``servers_why``."""
 
-    def __new__(cls, plan, comp, host=_NO_HOST):
+    def __new__(cls, plan, comp, host=_NO_HOST, servers=_NO_SERVERS):
         self = super().__new__(cls, plan)
+        (self.server_share, self.servers_us, self.servers_ring_us, self.servers_worker_bytes,
+         self.servers_server_bytes, self.servers_why) = servers
         (self.compression, self.compression_block, self.compression_hierarchical, self.uncompressed_us,
          self.compressed_us, self.compression_why) = comp
         self.host_share, self.host_path_us, self.device_only_us, self.host_only_us, self.host_path_why = host
@@ -196,7 +234,9 @@ class AllreducePlan(tuple):
         return (AllreducePlan, (tuple(self), (self.compression, self.compression_block, self.compression_hierarchical,
                                               self.uncompressed_us, self.compressed_us, self.compression_why),
                                 (self.host_share, self.host_path_us, self.device_only_us, self.host_only_us,
-                                 self.host_path_why)))
+                                 self.host_path_why),
+                                (self.server_share, self.servers_us, self.servers_ring_us, self.servers_worker_bytes,
+                                 self.servers_server_bytes, self.servers_why)))
 
     algo = property(lambda self: self[0])
     one_shot = property(lambda self: self[1])
@@ -217,13 +257,14 @@ def plan_allreduce(nbytes: int, group=None, device: bool = False, dtype: torch.d
     """
     b = _backend_of(group)
     plan = b.plan_allreduce(int(nbytes), bool(device))
+    srv = tuple(b.plan_server_split(int(nbytes)))
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "other")
     count = int(nbytes) // max(1, torch.empty((), dtype=dtype).element_size())
     if device:
         comp = ("none", 0, False, 0.0, 0.0, "device tensors are not compressed yet")
-        return AllreducePlan(plan, comp, tuple(b.plan_host_split(int(nbytes))))
+        return AllreducePlan(plan, comp, tuple(b.plan_host_split(int(nbytes))), srv)
     comp = b.plan_compression(count, name, "" if compression is None else _check_compression(compression))
-    return AllreducePlan(plan, comp)
+    return AllreducePlan(plan, comp, servers=srv)
 
 
 class HostPathPlan(tuple):
@@ -254,6 +295,74 @@ def plan_host_path(nbytes: int, pcie_gbps: float, sum_gbps: float, device_gbps: 
         raise ValueError(f"plait.plan_host_path: nbytes must be >= 0, got {nbytes!r}")
     return HostPathPlan(_C._plan_host_split(int(nbytes), float(pcie_gbps), float(sum_gbps), float(device_gbps),
                                             float(host_call_us), float(device_call_us), float(path_gbps)))
+
+
+class ServerCount(tuple):
+    """One row of ``plan_servers``: ``(k, share, predicted_us, speedup, worker_bytes, server_bytes)``."""
+
+    k = property(lambda self: self[0])
+    share = property(lambda self: self[1])
+    predicted_us = property(lambda self: self[2])
+    speedup = property(lambda self: self[3])
+    worker_bytes = property(lambda self: self[4])
+    server_bytes = property(lambda self: self[5])
+
+
+@dataclass(frozen=True)
+class ServersPlan:
+    """What ``plan_servers`` answers. ``rows[k]`` is the plan with k servers (k = 0: the ring alone);
+    ``ring_us`` the ring's time; ``k_saturate`` = n·B_w/B_s, the number of servers from which more add nothing
+    (the workers' own links are then the bottleneck); ``k_useful`` the smallest k that reaches the best time;
+    ``best`` the fastest row."""
+
+    n_workers: int
+    worker_gbps: float
+    server_gbps: float
+    nbytes: int
+    ring_us: float
+    k_saturate: float
+    k_useful: int
+    rows: tuple
+
+    @property
+    def best(self) -> ServerCount:
+        return min(self.rows, key=lambda r: (round(r.predicted_us, 6), r.k))
+
+
+def plan_servers(n_workers: int, worker_gbps: float, server_gbps: float, nbytes: int, max_servers: int | None = None,
+                 alpha_us: float = 0.0, segment_bytes: int = 0) -> ServersPlan:
+    """The summation servers' planner (BytePS's mixed partition; formulas in the README, "Summation servers"):
+    for ``n_workers`` worker hosts with links of ``worker_gbps`` and servers with links of ``server_gbps`` (Gbit/s,
+    each direction), an all-reduce of ``nbytes``: for each number of servers k from 0 to ``max_servers`` (default:
+    one past the saturation point), the share the servers sum, the predicted time, the speed-up over the ring and
+    the bytes through each worker's and each server's link. ``alpha_us`` (link latency) and ``segment_bytes`` (the
+    pipeline's segment) add the fixed costs; at 0 the answer is the bandwidth formulas alone (1 + k(n-2)/n^2 at
+    equal rates). No process group is needed."""
+    n = int(n_workers)
+    if n < 1:
+        raise ValueError(f"plait.plan_servers: n_workers must be >= 1, got {n_workers!r}")
+    for name, v in (("worker_gbps", worker_gbps), ("server_gbps", server_gbps)):
+        if not v > 0:
+            raise ValueError(f"plait.plan_servers: {name} must be > 0, got {v!r}")
+    if int(nbytes) <= 0:
+        raise ValueError(f"plait.plan_servers: nbytes must be > 0, got {nbytes!r}")
+    if alpha_us < 0 or segment_bytes < 0:
+        raise ValueError("plait.plan_servers: alpha_us and segment_bytes must be >= 0")
+    ksat = _C._servers_saturate(n, float(worker_gbps), float(server_gbps))
+    if max_servers is None:
+        max_servers = max(1, math.ceil(ksat - 1e-9) + 1)
+    if int(max_servers) < 0:
+        raise ValueError(f"plait.plan_servers: max_servers must be >= 0, got {max_servers!r}")
+    rows = []
+    ring_us = None
+    for k in range(int(max_servers) + 1):
+        share, us, ring, wb, sb, _why = _C._server_time(n, k, float(worker_gbps), float(server_gbps),
+                                                        float(alpha_us), float(nbytes), float(segment_bytes))
+        ring_us = ring
+        rows.append(ServerCount((k, share, us, ring / us if us > 0 else 1.0, wb, sb)))
+    best = min(r.predicted_us for r in rows)
+    useful = min(r.k for r in rows if r.predicted_us <= best * (1 + 1e-9))
+    return ServersPlan(n, float(worker_gbps), float(server_gbps), int(nbytes), ring_us, ksat, useful, tuple(rows))
 
 
 def _check_compression(c):

@@ -14,6 +14,7 @@ void allreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Algo alg
   c.begin(Comm::CollCtx{Coll::kAllreduce, dtype, op, 0, count});
   const size_t es = dtypeSize(dtype), bytes = count * es;
   if (c.size() == 1) return;
+  if (c.servers().k > 0 && serverAllreduce(c, static_cast<char*>(buf), count, dtype, op)) return;
   AllreducePlan plan = planAllreduce(c.topology(), bytes, algo != Algo::kAuto ? algo : c.forcedAlgo());
   c.setSchedule(Comm::schedCode(plan.algo, plan.algo == Algo::kDirect && plan.oneShot));
   if (infoEnabled()) {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <vector>
 
+#include "plait/algo/cost_model.h"
 #include "plait/comm.h"
 
 namespace plait {
@@ -39,6 +40,11 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
                          float* residual = nullptr);
 // Every host has the same number (> 1) of this group's ranks, and there are several hosts.
 bool compressedHierarchical(const Comm& c);
+
+// Summation servers (algo/servers.cc): the planner's split for an all-reduce of `bytes` on this group (share 0:
+// none), and the all-reduce itself after begin(); false (nothing done) when the split sends nothing to the servers.
+ServerSplit serverSplitFor(const Comm& c, size_t bytes);
+bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op);
 
 // Device mode: the same collectives through the staging buffer (device_collectives.cc); the ones above call these
 // when Comm::stageOnDevice() says so.

@@ -317,4 +317,51 @@ HostSplit planHostSplit(const HostPathRates& r, size_t bytes) {
   return h;
 }
 
+ServerSplit serverTime(int n, int k, double workerGBps, double serverGBps, double alphaUs, double bytes,
+                       double segBytes, double s) {
+  ServerSplit r;
+  r.share = s;
+  const double bw = workerGBps * 1e3, bs = serverGBps * 1e3;  // bytes per microsecond
+  const double ringBytes = n > 1 ? 2.0 * (n - 1) / n * bytes : 0;
+  r.ringUs = n > 1 ? 2.0 * (n - 1) * alphaUs + ringBytes / bw : 0;
+  if (s <= 0 || k <= 0) {
+    r.share = 0;
+    r.workerBytes = ringBytes;
+    r.predictedUs = r.ringUs;
+    return r;
+  }
+  r.workerBytes = (n > 1 ? 2.0 * (n - 1) / n * (1 - s) * bytes : 0) + s * bytes;
+  r.serverBytes = double(n) * s * bytes / k;
+  const double fixedRing = s < 1 && n > 1 ? 2.0 * (n - 1) * alphaUs : 0;
+  const double fixedSrv = 2 * alphaUs + double(n) * std::min(segBytes, s * bytes / k) / bs;
+  r.predictedUs = std::max(fixedRing, fixedSrv) + std::max(r.workerBytes / bw, r.serverBytes / bs);
+  return r;
+}
+
+double serversSaturate(int n, double workerGBps, double serverGBps) {
+  return serverGBps > 0 ? n * workerGBps / serverGBps : 0;
+}
+
+ServerSplit planServerSplit(int n, int k, double workerGBps, double serverGBps, double alphaUs, double bytes,
+                            double segBytes) {
+  ServerSplit ring = serverTime(n, k, workerGBps, serverGBps, alphaUs, bytes, segBytes, 0);
+  if (k <= 0 || n < 1 || !(workerGBps > 0) || !(serverGBps > 0)) {
+    ring.why = k <= 0 ? "no servers" : "no link rates";
+    return ring;
+  }
+  const double bw = workerGBps, bs = serverGBps;
+  double s = 2.0 * (n - 1) * k * bs / (double(n) * n * bw + double(k) * (n - 2) * bs);
+  if (n < 2) s = 1;  // one worker host: the ring moves nothing across hosts; only the servers could (never faster)
+  s = std::min(1.0, std::max(0.0, s));
+  ServerSplit mixed = serverTime(n, k, workerGBps, serverGBps, alphaUs, bytes, segBytes, s);
+  if (s > 0 && mixed.predictedUs < ring.predictedUs) {
+    mixed.why = cat("mixed partition: ", s, " of the buffer through ", k, " server(s), predicted ",
+                    mixed.predictedUs, " us vs ring ", ring.predictedUs, " us");
+    return mixed;
+  }
+  ring.why = cat("ring among the workers: the servers would take ", mixed.predictedUs, " us vs ", ring.predictedUs,
+                 " us");
+  return ring;
+}
+
 }  // namespace plait

@@ -63,4 +63,32 @@ constexpr double kCodecBytesPerUs = 1500.0;
 CompressionPlan planCompression(const Topology& t, size_t count, DType dt, bool autoMode, const codec::Spec& requested,
                                 uint32_t autoBlock, Algo forced, bool hierPossible);
 
+// ---- summation servers (README "Summation servers"; DESIGN.md "Host resources: BytePS arithmetic") ----
+// n workers (host leaders) with links of B_w, k servers with links of B_s (bytes per microsecond, each direction),
+// a buffer of M bytes. BytePS's mixed partition sends a share s of the buffer through the servers (each server sums
+// s/k of it for all n workers) while the workers all-reduce the rest among themselves with a ring. Per direction,
+//   a worker moves  W(s) = (2(n-1)/n) (1-s) M + s M       bytes,
+//   a server moves  V(s) = n s M / k                       bytes,
+// and both run at once, so t(s) = max(W(s) / B_w, V(s) / B_s) plus fixed costs. The busiest link finishes first at
+//   s* = 2(n-1) k B_s / (n^2 B_w + k (n-2) B_s),   clamped to 1,
+// where t = 2n(n-1) M / (n^2 B_w + k (n-2) B_s): the ring's 2(n-1)M/(n B_w) divided by 1 + k(n-2)B_s/(n^2 B_w)
+// (1 + k(n-2)/n^2 at equal rates: 1.5x for n = k = 4, nothing for n = 2). From k* = n B_w / B_s servers on, s* = 1
+// and t = M / B_w: more servers add nothing.
+// Fixed costs: the ring's 2(n-1) link latencies (when s < 1); the servers' round trip, 2 alpha, plus filling the
+// pipeline with one segment from every worker, n seg / B_s (when s > 0).
+struct ServerSplit {
+  double share = 0;                  // s
+  double predictedUs = 0, ringUs = 0;  // t(s), and the workers' ring alone
+  double workerBytes = 0, serverBytes = 0;  // per direction through a worker's / a server's link
+  std::string why;
+};
+// A given share s (0..1).
+ServerSplit serverTime(int n, int k, double workerGBps, double serverGBps, double alphaUs, double bytes,
+                       double segBytes, double s);
+// The planner: s* where it beats the ring alone, else 0 (and 0 for n < 2, k = 0, or no rates).
+ServerSplit planServerSplit(int n, int k, double workerGBps, double serverGBps, double alphaUs, double bytes,
+                            double segBytes);
+// k*: the number of servers from which the busiest link is the worker's own (more add nothing).
+double serversSaturate(int n, double workerGBps, double serverGBps);
+
 }  // namespace plait

@@ -15,6 +15,7 @@
 
 #include "plait/common.h"
 #include "plait/transport/auth.h"
+#include "plait/transport/sock.h"
 
 namespace plait {
 
@@ -25,7 +26,6 @@ constexpr uint32_t kAcceptMagic = 0x504c544b;  // "PLTK": accepted, data may flo
 constexpr uint16_t kVersion = 1;
 constexpr size_t kBounceBytes = 256 * 1024;
 constexpr size_t kStripeBytes = 128 * 1024;  // with several streams, consecutive stripes go round-robin
-constexpr int kSockBufBytes = 4 << 20;      // bounded kernel buffers per socket
 constexpr auto kHandshakeLimit = std::chrono::seconds(10);
 
 struct Hello {
@@ -51,56 +51,6 @@ Digest proofOf(const std::string& secret, char who, const std::string& jobId, co
   m.append(reinterpret_cast<const char*>(&h), sizeof(h));
   m.append(reinterpret_cast<const char*>(listenerNonce), 16);
   return hmacSha256(secret, m.data(), m.size());
-}
-
-void tuneSocket(int fd) {
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  int buf = kSockBufBytes;
-  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
-  // A peer host that vanishes without closing its connections (power, cable, partition) sends no FIN or RST:
-  // keepalive probes catch it on an idle connection, TCP_USER_TIMEOUT when data stays unacknowledged, both
-  // within about PLAIT_TCP_DEAD_PEER_S seconds instead of the group's (often 30-minute) timeout.
-  const int deadS = knobs().tcpDeadPeerS;
-  if (deadS > 0) {
-    int idle = std::max(1, deadS / 3), intvl = std::max(1, deadS / 6), cnt = 3;
-    unsigned userMs = unsigned(deadS) * 1000u;
-    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
-    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &userMs, sizeof(userMs));
-  }
-}
-void setNonBlocking(int fd, bool on) {
-  int fl = fcntl(fd, F_GETFL);
-  fcntl(fd, F_SETFL, on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK));
-}
-
-// Blocking full read/write with a deadline, used only while dialing.
-bool ioAll(int fd, void* buf, size_t n, bool isWrite, Clock::time_point deadline) {
-  char* p = static_cast<char*>(buf);
-  while (n > 0) {
-    pollfd pfd{fd, short(isWrite ? POLLOUT : POLLIN), 0};
-    int ms = int(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count());
-    if (ms <= 0 || poll(&pfd, 1, ms) <= 0) return false;
-    ssize_t r = isWrite ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
-    if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= size_t(r);
-  }
-  return true;
-}
-
-std::string peerName(int fd) {
-  sockaddr_in a{};
-  socklen_t len = sizeof(a);
-  if (getpeername(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) return "?";
-  char buf[INET_ADDRSTRLEN];
-  inet_ntop(AF_INET, &a.sin_addr, buf, sizeof(buf));
-  return cat(buf, ":", ntohs(a.sin_port));
 }
 
 // One connection being accepted: the listener runs every pending handshake at once, so a silent or slow
@@ -149,80 +99,14 @@ void TcpDomain::closeListener() {
 }
 
 std::string TcpDomain::listenAddress(const std::string& hint) const {
-  std::string addr = knobs().socketAddr;
-  if (addr.empty() && !hint.empty()) {
-    // The address of the interface that routes towards the rendezvous host.
-    addrinfo hints{}, *res = nullptr;
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_DGRAM;
-    if (getaddrinfo(hint.c_str(), "9", &hints, &res) == 0 && res) {
-      int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-      if (s >= 0 && connect(s, res->ai_addr, res->ai_addrlen) == 0) {
-        sockaddr_in me{};
-        socklen_t len = sizeof(me);
-        if (getsockname(s, reinterpret_cast<sockaddr*>(&me), &len) == 0) {
-          char buf[INET_ADDRSTRLEN];
-          inet_ntop(AF_INET, &me.sin_addr, buf, sizeof(buf));
-          addr = buf;
-        }
-      }
-      if (s >= 0) close(s);
-      freeaddrinfo(res);
-    }
-  }
-  if (addr.empty()) addr = "127.0.0.1";
-  return cat(addr, ":", port_);
+  // The address of the interface that routes towards the rendezvous host.
+  return cat(sock::routeTo(hint), ":", port_);
 }
 
 void TcpDomain::dial(int p, int stream, const std::string& hp, const std::string& secret, const std::string& jobId,
                      int64_t deadlineMs) {
   auto deadline = Clock::time_point(std::chrono::milliseconds(deadlineMs));
-  auto colon = hp.rfind(':');
-  std::string host = hp.substr(0, colon), port = hp.substr(colon + 1);
-  int fd = -1;
-  while (true) {
-    addrinfo hints{}, *res = nullptr;
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_STREAM;
-    PLAIT_CHECK(getaddrinfo(host.c_str(), port.c_str(), &hints, &res) == 0 && res, "plait: rank ", rank_,
-                ": cannot resolve ", hp, " of peer rank ", p);
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-      int e = errno;
-      freeaddrinfo(res);
-      throw Error(cat("plait: rank ", rank_, ": socket() for the connection to peer rank ", p, " at ", hp,
-                      " failed: ", std::strerror(e)));
-    }
-    tuneSocket(fd);  // buffer sizes must be set before connect to take effect on the window
-    // Non-blocking connect, waited for with the deadline: a blocking one to an address that drops SYNs waits the
-    // kernel's retry schedule (minutes), whatever the group timeout says.
-    setNonBlocking(fd, true);
-    int rc = connect(fd, res->ai_addr, res->ai_addrlen);
-    freeaddrinfo(res);
-    int e = rc == 0 ? 0 : errno;
-    if (rc != 0 && e == EINPROGRESS) {
-      pollfd pfd{fd, POLLOUT, 0};
-      int ms = int(std::max<int64_t>(
-          0, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count()));
-      int pr = poll(&pfd, 1, ms);
-      if (pr > 0) {
-        int soErr = 0;
-        socklen_t sl = sizeof(soErr);
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &soErr, &sl);
-        e = soErr;
-      } else {
-        e = ETIMEDOUT;
-      }
-    }
-    if (e == 0) {
-      setNonBlocking(fd, false);
-      break;
-    }
-    close(fd);
-    PLAIT_CHECK(Clock::now() < deadline, "plait: rank ", rank_, ": cannot connect to peer rank ", p, " at ", hp,
-                ": ", std::strerror(e));
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  int fd = sock::dial(hp, deadline, cat("plait: rank ", rank_, ": peer rank ", p));
   auto fail = [&](const std::string& why) {
     close(fd);
     throw Error(cat("plait: rank ", rank_, ": TCP handshake with peer rank ", p, " at ", hp, " (stream ", stream,
@@ -231,7 +115,7 @@ void TcpDomain::dial(int p, int stream, const std::string& hp, const std::string
   Hello h{kHelloMagic, kVersion, uint16_t(stream), rank_, p, {}};
   randomBytes(h.nonce, sizeof(h.nonce));
   Challenge c{};
-  if (!ioAll(fd, &h, sizeof(h), true, deadline) || !ioAll(fd, &c, sizeof(c), false, deadline))
+  if (!sock::ioAll(fd, &h, sizeof(h), true, deadline) || !sock::ioAll(fd, &c, sizeof(c), false, deadline))
     fail("no challenge came back (the peer refused this connection, or is not a plait rank of this job)");
   if (c.magic != kChallMagic) fail("the peer answered with something that is not a plait challenge");
   Digest want = proofOf(secret, 'L', jobId, h, c.nonce);
@@ -240,7 +124,7 @@ void TcpDomain::dial(int p, int stream, const std::string& hp, const std::string
   Proof pr;
   std::memcpy(pr.mac, mine.data(), sizeof(pr.mac));
   uint32_t ack = 0;
-  if (!ioAll(fd, &pr, sizeof(pr), true, deadline) || !ioAll(fd, &ack, sizeof(ack), false, deadline) ||
+  if (!sock::ioAll(fd, &pr, sizeof(pr), true, deadline) || !sock::ioAll(fd, &ack, sizeof(ack), false, deadline) ||
       ack != kAcceptMagic)
     fail("the peer did not accept this rank's proof (do both ranks belong to the same job?)");
   fds_[p][stream] = fd;
@@ -288,8 +172,8 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
           std::this_thread::sleep_for(std::chrono::milliseconds(10));
         }
         if (fd >= 0) {
-          tuneSocket(fd);
-          Pending q{fd, peerName(fd), Clock::now() + kHandshakeLimit};
+          sock::tune(fd);
+          Pending q{fd, sock::peerName(fd), Clock::now() + kHandshakeLimit};
           randomBytes(q.nonce, sizeof(q.nonce));
           pend.push_back(q);
         }
@@ -358,7 +242,7 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
   }
   for (auto& q : pend) close(q.fd);
   for (int p : peers)
-    for (int fd : fds_[p]) setNonBlocking(fd, true);
+    for (int fd : fds_[p]) sock::setNonBlocking(fd, true);
 }
 
 void TcpDomain::abortAll() {
