@@ -35,6 +35,9 @@ ServerSplit serverSplitFor(const Comm& c, size_t bytes) {
 }
 
 bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op) {
+  // Device memory (the device engine's staging) stays on the device path; groups across hosts stage device tensors
+  // through host memory and come here on the host (Comm::runOnHost).
+  if (c.onDevice()) return false;
   const size_t es = dtypeSize(dtype), bytes = count * es;
   const ServerSplit plan = serverSplitFor(c, bytes);
   const size_t viaServers = size_t(double(count) * plan.share) * es;
@@ -89,7 +92,11 @@ bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op) {
         try {
           std::rethrow_exception(serverErr);
         } catch (const std::exception& e) {
-          c.requestAbort(e.what());
+          // The abort's message gets this rank's "plait: rank R: " prefix again: drop the one it has.
+          std::string msg = e.what();
+          const std::string mine = cat("plait: rank ", c.rank(), ": ");
+          if (msg.compare(0, mine.size(), mine) == 0) msg = msg.substr(mine.size());
+          c.requestAbort(msg);
         }
       }
     }

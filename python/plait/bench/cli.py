@@ -518,11 +518,17 @@ def worker(args):
                     # What plait's cost model chose for this size and the time it predicted (for CUDA tensors: the
                     # device engine's model, which applies to groups on one host).
                     try:
-                        ran, one_shot, predicted, _ = plait.plan_allreduce(case.nbytes, group=group,
-                                                                           device=args.device == "cuda",
-                                                                           dtype=dtype, compression=comp)
+                        p = plait.plan_allreduce(case.nbytes, group=group, device=args.device == "cuda",
+                                                 dtype=dtype, compression=comp)
+                        ran, one_shot, predicted, _ = p
                         row.update(plan=ran + (" one-shot" if ran == "direct" and one_shot else ""),
                                    predicted_us=predicted)
+                        nserv = plait.topology(group)["servers"]["count"]
+                        if nserv:  # summation servers (PLAIT_SERVERS): the mixed partition's share and model
+                            row["servers"] = nserv
+                            row["server_share"] = p.server_share
+                            if p.server_share > 0:
+                                row.update(plan=f"servers {p.server_share:.2f} + ring", predicted_us=p.servers_us)
                     except Exception:  # noqa: BLE001  (a model that does not apply: leave the plan out)
                         pass
                 results.append(row)
