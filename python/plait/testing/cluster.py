@@ -8,6 +8,14 @@ host ``i`` through ``ip netns exec plait-<name>-h<i> ...``: they share the machi
 hostname, but see only that host's network. Traffic between two hosts goes host -> veth -> bridge -> veth -> host,
 i.e. through real kernel TCP/IP, so anything that works here talks TCP the way it would across machines.
 
+Server hosts. ``Cluster(hosts, rate, servers=k)`` (CLI ``up --servers k``) adds k more hosts, built exactly like the
+others (own namespace, address, shaped veth), for summation servers (``plait-server``): host indices ``hosts`` ..
+``hosts+k-1`` (namespace ``plait-<name>-h<i>``, address ``<subnet>.<i+1>``). ``.hosts`` stays the number of worker
+hosts, ``.servers`` is k and ``.nodes`` the total; every per-host method (ns(), veth(), addr(), popen(), run(),
+pids(), kill_host(), measure_bandwidth()) takes any host index, and ``server_host(j)`` = hosts + j,
+``server_ns(j)``, ``server_veth(j)``, ``server_addr(j)`` address server host j. torchrun() runs its agents on the
+worker hosts only (unless ``hosts=`` says otherwise).
+
 Shaping. With a ``rate`` (tc syntax: ``"100mbit"``, ``"1gbit"``, ``"10gbit"``; ``None``/``"0"`` = unshaped) a
 ``tbf`` qdisc is the root qdisc on both ends of every veth: the namespace side shapes what the host sends (its
 upload), the bridge side what it receives (its download); like a full-duplex NIC on a non-blocking switch.
@@ -41,6 +49,23 @@ hosted by the agent of the first host. Besides the usual ``--nnodes/--nproc-per-
 The workers' rank order across hosts is whatever the rendezvous decides (not necessarily host order); MASTER_ADDR
 is the address of the host whose agent got node rank 0.
 
+The workers' store is not the rendezvous store. Checked with torch 2.13 (a worker walks
+``dist.distributed_c10d._get_default_store()`` down ``.underlying_store``: PrefixStore, PrefixStore, TCPStore): its
+TCPStore is at ``MASTER_ADDR:MASTER_PORT``, a store the agent that got node rank 0 creates at the end of the
+rendezvous on a *free port* (torch shares it with the workers: ``TORCHELASTIC_USE_AGENT_STORE=True``), e.g.
+``10.x.y.1:41481`` while the rendezvous endpoint is ``10.x.y.1:29400``. The agent publishes that address in the
+rendezvous store as ``torch.rendezvous.<rdzv_id>.<round>/MASTER_ADDR`` and ``.../MASTER_PORT``.
+
+Summation servers under torchrun. ``torchrun(..., servers=None|True|False|k)`` (CLI ``torchrun --servers k``, default
+every server host) starts, before the agents, one launcher per server host that connects to the rendezvous store
+(``addr(hosts[0]):port``; it waits for it to come up), waits for round 0 of the rendezvous to publish
+MASTER_ADDR/MASTER_PORT, and then runs ``python -m plait.server MASTER_ADDR:MASTER_PORT [server_args]`` in the same
+process (runpy; same PID, so ``last_servers.pids`` are the servers' PIDs). The workers get ``PLAIT_SERVERS=k``
+(unless ``env`` sets PLAIT_SERVERS). A watcher thread sends every server SIGTERM once all agents have exited
+(plait-server then prints its counters and exits 0); ``last_servers.wait()`` returns each server's exit status,
+output and ``--stats`` counters (the CLI prefixes server output with ``[sJ]`` and fails if a server did). With
+``--max-restarts`` > 0 a restarted job may get a new store in a later round: the servers keep serving round 0's.
+
 Safety. Everything ``up()`` creates is recorded, as it is created, in a state file
 ``/run/plait-cluster/<name>.json`` (directory overridable by ``$PLAIT_CLUSTER_STATE_DIR``) together with the
 interface index / namespace inode it got, and ``down()`` deletes only those recorded objects that still carry that
@@ -61,10 +86,11 @@ host 0 to the last host and one from the root namespace to host 0 work, and fail
 
 CLI::
 
-    python -m plait.testing.cluster up --hosts 4 --rate 1gbit [--name N] [--subnet 10.201.7.0/24]
+    python -m plait.testing.cluster up --hosts 4 --rate 1gbit [--servers K] [--name N] [--subnet 10.201.7.0/24]
     python -m plait.testing.cluster list | status [--name N]
-    python -m plait.testing.cluster run [--name N] --host I -- cmd args...
-    python -m plait.testing.cluster torchrun [--name N] --nproc-per-host R [--port P] -- script.py args...
+    python -m plait.testing.cluster run [--name N] --host I | --server J -- cmd args...
+    python -m plait.testing.cluster torchrun [--name N] --nproc-per-host R [--port P] [--servers K]
+                                             [--server-arg=--threads=2 ...] -- script.py args...
     python -m plait.testing.cluster down [--name N] | down --all
 """
 
@@ -92,7 +118,7 @@ import time
 import uuid
 from typing import Any, Iterable, Sequence
 
-__all__ = ["Cluster", "ClusterError", "available", "list_clusters", "parse_rate", "tbf_params", "state_dir", "main"]
+__all__ = ["Cluster", "ClusterError", "ServerGroup", "ServerResult", "available", "list_clusters", "parse_rate", "tbf_params", "state_dir", "main"]
 
 MAX_HOSTS = 253  # .1 .. .253; .254 is the bridge
 _NAME_RE = re.compile(r"^[a-z0-9]{1,5}$")
@@ -609,15 +635,199 @@ s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
 """
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# summation servers (plait-server) beside a torchrun job
+
+# Runs on a server host: waits until the job's c10d rendezvous (round 0) has published the address of the workers'
+# TCPStore (MASTER_ADDR / MASTER_PORT under the rendezvous' key prefix in the rendezvous store), then runs
+# ``python -m plait.server <that address> <args>`` in this same process (runpy: same PID, torch imported once).
+# argv: rdzv_host rdzv_port rdzv_id timeout_s server_args...
+_SERVER_LAUNCH = r"""
+import datetime, os, runpy, signal, socket, sys, time
+def _stopped(sig, frame):
+    print("plait.testing.cluster: server stopped (signal %d) before the workers' store was known" % sig, flush=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, _stopped)
+signal.signal(signal.SIGINT, _stopped)
+host, port, rid, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+deadline = time.monotonic() + timeout
+while True:
+    try:
+        socket.create_connection((host, port), timeout=2.0).close()
+        break
+    except OSError as e:
+        if time.monotonic() > deadline:
+            sys.exit("plait.testing.cluster: the rendezvous store at %s:%d did not come up within %.0f s: %s"
+                     % (host, port, timeout, e))
+        time.sleep(0.1)
+import torch.distributed as dist
+left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
+store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False, timeout=left)
+prefix = "torch.rendezvous.%s.0/" % rid
+keys = [prefix + "MASTER_ADDR", prefix + "MASTER_PORT"]
+try:
+    store.wait(keys, datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())))
+except Exception as e:
+    sys.exit("plait.testing.cluster: rendezvous %s at %s:%d published no workers' store within %.0f s: %s"
+             % (rid, host, port, timeout, e))
+endpoint = "%s:%s" % tuple(store.get(k).decode() for k in keys)
+del store
+print("plait.testing.cluster: the workers' store is at %s (rendezvous %s at %s:%d); starting plait-server"
+      % (endpoint, rid, host, port), flush=True)
+sys.argv = ["plait.server", endpoint] + sys.argv[5:]
+runpy.run_module("plait.server", run_name="__main__", alter_sys=True)
+"""
+
+
+class ServerResult:
+    """One plait-server of a torchrun job, once stopped: its host, exit status, output and counters."""
+
+    def __init__(self, host: int, addr: str, pid: int, returncode: int | None, output: str, stats: dict | None):
+        self.host = host  # host index (a server host: >= Cluster.hosts)
+        self.addr = addr  # the host's address
+        self.pid = pid
+        self.returncode = returncode
+        self.output = output  # stdout and stderr, interleaved
+        self.stats = stats  # plait-server --stats (None if it never served, e.g. stopped before the job's store)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The workers' store the server was given (from its output), None if it never got that far."""
+        m = re.search(r"plait-server: serving the job at (\S+) on", self.output)
+        return m.group(1) if m else None
+
+    def __repr__(self) -> str:
+        return f"ServerResult(host={self.host}, addr={self.addr!r}, pid={self.pid}, returncode={self.returncode})"
+
+
+class ServerGroup:
+    """The plait-server processes Cluster.torchrun() started for one job (one per server host used).
+
+    Started before the torchrun agents; stopped (SIGTERM, then SIGKILL after ``stop_timeout``) by a watcher thread
+    once every agent has exited, or by stop(). wait() blocks until they are stopped and returns one ServerResult
+    each. Output is read by a thread per server (``on_line(j, line)`` is called for each line if given)."""
+
+    def __init__(self, cluster: "Cluster", hosts: list[int], endpoint: str, rdzv_id: str, env: dict,
+                 server_args: Sequence[str], connect_timeout: float, on_line: Any = None,
+                 stop_timeout: float = 30.0, **popen_kw: Any):
+        import tempfile
+
+        self.cluster = cluster
+        self.hosts = list(hosts)
+        self.rdzv_endpoint = endpoint
+        self.rdzv_id = rdzv_id
+        self.stop_timeout = stop_timeout
+        self._tmp = tempfile.mkdtemp(prefix="plait_cluster_servers_")
+        self._lines: list[list[str]] = [[] for _ in self.hosts]
+        self._readers: list[threading.Thread] = []
+        self._done = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._results: list[ServerResult] | None = None
+        self.procs: list[subprocess.Popen] = []
+        rhost, rport = endpoint.rsplit(":", 1)
+        kw = dict(popen_kw)
+        kw.setdefault("start_new_session", True)  # a Ctrl-C reaches the caller, which stops us after the agents
+        try:
+            for j, h in enumerate(self.hosts):
+                argv = [sys.executable, "-c", _SERVER_LAUNCH, rhost, rport, rdzv_id, str(connect_timeout),
+                        *server_args, "--stats", self._stats_path(j)]
+                p = cluster.popen(h, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, **kw)
+                self.procs.append(p)
+                t = threading.Thread(target=self._read, args=(j, p, on_line), daemon=True,
+                                     name=f"plait-cluster-server{j}")
+                t.start()
+                self._readers.append(t)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _stats_path(self, j: int) -> str:
+        return os.path.join(self._tmp, f"server{j}.json")
+
+    def _read(self, j: int, p: subprocess.Popen, on_line: Any) -> None:
+        assert p.stdout is not None
+        for raw in iter(p.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._lines[j].append(line)
+            if on_line is not None:
+                with contextlib.suppress(Exception):
+                    on_line(j, line)
+
+    @property
+    def pids(self) -> list[int]:
+        """The plait-server PIDs (ip netns exec and the launcher exec/run in place: the Popen PIDs)."""
+        return [p.pid for p in self.procs]
+
+    def output(self, j: int) -> str:
+        """Server j's output so far."""
+        return "\n".join(self._lines[j])
+
+    def watch(self, agents: Sequence[subprocess.Popen], poll_s: float = 0.1) -> None:
+        """Stop the servers (in a daemon thread) once every one of ``agents`` has exited."""
+
+        def body() -> None:
+            while any(a.poll() is None for a in agents):
+                time.sleep(poll_s)
+            self.stop()
+
+        threading.Thread(target=body, daemon=True, name="plait-cluster-server-watch").start()
+
+    def stop(self) -> list[ServerResult]:
+        """SIGTERM every server still running, wait (SIGKILL after stop_timeout), collect. Idempotent."""
+        with self._stop_lock:
+            if self._results is not None:
+                return self._results
+            for p in self.procs:
+                if p.poll() is None:
+                    _kill(p.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout
+            for p in self.procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _kill(p.pid, signal.SIGKILL)
+                    p.wait()
+            for t in self._readers:
+                t.join(5)
+            res = []
+            for j, (h, p) in enumerate(zip(self.hosts, self.procs)):
+                stats = None
+                with contextlib.suppress(OSError, ValueError):
+                    with open(self._stats_path(j)) as f:
+                        stats = json.load(f)
+                res.append(ServerResult(h, self.cluster.addr(h), p.pid, p.returncode, self.output(j), stats))
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._results = res
+            self._done.set()
+            return res
+
+    def wait(self, timeout: float | None = None) -> list[ServerResult]:
+        """Wait until the servers have been stopped (after the agents exited, or by stop()); their results."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the summation servers were not stopped within {timeout} s (agents still running?)")
+        assert self._results is not None
+        return self._results
+
+    @property
+    def results(self) -> list[ServerResult] | None:
+        return self._results
+
+
 class Cluster:
     """N emulated hosts (network namespaces) on one bridge, with tbf-shaped links. See the module docstring."""
 
-    def __init__(self, hosts: int = 4, rate: Any = "1gbit", name: str | None = None, subnet: str | None = None):
+    def __init__(self, hosts: int = 4, rate: Any = "1gbit", name: str | None = None, subnet: str | None = None,
+                 servers: int = 0):
         if not isinstance(hosts, int) or isinstance(hosts, bool) or not 1 <= hosts <= MAX_HOSTS:
             raise ClusterError(f"hosts must be an int in 1..{MAX_HOSTS}, got {hosts!r}")
+        if not isinstance(servers, int) or isinstance(servers, bool) or not 0 <= servers <= MAX_HOSTS - hosts:
+            raise ClusterError(f"servers must be an int in 0..{MAX_HOSTS - hosts} (at most {MAX_HOSTS} hosts in "
+                               f"all), got {servers!r}")
         if name is not None and not _NAME_RE.match(str(name)):
             raise ClusterError(f"invalid cluster name {name!r}: 1-5 characters [a-z0-9]")
         self._hosts = hosts
+        self._servers = servers
         self._rate_bps = parse_rate(rate)
         self._rate = "0" if self._rate_bps == 0 else str(rate).strip()
         self._name_given = name is not None
@@ -629,6 +839,7 @@ class Cluster:
         self._procs: list[tuple[int, subprocess.Popen]] = []
         self._owner_pid: int | None = None
         self._state_file: str | None = None  # fixed once the name is claimed
+        self.last_servers: ServerGroup | None = None  # the summation servers of the latest torchrun(), if any
 
     # -- identity ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -638,7 +849,41 @@ class Cluster:
 
     @property
     def hosts(self) -> int:
+        """The number of worker hosts (indices 0..hosts-1); server hosts come after them."""
         return self._hosts
+
+    @property
+    def servers(self) -> int:
+        """The number of server hosts (indices hosts..hosts+servers-1; see server_host())."""
+        return self._servers
+
+    @property
+    def nodes(self) -> int:
+        """Every emulated host: worker hosts, then server hosts."""
+        return self._hosts + self._servers
+
+    def is_server_host(self, i: int) -> bool:
+        return self._check_host(i) >= self._hosts
+
+    def server_host(self, j: int) -> int:
+        """The host index of server host j (0..servers-1): hosts + j; usable with ns(), veth(), addr(), popen()..."""
+        try:
+            j = operator.index(j)
+        except TypeError:
+            raise ClusterError(f"server index must be an int, got {j!r}") from None
+        if not 0 <= j < self._servers:
+            raise ClusterError(f"server index {j!r} out of range: cluster {self._name} has {self._servers} server "
+                               f"host(s)")
+        return self._hosts + j
+
+    def server_ns(self, j: int) -> str:
+        return self.ns(self.server_host(j))
+
+    def server_veth(self, j: int) -> str:
+        return self.veth(self.server_host(j))
+
+    def server_addr(self, j: int) -> str:
+        return self.addr(self.server_host(j))
 
     @property
     def name(self) -> str:
@@ -678,8 +923,9 @@ class Cluster:
             i = operator.index(i)
         except TypeError:
             raise ClusterError(f"host index must be an int, got {i!r}") from None
-        if not 0 <= i < self._hosts:
-            raise ClusterError(f"host index {i!r} out of range 0..{self._hosts - 1}")
+        if not 0 <= i < self._hosts + self._servers:
+            what = f" ({self._hosts} worker + {self._servers} server hosts)" if self._servers else ""
+            raise ClusterError(f"host index {i!r} out of range 0..{self._hosts + self._servers - 1}{what}")
         return i
 
     def _need_subnet(self) -> ipaddress.IPv4Network:
@@ -779,23 +1025,63 @@ class Cluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=0.5 if sig == signal.SIGKILL else 0)
 
+    def _server_count(self, servers: Any) -> int:
+        if servers is None:
+            return self._servers
+        if servers is True:
+            if not self._servers:
+                raise ClusterError(f"torchrun(servers=True): cluster {self._name} has no server hosts "
+                                   f"(Cluster(..., servers=k) / up --servers k)")
+            return self._servers
+        if servers is False:
+            return 0
+        try:
+            k = operator.index(servers)
+        except TypeError:
+            raise ClusterError(f"servers must be None, a bool or an int, got {servers!r}") from None
+        if not 0 <= k <= self._servers:
+            raise ClusterError(f"torchrun(servers={k}): cluster {self._name} has {self._servers} server host(s)")
+        return k
+
     def torchrun(self, nproc_per_host: int, argv: Sequence[str], env: dict | None = None, port: int = 29400,
-                 hosts: Sequence[int] | None = None, rdzv_id: str | None = None,
-                 **popen_kw: Any) -> list[subprocess.Popen]:
-        """One ``torch.distributed.run`` agent per host (``hosts``: indices, default all), one Popen each.
+                 hosts: Sequence[int] | None = None, rdzv_id: str | None = None, servers: Any = None,
+                 server_args: Sequence[str] = (), server_env: dict | None = None, server_on_line: Any = None,
+                 server_connect_timeout: float = 600.0, **popen_kw: Any) -> list[subprocess.Popen]:
+        """One ``torch.distributed.run`` agent per host (``hosts``: indices, default every worker host), one Popen
+        each.
 
         The c10d rendezvous store is hosted by the agent of ``hosts[0]`` at ``addr(hosts[0]):port``; see the module
         docstring for the flags (``--local-addr``, ``--rdzv-conf is_host=``) and env (``GLOO_SOCKET_IFNAME=eth0``)
         that cross-namespace runs need. ``env`` is merged over os.environ and those defaults. ``argv`` is what
-        follows the torchrun options (script and its arguments); put extra torchrun options before the script."""
+        follows the torchrun options (script and its arguments); put extra torchrun options before the script.
+
+        Summation servers: ``servers`` None (default) = every server host of the cluster (none if it has none),
+        True = the same but an error if it has none, False/0 = none, k = the first k server hosts. Before the agents,
+        one plait-server is started on each (``server_args`` appended to its command line; ``server_env`` merged
+        over os.environ and ``env``); it waits for the rendezvous to publish the workers' store and serves that
+        store (see the module docstring). The workers get ``PLAIT_SERVERS=k`` unless ``env`` sets PLAIT_SERVERS.
+        The servers are stopped (SIGTERM) once every agent has exited; ``self.last_servers`` (a ServerGroup) has
+        their PIDs, and ``self.last_servers.wait()`` returns their exit status, output and --stats counters."""
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not a string")
         hs = list(range(self._hosts)) if hosts is None else [self._check_host(h) for h in hosts]
         if not hs:
             raise ClusterError("torchrun: no hosts")
+        nsrv = self._server_count(servers)
         rid = rdzv_id or f"plait-{self._name}-{uuid.uuid4().hex[:8]}"
         endpoint = f"{self.addr(hs[0])}:{int(port)}"
         user_env = {k: str(v) for k, v in (env or {}).items()}
+        group = None
+        self.last_servers = None
+        if nsrv:
+            if not self.is_up:
+                raise ClusterError(f"cluster {self._name} is not up")
+            senv = {**user_env, **{k: str(v) for k, v in (server_env or {}).items()}}
+            skw = {k: v for k, v in popen_kw.items() if k in ("preexec_fn", "start_new_session", "cwd")}
+            group = ServerGroup(self, [self.server_host(j) for j in range(nsrv)], endpoint, rid, senv,
+                                list(server_args), server_connect_timeout, on_line=server_on_line, **skw)
+            self.last_servers = group
+            user_env.setdefault("PLAIT_SERVERS", str(nsrv))
         procs = []
         try:
             for k, h in enumerate(hs):
@@ -811,7 +1097,11 @@ class Cluster:
         except BaseException:
             for p in procs:
                 p.kill()
+            if group is not None:
+                group.stop()
             raise
+        if group is not None:
+            group.watch(procs)
         return procs
 
     def measure_bandwidth(self, src: int, dst: int, seconds: float = 1.0, nbytes: int | None = None,
@@ -857,7 +1147,8 @@ class Cluster:
 
     def __repr__(self) -> str:
         state = "up" if self.is_up else "down"
-        return f"Cluster(name={self._name!r}, hosts={self._hosts}, rate={self._rate!r}, {state})"
+        srv = f", servers={self._servers}" if self._servers else ""
+        return f"Cluster(name={self._name!r}, hosts={self._hosts}{srv}, rate={self._rate!r}, {state})"
 
     def _save(self) -> None:
         assert self._state is not None
@@ -873,7 +1164,7 @@ class Cluster:
             taken.append(f"state file {self.state_file}")
         if _ifindex(self.bridge) is not None:
             taken.append(f"interface {self.bridge}")
-        for i in range(self._hosts):
+        for i in range(self.nodes):
             if os.path.exists(f"/run/netns/{self.ns(i)}"):
                 taken.append(f"namespace {self.ns(i)}")
             if _ifindex(self.veth(i)) is not None:
@@ -925,14 +1216,15 @@ class Cluster:
             "version": 1,
             "name": self._name,
             "hosts": self._hosts,
+            "servers": self._servers,
             "rate": self._rate,
             "rate_bps": rate_bps,
             "tbf": {"burst": burst, "limit": limit} if rate_bps else None,
             "subnet": str(self._subnet),
             "bridge": self.bridge,
             "bridge_addr": self.bridge_addr,
-            "namespaces": [self.ns(i) for i in range(self._hosts)],
-            "addrs": [self.addr(i) for i in range(self._hosts)],
+            "namespaces": [self.ns(i) for i in range(self.nodes)],
+            "addrs": [self.addr(i) for i in range(self.nodes)],
             "owner_pid": os.getpid(),
             "owner_cmd": " ".join(sys.argv)[:200],
             "created_at": time.time(),
@@ -967,7 +1259,7 @@ class Cluster:
         if self._rate_bps:
             burst, limit = st["tbf"]["burst"], st["tbf"]["limit"]
             tbf = ["root", "tbf", "rate", f"{self._rate_bps}bit", "burst", str(burst), "limit", str(limit)]
-        for i in range(self._hosts):
+        for i in range(self.nodes):
             ns, veth = self.ns(i), self.veth(i)
             _sh(["ip", "netns", "add", ns])
             ident = _netns_ident(ns)
@@ -985,8 +1277,8 @@ class Cluster:
                 self._made("qdiscs", {"ns": ns, "dev": _IFACE})
         self._open_firewall()
         pairs: list[tuple[str | None, str | None, str]] = [(None, self.ns(0), self.addr(0))]
-        if self._hosts > 1:
-            last = self._hosts - 1
+        if self.nodes > 1:
+            last = self.nodes - 1
             pairs.insert(0, (self.ns(0), self.ns(last), self.addr(last)))
         err = _probe(pairs)
         if err:
@@ -1113,7 +1405,8 @@ class Cluster:
             raise ClusterError(f"no cluster named {name!r}: no state file {path}") from None
         except (OSError, ValueError) as e:
             raise ClusterError(f"cannot read state file {path}: {e}") from e
-        c = cls(hosts=int(st["hosts"]), rate=st.get("rate_bps") or None, name=name, subnet=st.get("subnet"))
+        c = cls(hosts=int(st["hosts"]), rate=st.get("rate_bps") or None, name=name, subnet=st.get("subnet"),
+                servers=int(st.get("servers") or 0))
         c._rate = st.get("rate", c._rate)
         c._subnet = ipaddress.ip_network(st["subnet"]) if st.get("subnet") else None
         c._state = st
@@ -1165,14 +1458,15 @@ def _print_table(c: Cluster) -> None:
     print(f"subnet  {c.subnet}  (bridge {c.bridge} {c.bridge_addr})")
     print(f"state   {c.state_file}")
     print()
-    rows = [("host", "namespace", "address")] + [(str(i), c.ns(i), c.addr(i)) for i in range(c.hosts)]
-    w = [max(len(r[k]) for r in rows) for k in range(3)]
+    rows = [("host", "namespace", "address", "role")] + [
+        (str(i), c.ns(i), c.addr(i), "worker" if i < c.hosts else f"server {i - c.hosts}") for i in range(c.nodes)]
+    w = [max(len(r[k]) for r in rows) for k in range(4)]
     for r in rows:
         print("  ".join(x.ljust(w[k]) for k, x in enumerate(r)).rstrip())
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
-    c = Cluster(hosts=a.hosts, rate=a.rate, name=a.name, subnet=a.subnet)
+    c = Cluster(hosts=a.hosts, rate=a.rate, name=a.name, subnet=a.subnet, servers=a.servers)
     c.up()
     c.detach()
     if a.json:
@@ -1187,13 +1481,13 @@ def _cmd_list(a: argparse.Namespace) -> int:
     if not sts:
         print(f"no clusters (state dir {state_dir()})")
         return 0
-    print(f"{'name':6} {'hosts':>5} {'rate':>8} {'subnet':18} {'state':10} owner")
+    print(f"{'name':6} {'hosts':>5} {'servers':>7} {'rate':>8} {'subnet':18} {'state':10} owner")
     for st in sts:
         ok = st.get("complete") and all(os.path.exists(f"/run/netns/{n}") for n in st.get("namespaces", []))
         owner = st.get("owner_pid")
         own = "(persistent)" if owner is None else f"pid {owner}" + ("" if _pid_alive(owner) else " (dead)")
         rate = st.get("rate") if st.get("rate_bps") else "unshaped"
-        print(f"{st['name']:6} {st['hosts']:>5} {rate:>8} {st.get('subnet', '?'):18} "
+        print(f"{st['name']:6} {st['hosts']:>5} {st.get('servers') or 0:>7} {rate:>8} {st.get('subnet', '?'):18} "
               f"{'up' if ok else 'incomplete':10} {own}")
     return 0
 
@@ -1241,7 +1535,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
     argv = _strip_dashdash(a.cmd)
     if not argv:
         raise ClusterError("run: no command given (use: run --host I -- cmd args...)")
-    p = c.popen(a.host, argv)
+    host = c.server_host(a.server) if a.server is not None else a.host
+    p = c.popen(host, argv)
     while True:
         try:
             rc = p.wait()
@@ -1270,12 +1565,21 @@ def _cmd_torchrun(a: argparse.Namespace) -> int:
     def die_with_parent() -> None:  # the agents get SIGTERM if this process is killed outright
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
-    # Own sessions: a Ctrl-C reaches only this process, which then stops agents and workers in order.
+    out_lock = threading.Lock()
+
+    def server_line(j: int, line: str) -> None:
+        with out_lock:
+            sys.stdout.write(f"[s{j}] {line}\n")
+            sys.stdout.flush()
+
+    # Own sessions: a Ctrl-C reaches only this process, which then stops agents and workers in order (and then the
+    # summation servers, if any).
     procs = c.torchrun(a.nproc_per_host, argv, port=a.port, hosts=hosts, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                       preexec_fn=die_with_parent)
+                       preexec_fn=die_with_parent, servers=a.servers,
+                       server_args=a.server_arg or (), server_on_line=server_line)
+    group = c.last_servers
     hs = hosts if hosts is not None else list(range(c.hosts))
-    out_lock = threading.Lock()
 
     def pump(h: int, p: subprocess.Popen) -> None:
         assert p.stdout is not None
@@ -1306,15 +1610,20 @@ def _cmd_torchrun(a: argparse.Namespace) -> int:
             _kill(pid, signal.SIGKILL)
         for p in procs:
             p.wait()
+        if group is not None:
+            group.stop()
         for t in pumps:
             t.join(2)
         return 128 + (got[0] if got else signal.SIGINT)
     for t in pumps:
         t.join(5)
     rcs = [p.returncode for p in procs]
-    bad = [(h, rc) for h, rc in zip(hs, rcs) if rc != 0]
+    bad = [(f"h{h}", rc) for h, rc in zip(hs, rcs) if rc != 0]
+    if group is not None:
+        bad += [(f"s{j} (server, h{r.host})", r.returncode) for j, r in enumerate(group.wait(group.stop_timeout + 10))
+                if r.returncode != 0]
     if bad:
-        print("torchrun failed on " + ", ".join(f"h{h} (exit {rc})" for h, rc in bad), file=sys.stderr)
+        print("torchrun failed on " + ", ".join(f"{h} (exit {rc})" for h, rc in bad), file=sys.stderr)
         return 1
     return 0
 
@@ -1328,6 +1637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", default="1gbit", help="tc rate per link direction (e.g. 100mbit, 10gbit; 0 = unshaped)")
     p.add_argument("--name", help="1-5 characters [a-z0-9] (default random)")
     p.add_argument("--subnet", help="IPv4 /24 to use (default: a free one in 10.200-254.x.0)")
+    p.add_argument("--servers", type=int, default=0,
+                   help="extra server hosts for plait-server (host indices after the worker hosts)")
     p.add_argument("--json", action="store_true", help="print the state as JSON instead of a table")
     p.set_defaults(fn=_cmd_up)
     p = sub.add_parser("list", help="list clusters that have state files")
@@ -1337,14 +1648,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_status)
     p = sub.add_parser("run", help="run a command on one host; exits with its status")
     p.add_argument("--name")
-    p.add_argument("--host", type=int, required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--host", type=int, help="host index (server hosts come after the worker hosts)")
+    g.add_argument("--server", type=int, help="server host index (0..servers-1)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_cmd_run)
     p = sub.add_parser("torchrun", help="start torchrun on every host, prefix output with [hI], wait")
     p.add_argument("--name")
     p.add_argument("--nproc-per-host", type=int, required=True)
     p.add_argument("--port", type=int, default=29400)
-    p.add_argument("--hosts", help="comma-separated host indices (default all)")
+    p.add_argument("--hosts", help="comma-separated host indices (default all worker hosts)")
+    p.add_argument("--servers", type=int, default=None,
+                   help="plait-servers to start on the first K server hosts (default: every server host; 0: none); "
+                        "the workers get PLAIT_SERVERS=K")
+    p.add_argument("--server-arg", action="append", default=None,
+                   help="an extra plait-server argument, repeatable (e.g. --server-arg=--threads=2)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_cmd_torchrun)
     p = sub.add_parser("down", help="delete a cluster (only what its state file records)")
