@@ -8,6 +8,13 @@ it predicted, Gloo's time, both busbw as a fraction of the link rate, and Gloo/p
     python bench/cluster.py --hosts 4 --nproc-per-host 1 --rate 1gbit
     python bench/cluster.py --matrix --json docs/cluster-bench.json     # 4x1 and 2x2 at 1 and 10 Gbit/s
     python bench/cluster.py --backend plait --compression none,int8,int4 -b 64M -e 64M -n 3   # compressed rows
+    python bench/cluster.py --servers 0,2,4 -b 1M -e 64M        # summation servers: one launch per K
+
+--servers K[,K...]: the cluster gets max(K) server hosts (shaped like the worker hosts) and every configuration is
+run once per K, each a separate launch on the same cluster, with plait-server on the first K server hosts and
+PLAIT_SERVERS=K on the workers (K=0: no servers, plain plait); the JSON has "servers" in each configuration and in
+each plait row (with the share the planner chose, "server_share"), the tables say K in their heading and show the
+share in the plan column ("servers S + ring").
 
 Targets (issue 4): large-message busbw >= 90% of the link rate, small-message latency at least 5x below Gloo's,
 predicted time within 15% of measured at every size.
@@ -38,39 +45,58 @@ def rate_gbytes(rate: str) -> float:
     return float(m.group(1)) * {"": 1e-9, "k": 1e-6, "m": 1e-3, "g": 1.0}[m.group(2)] / 8
 
 
+def _launch(c, hosts, nproc, rate, argv, out, port, timeout, servers):
+    """One plait-bench launch on cluster c (with plait-server on the first `servers` server hosts)."""
+    env = {"OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    what = f"{hosts}x{nproc} at {rate}" + (f" with {servers} server(s)" if servers else "")
+    procs = c.torchrun(nproc, argv, env=env, port=port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, servers=servers)
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        if c.last_servers is not None:
+            c.last_servers.stop()
+        raise SystemExit(f"{what}: timed out after {timeout} s")
+    srv = c.last_servers.wait(120) if c.last_servers is not None else []
+    if any(p.returncode for p in procs) or not os.path.exists(out) or any(r.returncode for r in srv):
+        sys.stderr.write("\n".join(logs[-2:])[-6000:])
+        for j, r in enumerate(srv):
+            sys.stderr.write(f"\n--- server {j} (exit {r.returncode}):\n{r.output[-2000:]}\n")
+        raise SystemExit(f"{what}: plait-bench failed")
+    with open(out) as f:
+        data = json.load(f)
+    for r in data["results"]:
+        if r.get("backend", "").startswith("plait"):
+            r.setdefault("servers", servers)
+    data["config"] = {"hosts": hosts, "nproc_per_host": nproc, "rate": rate, "link_GBps": rate_gbytes(rate),
+                      "servers": servers, "wall_s": time.time() - t0,
+                      "server_stats": [r.stats for r in srv]}
+    return data
+
+
 def run_config(hosts, nproc, rate, sizes, backends, iters, port, timeout, timing="loop", compression=None,
-               dtype="float32"):
-    with tempfile.TemporaryDirectory(prefix="plait_cluster_bench_") as tmp:
-        out = os.path.join(tmp, "r.json")
-        argv = ["-m", "plait.bench", "--op", "all_reduce", "-b", sizes[0], "-e", sizes[1], "-f", sizes[2],
-                "--backend", backends, "--json", out, "--progress", "off", "--timing", timing]
-        if iters:
-            argv += ["-n", str(iters)]
-        if compression:
-            argv += ["--compression", compression]
-        if dtype != "float32":
-            argv += ["-d", dtype]
-        env = {"OMP_NUM_THREADS": "1"}
-        t0 = time.time()
-        with Cluster(hosts=hosts, rate=rate) as c:
-            procs = c.torchrun(nproc, argv, env=env, port=port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-            logs = []
-            try:
-                for p in procs:
-                    logs.append(p.communicate(timeout=timeout)[0])
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                raise SystemExit(f"{hosts}x{nproc} at {rate}: timed out after {timeout} s")
-            if any(p.returncode for p in procs) or not os.path.exists(out):
-                sys.stderr.write("\n".join(logs[-2:])[-6000:])
-                raise SystemExit(f"{hosts}x{nproc} at {rate}: plait-bench failed")
-        with open(out) as f:
-            data = json.load(f)
-        data["config"] = {"hosts": hosts, "nproc_per_host": nproc, "rate": rate, "link_GBps": rate_gbytes(rate),
-                          "wall_s": time.time() - t0}
-        return data
+               dtype="float32", servers=(0,)):
+    """Every K in `servers` is a separate launch on one cluster with max(servers) server hosts; a list of results."""
+    argv = ["-m", "plait.bench", "--op", "all_reduce", "-b", sizes[0], "-e", sizes[1], "-f", sizes[2],
+            "--backend", backends, "--progress", "off", "--timing", timing]
+    if iters:
+        argv += ["-n", str(iters)]
+    if compression:
+        argv += ["--compression", compression]
+    if dtype != "float32":
+        argv += ["-d", dtype]
+    every = []
+    with tempfile.TemporaryDirectory(prefix="plait_cluster_bench_") as tmp, \
+            Cluster(hosts=hosts, rate=rate, servers=max(servers)) as c:
+        for k in servers:
+            out = os.path.join(tmp, f"r{k}.json")
+            every.append(_launch(c, hosts, nproc, rate, argv + ["--json", out], out, port, timeout, k))
+    return every
 
 
 def table(data) -> str:
@@ -79,7 +105,8 @@ def table(data) -> str:
     rows = {}
     for r in data["results"]:
         rows.setdefault(r["bytes"], {})[r["backend"]] = r
-    lines = [f"### {cfg['hosts']} hosts x {cfg['nproc_per_host']} rank(s), {cfg['rate']} links "
+    srv = f", {cfg['servers']} summation server(s)" if cfg.get("servers") else ""
+    lines = [f"### {cfg['hosts']} hosts x {cfg['nproc_per_host']} rank(s), {cfg['rate']} links{srv} "
              f"(world {data['meta']['world_size']})", "",
              "| size | plait algo | plait µs | model µs | model err | Gloo µs | plait busbw | Gloo busbw | "
              "Gloo/plait time |",
@@ -110,7 +137,8 @@ def compression_table(data) -> str:
     rows = {}
     for r in data["results"]:
         rows.setdefault(r["bytes"], {})[r["backend"]] = r
-    lines = [f"### {cfg['hosts']} hosts x {cfg['nproc_per_host']} rank(s), {cfg['rate']} links, "
+    srv = f", {cfg['servers']} summation server(s)" if cfg.get("servers") else ""
+    lines = [f"### {cfg['hosts']} hosts x {cfg['nproc_per_host']} rank(s), {cfg['rate']} links{srv}, "
              f"{data['meta']['dtype']} (world {data['meta']['world_size']})", "",
              "| size | variant | plan | time ms | busbw (uncompressed size) | vs plait/none | vNMSE |",
              "|---:|---|---|---:|---:|---:|---:|"]
@@ -146,6 +174,9 @@ def main(argv=None):
     ap.add_argument("-d", "--dtype", default="float32", help="passed to plait-bench")
     ap.add_argument("--config", action="append", default=None,
                     help="HOSTSxNPROC@RATE, repeatable (e.g. 4x1@1gbit); overrides --hosts/--nproc-per-host/--rate")
+    ap.add_argument("--servers", default="0",
+                    help="K[,K...]: run every configuration once per K with K summation servers (plait-server on K "
+                         "extra emulated hosts, PLAIT_SERVERS=K); 0 = none (default)")
     ap.add_argument("--port", type=int, default=29411)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default=None, help="write every configuration's results here")
@@ -162,16 +193,22 @@ def main(argv=None):
             if not m:
                 raise SystemExit(f"--config: cannot parse {c!r} (e.g. 4x1@1gbit)")
             configs.append((int(m.group(1)), int(m.group(2)), m.group(3)))
+    try:
+        servers = [int(x) for x in a.servers.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--servers: expected K[,K...], got {a.servers!r}") from None
+    if not servers or min(servers) < 0:
+        raise SystemExit(f"--servers: expected K[,K...] with K >= 0, got {a.servers!r}")
     every = []
     for hosts, nproc, rate in configs:
-        d = run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout, a.timing,
-                       a.compression, a.dtype)
-        every.append(d)
-        print(compression_table(d) if a.compression else table(d), flush=True)
-        print(flush=True)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(every, f, indent=1)
+        for d in run_config(hosts, nproc, rate, (a.b, a.e, a.f), a.backend, a.n, a.port, a.timeout, a.timing,
+                            a.compression, a.dtype, servers):
+            every.append(d)
+            print(compression_table(d) if a.compression else table(d), flush=True)
+            print(flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(every, f, indent=1)
 
 
 if __name__ == "__main__":
