@@ -299,11 +299,12 @@ char* Comm::scratch(size_t bytes) {
 
 static std::string describeSchedule(uint8_t code) {
   if (code == 0) return "";
-  const int a = (code & ((code & Comm::kSchedCompressed) ? 0x1f : 0x3f)) - 1;
-  std::string name = a >= 0 && a <= int(Algo::kHierTree) ? algoName(Algo(a)) : "?";
+  const int a = (code & 0x0f) - 1;
+  std::string name = (code & Comm::kSchedServers) ? "summation servers (mixed partition)"
+                     : a >= 0 && a <= int(Algo::kHierTree) ? algoName(Algo(a)) : "?";
   if (code & Comm::kSchedCompressed)
     return cat(", schedule compressed ", name, (code & Comm::kSchedAverage) ? " (AVG)" : " (SUM)");
-  if (Algo(a) == Algo::kDirect) name += code & 0x80 ? " one-shot" : " two-shot";
+  if (!(code & Comm::kSchedServers) && Algo(a) == Algo::kDirect) name += code & 0x80 ? " one-shot" : " two-shot";
   return cat(", schedule ", name);
 }
 

@@ -43,8 +43,12 @@ bool compressedHierarchical(const Comm& c);
 
 // Summation servers (algo/servers.cc): the planner's split for an all-reduce of `bytes` on this group (share 0:
 // none), and the all-reduce itself after begin(); false (nothing done) when the split sends nothing to the servers.
+// With `spec` (a compressed all-reduce after its begin(): SUM, or AVG when `average`), both shares travel encoded
+// and `residual` (optional) receives the error feedback as allreduceCompressed describes (zero-filled when some
+// host has several ranks: the in-host reduction runs in full precision first).
 ServerSplit serverSplitFor(const Comm& c, size_t bytes);
-bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op);
+bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op, const codec::Spec* spec = nullptr,
+                     bool average = false, float* residual = nullptr);
 
 // Device mode: the same collectives through the staging buffer (device_collectives.cc); the ones above call these
 // when Comm::stageOnDevice() says so.

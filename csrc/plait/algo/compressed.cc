@@ -77,6 +77,8 @@ void blockRanges(size_t count, int n, uint32_t B, std::vector<size_t>& off, std:
   }
 }
 
+}  // namespace
+
 // The direct compressed exchange among g (this rank is g.ranks[g.me]) over buf[0, count) of dtype dt; waits.
 void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt, float div, float* residual) {
   const codec::Spec& spec = c.ctx().spec;
@@ -132,8 +134,6 @@ void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt
   }
 }
 
-}  // namespace
-
 bool compressedHierarchical(const Comm& c) {
   const auto& hosts = c.hostRanks();
   if (hosts.size() < 2 || hosts[0].size() < 2) return false;
@@ -162,6 +162,8 @@ void allreduceCompressed(Comm& c, void* buf, size_t count, DType dtype, bool ave
     if (residual) std::memset(residual, 0, count * sizeof(float));
     return;
   }
+  // Summation servers sum their share encoded (two quantizations still: each worker's, then the server's sum).
+  if (c.servers().k > 0 && serverAllreduce(c, b, count, dtype, RedOp::kSum, &spec, average, residual)) return;
   if (!hier) {
     directCompressed(c, allRanks(c), b, count, dtype, div, residual);
     return;

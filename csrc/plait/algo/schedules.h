@@ -65,4 +65,11 @@ void directTwoShot(Comm& c, char* buf, const Blocks& b);
 void hierAllreduce(Comm& c, char* buf, size_t count, size_t elemBytes, const std::vector<std::vector<int>>& hosts,
                    int myHost, bool treeAcross);
 
+// The compressed direct exchange among g (algo/compressed.cc) over buf[0, count), with the current collective's
+// codec (Comm::ctx().spec): values divided by div before quantizing; residual (optional, float32, div 1) gets what
+// this rank's quantization dropped. Every element quantized at most twice, results bitwise identical; waits.
+namespace coll {
+void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt, float div, float* residual);
+}  // namespace coll
+
 }  // namespace plait

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <thread>
 
+#include "plait/kernels/reduce.h"
 #include "plait/server/protocol.h"
 #include "plait/transport/auth.h"
 #include "plait/transport/sock.h"
@@ -94,7 +95,7 @@ ServerLinks::ServerLinks(int rank, int worker, int nworkers, const std::vector<s
 ServerLinks::~ServerLinks() {
   for (int fd : fds_) {
     if (fd < 0) continue;
-    SegHeader bye{kSegMagic, kBye, 0, 0, 0, 0, {}, 0};
+    SegHeader bye{kSegMagic, kBye, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     send(fd, &bye, sizeof(bye), MSG_NOSIGNAL | MSG_DONTWAIT);
     close(fd);
   }
@@ -107,25 +108,38 @@ void ServerLinks::shutdownAll() {
 
 void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, RedOp op, uint32_t seq,
                            size_t segBytes, std::chrono::milliseconds timeout, const std::function<bool()>& stopped,
-                           const std::string& what) {
+                           const std::string& what, const codec::Spec* spec, float div, float* residual) {
   PLAIT_CHECK(parts.size() == fds_.size(), "plait: internal: ", parts.size(), " parts for ", fds_.size(), " servers");
   const size_t es = dtypeSize(dt);
-  segBytes = std::max(es, segBytes / es * es);
+  const bool coded = spec && spec->codec != codec::Codec::kNone;
+  // Values per segment: whole elements, and whole codec blocks when encoding.
+  size_t segVals = std::max<size_t>(1, segBytes / es);
+  if (coded) {
+    segVals = std::max<size_t>(1, segBytes / codec::blockBytes(*spec)) * spec->block;
+    PLAIT_CHECK(!residual || (dt == DType::kFloat32 && div == 1.0f), "plait: internal: residuals need float32, div 1");
+  }
   struct State {
     size_t nseg = 0;
     size_t sIdx = 0, sOff = 0;  // segment being sent, and bytes of its frame (header + payload) sent
     SegHeader sh{};
     size_t rIdx = 0, rGot = 0;  // segment being received, and bytes of its frame received
     SegHeader rh{};
+    std::vector<char> enc, dec;  // compressed: the segment being sent / received, encoded
   };
   std::vector<State> st(fds_.size());
+  std::vector<float> scratch;
   size_t left = 0;
   for (size_t j = 0; j < parts.size(); ++j) {
-    PLAIT_CHECK(parts[j].bytes % es == 0, "plait: internal: a server part that is not whole elements");
-    st[j].nseg = (parts[j].bytes + segBytes - 1) / segBytes;
+    PLAIT_CHECK(parts[j].bytes % es == 0 && parts[j].off % es == 0, "plait: internal: a server part that is not whole elements");
+    const size_t vals = parts[j].bytes / es;
+    st[j].nseg = (vals + segVals - 1) / segVals;
     left += st[j].nseg;
   }
-  auto segLen = [&](size_t j, size_t i) { return std::min(segBytes, parts[j].bytes - i * segBytes); };
+  auto valsOf = [&](size_t j, size_t i) { return std::min(segVals, parts[j].bytes / es - i * segVals); };
+  auto firstVal = [&](size_t j, size_t i) { return parts[j].off / es + i * segVals; };
+  auto wireLen = [&](size_t j, size_t i) {
+    return coded ? codec::encodedBytes(*spec, valsOf(j, i)) : valsOf(j, i) * es;
+  };
   auto name = [&](size_t j) { return cat("summation server ", j, " at ", addrs_[j]); };
   auto deadline = Clock::now() + timeout;
   while (left > 0) {
@@ -136,14 +150,31 @@ void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, 
       const int fd = fds_[j];
       // Send: header then payload, segment after segment.
       while (s.sIdx < s.nseg) {
-        const size_t len = segLen(j, s.sIdx);
-        if (s.sOff == 0)
-          s.sh = SegHeader{kSegMagic, kSeg, seq, uint32_t(s.sIdx), uint8_t(dt), uint8_t(op), {}, uint64_t(len)};
+        const size_t nv = valsOf(j, s.sIdx), len = wireLen(j, s.sIdx);
+        const char* src = buf + firstVal(j, s.sIdx) * es;
+        if (s.sOff == 0) {
+          s.sh = SegHeader{kSegMagic, kSeg, seq, uint32_t(s.sIdx), uint8_t(dt), uint8_t(op),
+                           uint8_t(coded ? spec->codec : codec::Codec::kNone), 0, coded ? spec->block : 0,
+                           uint64_t(nv), uint64_t(len)};
+          if (coded) {
+            s.enc.resize(len);
+            codec::encode(*spec, dt, src, nv, div, s.enc.data());
+            if (residual) {  // what this worker's quantization dropped, for error feedback
+              scratch.resize(nv);
+              codec::decode(*spec, s.enc.data(), nv, DType::kFloat32, scratch.data());
+              const float* v = reinterpret_cast<const float*>(src);
+              float* r = residual + firstVal(j, s.sIdx);
+              IeeeFpScope fp;
+              for (size_t i = 0; i < nv; ++i) r[i] = v[i] - scratch[i];
+            }
+          }
+        }
+        const char* payload = coded ? s.enc.data() : src;
         iovec iov[2];
         int cnt = 0;
         if (s.sOff < sizeof(SegHeader)) iov[cnt++] = {reinterpret_cast<char*>(&s.sh) + s.sOff, sizeof(SegHeader) - s.sOff};
         const size_t dOff = s.sOff > sizeof(SegHeader) ? s.sOff - sizeof(SegHeader) : 0;
-        iov[cnt++] = {buf + parts[j].off + s.sIdx * segBytes + dOff, len - dOff};
+        iov[cnt++] = {const_cast<char*>(payload) + dOff, len - dOff};
         msghdr m{};
         m.msg_iov = iov;
         m.msg_iovlen = size_t(cnt);
@@ -159,16 +190,18 @@ void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, 
         s.sOff = 0;
         ++s.sIdx;
       }
-      // Receive: the sums, in order, straight into the buffer.
+      // Receive: the sums, in order, straight into the buffer (compressed: into a segment buffer, then decoded).
       while (s.rIdx < s.nseg) {
-        const size_t len = segLen(j, s.rIdx);
+        const size_t nv = valsOf(j, s.rIdx), len = wireLen(j, s.rIdx);
         char* dst;
         size_t want;
         if (s.rGot < sizeof(SegHeader)) {
           dst = reinterpret_cast<char*>(&s.rh) + s.rGot;
           want = sizeof(SegHeader) - s.rGot;
         } else {
-          dst = buf + parts[j].off + s.rIdx * segBytes + (s.rGot - sizeof(SegHeader));
+          if (coded) s.dec.resize(len);
+          char* base = coded ? s.dec.data() : buf + firstVal(j, s.rIdx) * es;
+          dst = base + (s.rGot - sizeof(SegHeader));
           want = sizeof(SegHeader) + len - s.rGot;
         }
         ssize_t r = recv(fd, dst, want, MSG_DONTWAIT);
@@ -189,13 +222,14 @@ void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, 
             throw ServerError(cat("plait: rank ", rank_, ": ", why, " (seen during ", what, ")"), false);
           }
           if (s.rh.magic != kSegMagic || s.rh.kind != kSeg || s.rh.seq != seq || s.rh.index != s.rIdx ||
-              s.rh.bytes != len)
+              s.rh.bytes != len || s.rh.values != nv)
             throw ServerError(cat("plait: rank ", rank_, ": ", name(j), " answered segment ", s.rIdx, " of ", what,
                                   " with a malformed header (seq ", s.rh.seq, ", segment ", s.rh.index, ", ",
                                   s.rh.bytes, " bytes; expected seq ", seq, ", ", len, " bytes)"),
                               true);
         }
         if (s.rGot == sizeof(SegHeader) + len) {
+          if (coded) codec::decode(*spec, s.dec.data(), nv, dt, buf + firstVal(j, s.rIdx) * es);
           s.rGot = 0;
           ++s.rIdx;
           --left;

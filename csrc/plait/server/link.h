@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "plait/common.h"
+#include "plait/kernels/codec.h"
 #include "plait/store.h"
 
 namespace plait {
@@ -40,8 +41,13 @@ class ServerLinks {
   // Sends server j parts[j] of buf in segments of segBytes (a multiple of the element size) and receives the sums
   // into the same bytes. Throws ServerError (naming the server and `what`) on a failure, a protocol error or when
   // no server answers within `timeout`; plait::Error("stopped") when stopped() says so (checked every few ms).
+  // With `spec` (a compressed all-reduce, SUM of float32 / bfloat16 / float16): each segment (whole codec blocks)
+  // is encoded once, its values first divided by `div`, and the encoded sum that comes back is decoded into the
+  // buffer; `residual` (float32, div 1, optional; indexed like buf's values) receives value - decoded value for
+  // every value sent (error feedback).
   void exchange(char* buf, const std::vector<Part>& parts, DType dt, RedOp op, uint32_t seq, size_t segBytes,
-                std::chrono::milliseconds timeout, const std::function<bool()>& stopped, const std::string& what);
+                std::chrono::milliseconds timeout, const std::function<bool()>& stopped, const std::string& what,
+                const codec::Spec* spec = nullptr, float div = 1.0f, float* residual = nullptr);
   // A failing group: shuts every connection down so the servers drop the job at once (without a goodbye).
   void shutdownAll();
 

@@ -3,10 +3,11 @@
 // A worker (a host leader of a process group with PLAIT_SERVERS=k) dials each of the group's k servers once, at
 // group creation. The connection is authenticated like the TCP transport's (transport/tcp.h): a mutual
 // HMAC-SHA256 challenge-response over the job's secret, which the server reads from the job's rendezvous store
-// (kJobSecretKey), bound to the job id, the worker's index and a fresh nonce from each side. Then, per all-reduce,
+// (jobSecretKey), bound to the job id, the worker's index and a fresh nonce from each side. Then, per all-reduce,
 // each worker sends the server's part of its buffer as *segments* (SegHeader + payload, kSeg), in order; once the
 // server holds segment i of every worker it sums them in worker order and sends the sum back to every worker
-// (SegHeader + payload). A server that gives up on the job (a worker left, headers that disagree) sends kAbort with
+// (SegHeader + payload). Compressed all-reduces send encoded segments (kernels/codec.h): the server decodes each
+// worker's segment into a float32 sum in worker order and encodes the sum once (two quantizations per element). A server that gives up on the job (a worker left, headers that disagree) sends kAbort with
 // its reason to every worker still connected, then closes.
 #pragma once
 
@@ -53,10 +54,14 @@ struct SegHeader {
   uint32_t magic, kind;
   uint32_t seq;    // the group's collective sequence number
   uint32_t index;  // segment index within the collective (per server)
-  uint8_t dtype, op, reserved[6];
-  uint64_t bytes;  // payload bytes that follow
+  uint8_t dtype, op;
+  uint8_t codec;    // codec::Codec: kNone, raw values of dtype; else the payload is encoded with (codec, block)
+  uint8_t reserved;
+  uint32_t block;   // the codec's block (0 for raw values)
+  uint64_t values;  // values in the segment
+  uint64_t bytes;   // payload bytes that follow
 };
-static_assert(sizeof(Hello) == 64 && sizeof(Challenge) == 56 && sizeof(Proof) == 32 && sizeof(SegHeader) == 32,
+static_assert(sizeof(Hello) == 64 && sizeof(Challenge) == 56 && sizeof(Proof) == 32 && sizeof(SegHeader) == 40,
               "summation server protocol layout");
 
 // The proofs of the handshake: who is 'S' (the server's) or 'W' (the worker's); bound to the whole Hello (job id,

@@ -15,6 +15,7 @@
 #include <deque>
 
 #include "plait/common.h"
+#include "plait/kernels/codec.h"
 #include "plait/kernels/reduce.h"
 #include "plait/server/protocol.h"
 #include "plait/transport/auth.h"
@@ -103,7 +104,13 @@ struct JobRunner {
   std::vector<Worker> w;
   std::deque<std::unique_ptr<Out>> outs;  // owned sums (in flight)
   std::vector<std::vector<char>> pool;
+  std::vector<float> acc;  // a compressed segment's float32 sum
   uint64_t held = 0;
+
+  static std::string describe(const SegHeader& h) {
+    return cat("seq ", h.seq, " segment ", h.index, " (dtype ", int(h.dtype), ", op ", int(h.op), ", codec ",
+               int(h.codec), " block ", h.block, ", ", h.values, " values, ", h.bytes, " bytes)");
+  }
 
   std::vector<char> take(size_t bytes) {
     for (size_t i = 0; i < pool.size(); ++i)
@@ -230,11 +237,10 @@ struct JobRunner {
       const SegHeader& h0 = w[0].in.front().h;
       for (size_t i = 1; i < w.size(); ++i) {
         const SegHeader& h = w[i].in.front().h;
-        if (h.seq != h0.seq || h.index != h0.index || h.dtype != h0.dtype || h.op != h0.op || h.bytes != h0.bytes)
+        if (h.seq != h0.seq || h.index != h0.index || h.dtype != h0.dtype || h.op != h0.op || h.bytes != h0.bytes ||
+            h.codec != h0.codec || h.block != h0.block || h.values != h0.values)
           return cat("the workers disagree on segment ", h0.index, " of collective seq ", h0.seq, ": ", who(0),
-                     " sent seq ", h0.seq, " segment ", h0.index, ", dtype ", int(h0.dtype), ", op ", int(h0.op),
-                     ", ", h0.bytes, " bytes; ", who(int(i)), " sent seq ", h.seq, " segment ", h.index, ", dtype ",
-                     int(h.dtype), ", op ", int(h.op), ", ", h.bytes, " bytes");
+                     " sent ", describe(h0), "; ", who(int(i)), " sent ", describe(h));
       }
       if (h0.dtype >= uint8_t(DType::kCount) || h0.op >= uint8_t(RedOp::kCount))
         return cat("segment ", h0.index, " of seq ", h0.seq, " names dtype ", int(h0.dtype), " / op ", int(h0.op),
@@ -242,13 +248,29 @@ struct JobRunner {
       const DType dt = DType(h0.dtype);
       const RedOp op = RedOp(h0.op);
       const size_t es = dtypeSize(dt);
-      if (h0.bytes % es) return cat("segment ", h0.index, " of seq ", h0.seq, " is not a whole number of elements");
-      const size_t count = h0.bytes / es;
+      codec::Spec spec;
+      if (h0.codec != uint8_t(codec::Codec::kNone)) {
+        try {
+          if (h0.codec >= codec::kCodecCount || h0.block == 0) throw Error("unknown codec");
+          spec = codec::makeSpec(codec::Codec(h0.codec), h0.block);
+          if (h0.values == 0 || codec::encodedBytes(spec, h0.values) != h0.bytes) throw Error("size");
+        } catch (const std::exception&) {
+          return cat("segment ", h0.index, " of seq ", h0.seq, " is not a valid encoded segment: ", describe(h0));
+        }
+      } else if (h0.bytes % es || h0.values != h0.bytes / es) {
+        return cat("segment ", h0.index, " of seq ", h0.seq, " is not a whole number of elements: ", describe(h0));
+      }
+      const size_t count = h0.values;
       auto o = std::make_unique<Out>();
       o->h = h0;
       o->data = take(h0.bytes);
       try {
-        if (w.size() == 1) {
+        if (spec.codec != codec::Codec::kNone) {
+          // Decode every worker's segment into one float32 sum in worker order, then encode the sum once.
+          acc.assign(count, 0.0f);
+          for (auto& x : w) codec::decodeAccumulate(spec, x.in.front().data.data(), count, acc.data());
+          codec::encode(spec, DType::kFloat32, acc.data(), count, 1.0f, o->data.data());
+        } else if (w.size() == 1) {
           std::memcpy(o->data.data(), w[0].in.front().data.data(), h0.bytes);
         } else {
           // In worker order, so that the sum is the same bits whatever order the segments arrived in.
@@ -290,7 +312,7 @@ struct JobRunner {
         rest.insert(rest.end(), o->data.begin() + long(dOff), o->data.end());
         if (!sock::ioAll(x.fd, rest.data(), rest.size(), true, until)) continue;
       }
-      SegHeader h{kSegMagic, kAbort, 0, 0, 0, 0, {}, std::min<uint64_t>(msg.size(), kMaxAbortBytes)};
+      SegHeader h{kSegMagic, kAbort, 0, 0, 0, 0, 0, 0, 0, 0, std::min<uint64_t>(msg.size(), kMaxAbortBytes)};
       std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
       frame += msg.substr(0, h.bytes);
       sock::ioAll(x.fd, frame.data(), frame.size(), true, until);
@@ -499,7 +521,7 @@ void SumServer::admit(int fd, const std::string& from, const AdmitInfo& info) {
   }
   SumServer::Job* raw = job.get();
   job->th = std::thread([this, raw, job] {
-    JobRunner r{*this, *raw, opts_.threads, opts_.depth, {}, {}, {}, 0};
+    JobRunner r{*this, *raw, opts_.threads, opts_.depth, {}, {}, {}, {}, 0};
     try {
       r.run();
     } catch (const std::exception& e) {
