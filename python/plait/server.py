@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                        depth=args.depth)
     index = srv.register()
     srv.start()
-    print(f"plait-server: serving the job at {host}:{port} on {srv.address} (server {index})", flush=True)
+    print(f"plait-server: serving the job at {host}:{port} on {srv.address} (registry entry {index})", flush=True)
 
     done = threading.Event()
     why = ["stopped"]
