@@ -129,7 +129,7 @@ def wait_serving(logs, timeout_s: float = 60.0) -> list[str]:
     addrs = [None] * len(logs)
     while None in addrs:
         for i, log in enumerate(logs):
-            m = re.search(r"serving the job at \S+ on (\S+) \(server \d+\)", log.read_text())
+            m = re.search(r"serving the job at \S+ on (\S+) \(registry entry \d+\)", log.read_text())
             if m:
                 addrs[i] = m.group(1)
         if None in addrs:
@@ -569,7 +569,10 @@ def test_server_killed_mid_job(tmp_path):
     naming that server's address (the connection closed, not a timeout), and a later call raises too."""
     world, k, seg, n = 3, 2, 65536, 1 << 20
     port, marker = free_port(), str(tmp_path / "running")
-    env = {"PLAIT_SERVERS": str(k), "PLAIT_SERVER_GBPS": "10", "PLAIT_SERVER_SEGMENT_BYTES": str(seg)}
+    # The link between (fake) hosts pinned below the servers' rate, so the planner sends a share to the servers
+    # whatever loopback measures.
+    env = {"PLAIT_SERVERS": str(k), "PLAIT_SERVER_GBPS": "10", "PLAIT_SERVER_SEGMENT_BYTES": str(seg),
+           "PLAIT_LINK_GBPS": "2", "PLAIT_LINK_ALPHA_US": "50"}
     out = {}
     with servers(port, k, tmp_path) as (procs, logs):
         th = threading.Thread(target=lambda: out.update(res=run_world(

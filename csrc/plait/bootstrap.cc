@@ -374,7 +374,8 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
   computeLinkLoads(b.topo, b.hostOf);
   if (b.topo.nhosts > 1) probeLink(b, store, rank, timeout);
   const int nServers = opts.servers >= 0 ? opts.servers : knobs().servers;
-  if (nServers > 0 && size > 0)
+  // Only groups across hosts: inside one host nothing crosses a link, so servers could only slow it down.
+  if (nServers > 0 && size > 1 && b.topo.nhosts > 1)
     b.serverLinks = attachServers(store, opts.rootStore.get(), prefix, uuid, secret, rank, b.hostRanks, b.hostOf,
                                   nServers, timeout, opts.storeDesc, &b.servers);
   if (infoEnabled())

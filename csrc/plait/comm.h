@@ -110,6 +110,8 @@ class Comm {
   // milliseconds. Later calls raise. Used by torch's abort()/shutdown() and destroy with work in flight.
   void requestAbort(const std::string& why);
   bool aborted() const { return abortRequested_.load(std::memory_order_acquire); }
+  // On the thread that drives the engine: fails the communicator with the abort's reason if requestAbort was called.
+  void throwIfAborted() { checkAbort(); }
   // requestAbort, then fails the communicator at once on this thread (peers told, pending transfers completed with
   // the error). Only while no other thread drives the engine (the torch layer holds its work lock).
   void abortNow(const std::string& why) noexcept;

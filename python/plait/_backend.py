@@ -334,7 +334,7 @@ def plan_servers(n_workers: int, worker_gbps: float, server_gbps: float, nbytes:
     """The summation servers' planner (BytePS's mixed partition; formulas in the README, "Summation servers"):
     for ``n_workers`` worker hosts with links of ``worker_gbps`` and servers with links of ``server_gbps`` (Gbit/s,
     each direction), an all-reduce of ``nbytes``: for each number of servers k from 0 to ``max_servers`` (default:
-    one past the saturation point), the share the servers sum, the predicted time, the speed-up over the ring and
+    one past the saturation point, at most 1024), the share the servers sum, the predicted time, the speed-up over the ring and
     the bytes through each worker's and each server's link. ``alpha_us`` (link latency) and ``segment_bytes`` (the
     pipeline's segment) add the fixed costs; at 0 the answer is the bandwidth formulas alone (1 + k(n-2)/n^2 at
     equal rates). No process group is needed."""
@@ -350,9 +350,9 @@ def plan_servers(n_workers: int, worker_gbps: float, server_gbps: float, nbytes:
         raise ValueError("plait.plan_servers: alpha_us and segment_bytes must be >= 0")
     ksat = _C._servers_saturate(n, float(worker_gbps), float(server_gbps))
     if max_servers is None:
-        max_servers = max(1, math.ceil(ksat - 1e-9) + 1)
-    if int(max_servers) < 0:
-        raise ValueError(f"plait.plan_servers: max_servers must be >= 0, got {max_servers!r}")
+        max_servers = min(1024, max(1, math.ceil(ksat - 1e-9) + 1))
+    if not 0 <= int(max_servers) <= 1024:
+        raise ValueError(f"plait.plan_servers: max_servers must be from 0 to 1024, got {max_servers!r}")
     rows = []
     ring_us = None
     for k in range(int(max_servers) + 1):

@@ -47,6 +47,8 @@ void widenToFloat(DType dt, const char* src, size_t n, float* dst) {
   }
 }
 
+}  // namespace
+
 // buf[i] = buf[i] / n, computed in float32 and rounded once to dt (IEEE, fixed mode).
 void divideInPlace(DType dt, char* buf, size_t count, float n) {
   IeeeFpScope fp;
@@ -62,6 +64,8 @@ void divideInPlace(DType dt, char* buf, size_t count, float n) {
     std::memcpy(buf + 2 * i, &h, 2);
   }
 }
+
+namespace {
 
 // n ranges of whole codec blocks (as even as possible), in values.
 void blockRanges(size_t count, int n, uint32_t B, std::vector<size_t>& off, std::vector<size_t>& len) {

@@ -69,6 +69,8 @@ void hierAllreduce(Comm& c, char* buf, size_t count, size_t elemBytes, const std
 // codec (Comm::ctx().spec): values divided by div before quantizing; residual (optional, float32, div 1) gets what
 // this rank's quantization dropped. Every element quantized at most twice, results bitwise identical; waits.
 namespace coll {
+// buf[i] = buf[i] / n for float32 / bfloat16 / float16, computed in float32, rounded once (IEEE, fixed mode).
+void divideInPlace(DType dt, char* buf, size_t count, float n);
 void directCompressed(Comm& c, const Group& g, char* buf, size_t count, DType dt, float div, float* residual);
 }  // namespace coll
 

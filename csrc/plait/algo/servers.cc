@@ -68,8 +68,14 @@ bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op, co
     std::memset(residual, 0, count * sizeof(float));
     residual = nullptr;
   }
-  // AVG (compressed only): every encoder divides by the group size, so the host sums it quantizes are averages.
-  const float div = average ? float(c.size()) : 1.0f;
+  // AVG (compressed only): every encoder divides by the group size, so the sums it quantizes are averages. With
+  // several ranks on a host every rank divides its own values first instead (as the hierarchical compressed
+  // schedule does), so that half-precision host sums cannot overflow.
+  float div = average ? float(c.size()) : 1.0f;
+  if (average && !flat) {
+    divideInPlace(dtype, buf, count, float(c.size()));
+    div = 1.0f;
+  }
   const size_t serverBytes = serverCount * es;
   // Inside the host: reduce into the leader in rank order (full precision).
   if (local.size() > 1) {
@@ -152,8 +158,11 @@ bool serverAllreduce(Comm& c, char* buf, size_t count, DType dtype, RedOp op, co
   if (serverErr) {
     try {
       std::rethrow_exception(serverErr);
-    } catch (const std::exception& e) {
+    } catch (const ServerError& e) {
       c.fail(e.what(), false);
+    } catch (const std::exception& e) {
+      c.throwIfAborted();  // the helper stopped because the group was aborted: fail with the abort's reason
+      c.fail(cat("plait: rank ", c.rank(), ": summation servers' exchange during ", what, ": ", e.what()), false);
     }
   }
   if (local.size() > 1) {

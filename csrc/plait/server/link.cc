@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <thread>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -125,6 +126,7 @@ void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, 
     size_t rIdx = 0, rGot = 0;  // segment being received, and bytes of its frame received
     SegHeader rh{};
     std::vector<char> enc, dec;  // compressed: the segment being sent / received, encoded
+    size_t encoded = ~size_t(0);  // which segment enc holds
   };
   std::vector<State> st(fds_.size());
   std::vector<float> scratch;
@@ -156,7 +158,8 @@ void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, 
           s.sh = SegHeader{kSegMagic, kSeg, seq, uint32_t(s.sIdx), uint8_t(dt), uint8_t(op),
                            uint8_t(coded ? spec->codec : codec::Codec::kNone), 0, coded ? spec->block : 0,
                            uint64_t(nv), uint64_t(len)};
-          if (coded) {
+          if (coded && s.encoded != s.sIdx) {  // once per segment, not at every retry of its first write
+            s.encoded = s.sIdx;
             s.enc.resize(len);
             codec::encode(*spec, dt, src, nv, div, s.enc.data());
             if (residual) {  // what this worker's quantization dropped, for error feedback
@@ -261,11 +264,11 @@ void ServerLinks::exchange(char* buf, const std::vector<Part>& parts, DType dt, 
   }
 }
 
-bool pingServer(const std::string& addr, std::chrono::milliseconds wait) {
+bool pingServer(const std::string& addr, std::chrono::milliseconds wait, const std::string& job) {
   const auto until = Clock::now() + wait;
   int fd = -1;
   try {
-    fd = sock::dial(addr, until, "ping");
+    fd = sock::dial(addr, until, "ping", false);
   } catch (const Error&) {
     return false;
   }
@@ -273,11 +276,12 @@ bool pingServer(const std::string& addr, std::chrono::milliseconds wait) {
   h.magic = kHelloMagic;
   h.version = kVersion;
   h.kind = kPing;
+  std::memset(h.job, '0', kJobIdLen);
+  std::memcpy(h.job, job.data(), std::min(job.size(), kJobIdLen));
   uint32_t pong = 0;
-  bool ok = sock::ioAll(fd, &h, sizeof(h), true, until) && sock::ioAll(fd, &pong, sizeof(pong), false, until) &&
-            pong == kPongMagic;
+  bool ok = sock::ioAll(fd, &h, sizeof(h), true, until) && sock::ioAll(fd, &pong, sizeof(pong), false, until);
   close(fd);
-  return ok;
+  return ok && (pong == kPongMagic || (job.empty() && pong == kRefuseMagic));
 }
 
 std::unique_ptr<ServerLinks> attachServers(Store& store, Store* root, const std::string& prefix,
@@ -299,14 +303,29 @@ std::unique_ptr<ServerLinks> attachServers(Store& store, Store* root, const std:
       while (true) {
         live.clear();
         seen.clear();
+        // Registered servers, newest first (a restarted server's entry supersedes its old one), each address once.
         int64_t n = root->check(kRegistryCount) ? root->add(kRegistryCount, 0) : 0;
-        for (int64_t i = 0; i < n && int(live.size()) < k; ++i) {
-          std::string e = root->get(registryKey(i));
+        std::vector<std::string> cand;
+        for (int64_t i = n - 1; i >= 0; --i) {
+          const std::string rk = registryKey(i);
+          if (!root->check(rk)) continue;  // registered but never written (the server died in between)
+          std::string e = root->get(rk);
           if (e.empty()) continue;  // stopped
           std::string addr = e.substr(0, e.find('\t'));
-          bool ok = pingServer(addr, std::chrono::milliseconds(1000));
-          seen.push_back(cat(addr, ok ? "" : " (registered, not answering)"));
-          if (ok) live.push_back(addr);
+          if (std::find(cand.begin(), cand.end(), addr) == cand.end()) cand.push_back(addr);
+        }
+        std::reverse(cand.begin(), cand.end());  // registration order: the same choice whoever asks
+        // Ping them all at once (one connection attempt each: a dead entry costs no retries).
+        std::vector<char> ok(cand.size(), 0);
+        {
+          std::vector<std::thread> pings;
+          for (size_t i = 0; i < cand.size(); ++i)
+            pings.emplace_back([&, i] { ok[i] = pingServer(cand[i], std::chrono::milliseconds(2000), job); });
+          for (auto& t : pings) t.join();
+        }
+        for (size_t i = 0; i < cand.size(); ++i) {
+          seen.push_back(cat(cand[i], ok[i] ? "" : " (registered, not answering for this job)"));
+          if (ok[i] && int(live.size()) < k) live.push_back(cand[i]);
         }
         if (int(live.size()) >= k) break;
         if (Clock::now() >= deadline) {
@@ -350,10 +369,16 @@ std::unique_ptr<ServerLinks> attachServers(Store& store, Store* root, const std:
       st = cat("error\t", e.what());
     }
     store.set(cat(prefix, "srvconn/", myHost), st);
-    for (int h = 0; h < nh; ++h) {
-      std::string v = store.get(cat(prefix, "srvconn/", h));
-      if (v != "ok") throw Error(h == myHost ? v.substr(6) : cat("plait: rank ", rank, ": host ", h,
-                                                                 "'s leader could not connect: ", v.substr(6)));
+  }
+  // Every rank (leaders and the others) learns whether every leader is connected, so nobody waits for a leader
+  // that already raised.
+  for (int h = 0; h < nh; ++h) {
+    std::string v = store.get(cat(prefix, "srvconn/", h));
+    if (v != "ok") {
+      if (links) links->shutdownAll();  // the servers drop the job (its other workers may be connected)
+      throw Error(h == myHost && leader ? v.substr(6)
+                                        : cat("plait: rank ", rank, ": host ", h,
+                                              "'s leader could not connect to the summation servers: ", v.substr(6)));
     }
   }
   // The servers' link rate: every leader streams `probe` bytes to one server at a time and times the sums coming
@@ -369,28 +394,46 @@ std::unique_ptr<ServerLinks> attachServers(Store& store, Store* root, const std:
     const size_t probe = size_t(2) << 20, seg = size_t(256) << 10;
     std::vector<char> data(probe, 1);
     double worst = 1e300;
-    for (int j = 0; j < k; ++j) {
-      std::vector<ServerLinks::Part> parts(static_cast<size_t>(k));
-      double best = 1e300;
-      for (int round = 0; round < 3; ++round) {
-        // Round 0 is a short warm-up that lines the leaders up; rounds 1 and 2 are timed, the better one counts.
-        parts[size_t(j)] = {0, round == 0 ? seg : probe};
-        auto t0 = Clock::now();
-        links->exchange(data.data(), parts, DType::kUInt8, RedOp::kMax, 0xfffffff0u + uint32_t(round), seg, timeout,
-                        nullptr, "the summation servers' link measurement");
-        double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-        if (round == 0) continue;
-        store.set(cat(prefix, "srvprobe/", j, "/", round, "/", myHost), cat(us));
-        double mx = 0;
-        for (int h = 0; h < nh; ++h)
-          mx = std::max(mx, std::atof(store.get(cat(prefix, "srvprobe/", j, "/", round, "/", h)).c_str()));
-        best = std::min(best, mx);
+    auto key = [&](int j, int round, int h) { return cat(prefix, "srvprobe/", j, "/", round, "/", h); };
+    int j = 0, round = 0;
+    try {
+      for (j = 0; j < k; ++j) {
+        std::vector<ServerLinks::Part> parts(static_cast<size_t>(k));
+        double best = 1e300;
+        for (round = 0; round < 3; ++round) {
+          // Round 0 is a short warm-up that lines the leaders up; rounds 1 and 2 are timed, the better one counts.
+          parts[size_t(j)] = {0, round == 0 ? seg : probe};
+          auto t0 = Clock::now();
+          links->exchange(data.data(), parts, DType::kUInt8, RedOp::kMax, 0xfffffff0u + uint32_t(round), seg,
+                          timeout, nullptr, "the summation servers' link measurement");
+          double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+          if (round == 0) continue;
+          store.set(key(j, round, myHost), cat(us));
+          double mx = 0;
+          for (int h = 0; h < nh; ++h) {
+            std::string v = store.get(key(j, round, h));
+            if (v.compare(0, 6, "error\t") == 0) throw Error(v.substr(6));
+            mx = std::max(mx, std::atof(v.c_str()));
+          }
+          best = std::min(best, mx);
+        }
+        worst = std::min(worst, double(nh) * double(probe) / best / 1e3);  // GB/s
       }
-      worst = std::min(worst, double(nh) * double(probe) / best / 1e3);  // GB/s
+    } catch (const std::exception& e) {
+      // Nobody may wait for this leader's numbers: every key it still owes says why, and so does the rate.
+      const std::string err = cat("error\t", e.what());
+      links->shutdownAll();
+      for (int jj = j; jj < k; ++jj)
+        for (int r = (jj == j ? std::max(round, 1) : 1); r < 3; ++r) store.set(key(jj, r, myHost), err);
+      store.set(rateKey, err);
+      throw;
     }
     if (myHost == 0) store.set(rateKey, cat(worst));
   }
-  info->gbps = std::atof(store.get(rateKey).c_str());
+  const std::string rate = store.get(rateKey);
+  if (rate.compare(0, 6, "error\t") == 0)
+    throw Error(cat("plait: rank ", rank, ": measuring the summation servers' links failed: ", rate.substr(6)));
+  info->gbps = std::atof(rate.c_str());
   info->source = cat("measured (", nh, " worker host(s) streaming to each server)");
   return links;
 }

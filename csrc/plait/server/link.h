@@ -65,8 +65,9 @@ struct ServerInfo {
   std::string source;
 };
 
-// Whether a server answers at addr ("host:port") within `wait`.
-bool pingServer(const std::string& addr, std::chrono::milliseconds wait);
+// Whether a server answers at addr ("host:port") within `wait` (one connection attempt) and can serve `job` (it
+// finds the job's secret in its store; "" asks only whether a plait-server listens there).
+bool pingServer(const std::string& addr, std::chrono::milliseconds wait, const std::string& job = "");
 
 // Group creation, on every rank (collective): rank 0 writes the job's secret where servers read it (root: the
 // rendezvous store's root, where servers register), picks the first k registered servers that answer (waiting for

@@ -28,12 +28,21 @@ using namespace srv;
 namespace {
 constexpr auto kHandshakeLimit = std::chrono::seconds(10);
 constexpr size_t kLogLines = 200;
+constexpr size_t kMaxPending = 256;  // connections in their handshake at once (the oldest is dropped beyond)
 
 bool isHex(const char* p, size_t n) {
   for (size_t i = 0; i < n; ++i)
     if (!std::isxdigit(static_cast<unsigned char>(p[i]))) return false;
   return true;
 }
+
+void sendRefusal(int fd, const std::string& why) {
+  uint32_t hdr[2] = {kRefuseMagic, uint32_t(std::min<size_t>(why.size(), 1024))};
+  std::string frame(reinterpret_cast<const char*>(hdr), sizeof(hdr));
+  frame += why.substr(0, hdr[1]);
+  send(fd, frame.data(), frame.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+}  // namespace
 
 // A connection in its handshake.
 struct Pending {
@@ -47,14 +56,6 @@ struct Pending {
   uint8_t nonce[16];
   std::string secret;
 };
-
-void sendRefusal(int fd, const std::string& why) {
-  uint32_t hdr[2] = {kRefuseMagic, uint32_t(std::min<size_t>(why.size(), 1024))};
-  std::string frame(reinterpret_cast<const char*>(hdr), sizeof(hdr));
-  frame += why.substr(0, hdr[1]);
-  send(fd, frame.data(), frame.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-}
-}  // namespace
 
 struct AdmitInfo {
   Hello hello;
@@ -94,6 +95,7 @@ struct JobRunner {
     std::deque<Out*> out;
     size_t outOff = 0;
     bool left = false, bye = false;
+    bool hup = false;  // the socket reported a hang-up while its queue was full (not polled until there is room)
     std::string why;  // how it left, when not by a goodbye
   };
 
@@ -328,6 +330,23 @@ struct JobRunner {
     }
     srv.log(cat("job ", job.id, ": ", job.n, " worker(s) joined"));
     std::string why;
+    try {
+      why = loop();
+    } catch (const std::exception& e) {  // e.g. out of memory for a segment: the workers must hear of it now
+      why = cat("internal error: ", e.what());
+    }
+    if (!why.empty()) abortAll(why);
+    else srv.log(cat("job ", job.id, ": every worker left; job done"));
+    for (auto& x : w) {
+      if (x.fd >= 0) close(x.fd);
+      x.fd = -1;
+    }
+    srv.noteBuffer(-int64_t(held));
+  }
+
+  // Serves the job until every worker left (returns "") or it must be dropped (returns why).
+  std::string loop() {
+    std::string why;
     while (why.empty()) {
       if (srv.stop_.load()) {
         why = "the server is stopping";
@@ -337,45 +356,48 @@ struct JobRunner {
       std::vector<int> idx;
       for (int i = 0; i < job.n; ++i) {
         if (w[i].left) continue;
+        // A hung-up socket keeps reporting POLLHUP: while its queue is full there is nothing to do with it.
+        if (w[i].hup && !w[i].reading && w[i].in.size() >= depth && w[i].out.empty()) continue;
+        w[i].hup = false;
         short ev = 0;
         if (w[i].reading || w[i].in.size() < depth) ev |= POLLIN;
         if (!w[i].out.empty()) ev |= POLLOUT;
         pf.push_back(pollfd{w[i].fd, ev, 0});
         idx.push_back(i);
       }
-      if (pf.empty()) break;  // every worker said goodbye
+      if (pf.empty()) {
+        bool anyLive = false;
+        for (auto& x : w) anyLive = anyLive || !x.left;
+        if (!anyLive) break;  // every worker left
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));  // only hung-up sockets with full queues
+        continue;
+      }
       poll(pf.data(), pf.size(), 200);
       for (size_t k = 0; k < pf.size(); ++k) {
         if (pf[k].revents & (POLLIN | POLLHUP | POLLERR)) readFrom(idx[k]);
         if (pf[k].revents & (POLLOUT | POLLHUP | POLLERR)) writeTo(idx[k]);
+        if (pf[k].revents & (POLLHUP | POLLERR)) w[size_t(idx[k])].hup = true;
       }
       why = sumReady();
       for (int i = 0; i < job.n && why.empty(); ++i) writeTo(i);
       if (!why.empty()) break;
-      // A worker that left: if it died (no goodbye), the others cannot finish anything; if it said goodbye, the
-      // job ends once the others say it too, unless one of them still sends segments that can never be summed.
+      // A worker that left (a goodbye, or its connection ended): the sums already made still go to the others
+      // (a fast worker may exit right after its last all-reduce while a slower one still receives), but once
+      // another worker has a segment that can never be summed, the job is over for everyone.
       for (int i = 0; i < job.n && why.empty(); ++i) {
         if (!w[i].left) continue;
-        if (!w[i].bye) {
-          why = cat(who(i), " ", w[i].why, " (its process died or its process group failed)");
-          break;
-        }
-        for (int j = 0; j < job.n; ++j)
+        for (int j = 0; j < job.n && why.empty(); ++j)
           if (!w[j].left && !w[j].in.empty())
-            why = cat(who(j), " sent segments after ", who(i), " left the job (destroyed its process group)");
+            why = w[i].bye ? cat(who(j), " sent segments after ", who(i), " left the job (destroyed its process group)")
+                           : cat(who(i), " ", w[i].why, " (its process died or its process group failed)");
       }
     }
-    if (!why.empty()) abortAll(why);
-    else srv.log(cat("job ", job.id, ": every worker left; job done"));
-    for (auto& x : w) {
-      close(x.fd);
-      x.fd = -1;
-    }
-    srv.noteBuffer(-int64_t(held));
+    return why;
   }
 };
 
 SumServer::SumServer(std::shared_ptr<Store> store, const ServerOptions& opts) : store_(std::move(store)), opts_(opts) {
+  knobs();  // a malformed PLAIT_* variable raises here, not later on the accept thread
   listenFd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   PLAIT_CHECK(listenFd_ >= 0, "plait-server: socket() failed: ", std::strerror(errno));
   int one = 1;
@@ -473,8 +495,6 @@ void SumServer::stop() {
     std::lock_guard<std::mutex> g(mu_);
     for (auto& kv : jobs_) all.push_back(kv.second);
     jobs_.clear();
-    for (auto& j : finished_) all.push_back(j);
-    finished_.clear();
   }
   for (auto& j : all) {
     if (j->th.joinable()) j->th.join();
@@ -495,7 +515,7 @@ void SumServer::admit(int fd, const std::string& from, const AdmitInfo& info) {
       slot = std::make_shared<Job>();
       slot->id = id;
       slot->n = h.nworkers;
-      slot->timeoutMs = std::max<int64_t>(1000, h.timeoutMs);
+      slot->timeoutMs = std::min<int64_t>(int64_t(24) * 3600 * 1000, std::max<int64_t>(1000, h.timeoutMs));
       slot->created = Clock::now();
       slot->fds.assign(size_t(h.nworkers), -1);
       slot->from.assign(size_t(h.nworkers), "");
@@ -542,6 +562,19 @@ void SumServer::acceptLoop() {
     pend.erase(pend.begin() + long(i));
   };
   while (!stop_.load()) {
+    try {
+      acceptOnce(pend, refuse);
+    } catch (const std::exception& e) {
+      // Nothing that goes wrong with one connection (or one thread that cannot be made) may take the server down.
+      log(cat("error in the accept loop: ", e.what()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  for (auto& q : pend) close(q.fd);
+}
+
+void SumServer::acceptOnce(std::vector<Pending>& pend, const std::function<void(size_t, const std::string&, bool)>& refuse) {
+  {
     auto now = Clock::now();
     for (size_t i = 0; i < pend.size();)
       if (now >= pend[i].deadline) refuse(i, "no complete handshake within 10 s", false);
@@ -573,11 +606,12 @@ void SumServer::acceptLoop() {
     }
     std::vector<pollfd> pfds{pollfd{listenFd_, POLLIN, 0}};
     for (auto& q : pend) pfds.push_back(pollfd{q.fd, POLLIN, 0});
-    if (poll(pfds.data(), pfds.size(), 100) <= 0) continue;
+    if (poll(pfds.data(), pfds.size(), 100) <= 0) return;
     if (pfds[0].revents & POLLIN) {
       int fd = accept4(listenFd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
       if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM))
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      if (fd >= 0 && pend.size() >= kMaxPending) refuse(0, "too many connections in their handshake", false);
       if (fd >= 0) {
         sock::tune(fd);
         Pending q{fd, sock::peerName(fd), Clock::now() + kHandshakeLimit};
@@ -607,7 +641,14 @@ void SumServer::acceptLoop() {
           continue;
         }
         if (h.kind == kPing) {
-          uint32_t pong = kPongMagic;
+          // A pong only for a job this server can serve (its secret is in this server's store): a stale registry
+          // entry whose port now belongs to another store's server does not answer.
+          bool known = false;
+          if (isHex(h.job, kJobIdLen)) try {
+              known = !secretFor(std::string(h.job, kJobIdLen)).empty();
+            } catch (const std::exception&) {
+            }
+          uint32_t pong = known ? kPongMagic : kRefuseMagic;
           send(q.fd, &pong, sizeof(pong), MSG_NOSIGNAL | MSG_DONTWAIT);
           close(q.fd);
           pend.erase(pend.begin() + long(i));
@@ -655,7 +696,6 @@ void SumServer::acceptLoop() {
       admit(fd, from, info);
     }
   }
-  for (auto& q : pend) close(q.fd);
 }
 
 }  // namespace plait

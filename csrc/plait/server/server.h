@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -54,6 +55,9 @@ class SumServer {
 
  private:
   void acceptLoop();
+  // One pass of the accept loop: reap jobs, accept, advance handshakes.
+  void acceptOnce(std::vector<struct Pending>& pend,
+                  const std::function<void(size_t, const std::string&, bool)>& refuse);
   void admit(int fd, const std::string& from, const struct AdmitInfo& info);
   void log(const std::string& line);
   std::string secretFor(const std::string& job);
@@ -68,7 +72,6 @@ class SumServer {
   std::thread acceptThread_;
   mutable std::mutex mu_;
   std::map<std::string, std::shared_ptr<Job>> jobs_;  // by job id, while they run
-  std::vector<std::shared_ptr<Job>> finished_;         // jobs whose threads are to be joined
   mutable std::mutex logMu_;
   std::vector<std::string> log_;
   friend struct JobRunner;

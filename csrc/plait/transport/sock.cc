@@ -95,7 +95,7 @@ std::string peerName(int fd) {
   return cat(buf, ":", ntohs(a.sin_port));
 }
 
-int dial(const std::string& hp, Clock::time_point deadline, const std::string& what) {
+int dial(const std::string& hp, Clock::time_point deadline, const std::string& what, bool retry) {
   auto colon = hp.rfind(':');
   PLAIT_CHECK(colon != std::string::npos, what, ": malformed address '", hp, "' (want host:port)");
   std::string host = hp.substr(0, colon), port = hp.substr(colon + 1);
@@ -136,7 +136,7 @@ int dial(const std::string& hp, Clock::time_point deadline, const std::string& w
       return fd;
     }
     close(fd);
-    PLAIT_CHECK(Clock::now() < deadline, what, ": cannot connect to ", hp, ": ", std::strerror(e));
+    PLAIT_CHECK(retry && Clock::now() < deadline, what, ": cannot connect to ", hp, ": ", std::strerror(e));
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }

@@ -20,8 +20,8 @@ std::string routeTo(const std::string& host);
 // "a.b.c.d:port" of the remote end, or "?".
 std::string peerName(int fd);
 // Connects to "host:port" (a blocking socket, tuned), retrying refused / unreachable attempts every 20 ms until the
-// deadline; throws plait::Error "<what>: cannot connect to host:port: <reason>" after it.
-int dial(const std::string& hostPort, Clock::time_point deadline, const std::string& what);
+// deadline (retry false: one attempt); throws plait::Error "<what>: cannot connect to host:port: <reason>".
+int dial(const std::string& hostPort, Clock::time_point deadline, const std::string& what, bool retry = true);
 
 }  // namespace sock
 }  // namespace plait
