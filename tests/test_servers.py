@@ -778,3 +778,41 @@ def test_stop_and_store_grace(tmp_path):
     assert a.add("plait/servers/count", 0) == 2
     assert a.get("plait/servers/0") == b"" and a.get("plait/servers/1") == b""
     del a
+
+
+def w_one_host_group(rank, world):
+    import plait
+
+    return plait.topology()["servers"]["count"]
+
+
+def test_one_host_group_needs_no_servers():
+    """PLAIT_SERVERS set, every rank on one host, no server running: the group is created at once without servers
+    (nothing of it crosses a link)."""
+    res = run_world(w_one_host_group, 2, init="tcp", env={"PLAIT_SERVERS": "2"}, pg_timeout_s=10, timeout_s=120)
+    assert res == [0, 0]
+
+
+def test_registry_stale_and_duplicate_entries(tmp_path):
+    """The registry holds, before the real server registers: a dead address, an entry that was counted but never
+    written, and an empty (stopped) one; after it registers, the same address is registered again (a restart on the
+    same port). The group skips what is dead, picks the live server once, and works."""
+    world, port, n = 2, free_port(), 30_001
+    master = master_store(port)
+    master.add("plait/servers/count", 3)
+    master.set("plait/servers/0", f"127.0.0.1:{free_port()}\tgone\t1")
+    # entry 1 counted, never written
+    master.set("plait/servers/2", "")
+    live_port = free_port()
+    env = {"PLAIT_SERVERS": "1", "PLAIT_SERVER_SHARE": "1", "PLAIT_SERVER_GBPS": "10",
+           "PLAIT_SERVER_SEGMENT_BYTES": "16384"}
+    with servers(port, 1, tmp_path, args=("--port", str(live_port))) as (procs, logs):
+        addr = wait_serving(logs)[0]
+        i = master.add("plait/servers/count", 1) - 1
+        master.set(f"plait/servers/{i}", f"{addr}\tagain\t2")
+        res = run_world(w_job, world, port, "jobr", -1, n, init=None, env=env, rank_env=fake_hosts(world),
+                        pg_timeout_s=20, timeout_s=120)
+    for r in res:
+        assert r["error"] is None and r["iterations"] == 5, r
+        assert r["servers"]["addresses"] == [addr], r["servers"]
+        assert r["servers"]["server_bytes"] == 5 * 4 * n

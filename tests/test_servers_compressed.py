@@ -111,3 +111,32 @@ def test_split_identical_and_close(tmp_path, per_host):
     vnmse = float(((got.double() - exact) ** 2).sum() / (exact ** 2).sum())
     assert vnmse < 1e-3, vnmse
     assert all(r[1] > 0 and r[2] > 0 for r in res)
+
+
+def w_avg_fp16_two_per_host(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    import plait
+
+    # Values near float16's limit: a host sum (2 ranks) would overflow if the division came after it.
+    x = torch.full((20_003,), 30000.0 - 7 * rank, dtype=torch.float16)
+    plait.all_reduce(x, op=dist.ReduceOp.AVG, compression="int8")
+    return x.view(torch.int16).clone(), bool(torch.isfinite(x).all()), float(x.float().mean())
+
+
+def test_avg_two_per_host_no_overflow(tmp_path):
+    import torch
+
+    world = 4
+    port = free_port()
+    env = {"PLAIT_SERVERS": str(K), "PLAIT_SERVER_SHARE": "0.5", "PLAIT_SERVER_GBPS": "10",
+           "PLAIT_SERVER_SEGMENT_BYTES": "8192"}
+    with servers(port, K, tmp_path):
+        res = run_world(w_avg_fp16_two_per_host, world, init="tcp", port=port, env=env,
+                        rank_env=fake_hosts(world, 2), timeout_s=180)
+    assert all(torch.equal(r[0], res[0][0]) for r in res)
+    want = sum(30000.0 - 7 * r for r in range(world)) / world
+    for raw, finite, mean in res:
+        assert finite
+        assert abs(mean - want) / want < 2e-2, (mean, want)
