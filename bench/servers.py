@@ -41,6 +41,17 @@ e. A server's memory for a 256 MiB all-reduce (k = 2, 4 worker hosts x 1, PLAIT_
     python bench/servers.py --parts a --rounds 2 -n 5         # part a (and b) only
     python bench/servers.py --parts c --json /tmp/c.json
     python bench/servers.py --parts a --env PLAIT_SERVER_SEGMENT_BYTES=2097152 --json /tmp/seg2m.json
+    python bench/servers.py --parts a --a-shares 4:1.0 --tcp-cc reno --json docs/servers_emulated_reno.json
+    python bench/servers.py --from-json docs/servers_emulated.json        # the tables of a saved run again
+
+Per configuration the tables also give the machine's CPU split over the timed window (/proc/stat: user, sys +
+softirq, idle), the processes' CPU time per iteration (the ranks', the servers'), and the TCP retransmissions and
+RTO timeouts of every host's namespace (/proc/PID/net/snmp, netstat) over the timed window. The namespaces inherit
+the machine's TCP congestion control (bbr on the VM these numbers come from; a namespace may only pick one of
+net.ipv4.tcp_allowed_congestion_control, here reno or bbr: --tcp-cc). Experiments: --tbf-limit (deeper queues),
+--env (knobs), --server-arg (plait-server options), --a-shares / --c-shares (forced shares). Before each launch
+the driver waits (--quiet-wait) until other jobs leave the CPUs idle: the machine has 2 cores and every emulated
+host's TCP stack runs on them.
 
 PLAIT_* variables of the caller's environment are not passed on (--env adds knobs to every launch). Exit status 1 when
 a result was wrong or a launch failed. The cluster is torn down however the run ends.
@@ -53,6 +64,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -129,6 +141,16 @@ def _tcpstats(pid: int) -> dict:
     return out
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def _read_pids(path: str) -> dict:
     for _ in range(600):
         if os.path.exists(path):
@@ -170,6 +192,10 @@ def worker(spec: dict) -> None:
     for _ in range(spec["warmup"]):
         dist.all_reduce(t)
     dist.all_reduce(bar)
+    all_servers = [p for role, _, p in ns_pids if role == "server"]
+    if rank == 0:
+        srv_cpu0 = [_proc_cpu_s(p) for p in all_servers]
+    my_cpu0 = time.process_time()
     if rank == 0:
         tcp0 = [_tcpstats(p) for _, _, p in ns_pids]
         c0, cpu0, t0w = _netdev(spec["driver_pid"]), _cpu(), time.perf_counter()
@@ -180,8 +206,10 @@ def worker(spec: dict) -> None:
         dist.all_reduce(t)
         times.append((time.perf_counter() - t0) * 1e6)
     dist.all_reduce(bar)
+    my_cpu = torch.tensor([time.process_time() - my_cpu0], dtype=torch.float64)
     if rank == 0:
         c1, cpu1, wall = _netdev(spec["driver_pid"]), _cpu(), time.perf_counter() - t0w
+        out["server_cpu_s"] = [_proc_cpu_s(p) - a for p, a in zip(all_servers, srv_cpu0)]
         out["counters"] = {k: [b - a for a, b in zip(c0[k], c1[k])] for k in spec["veths"] if k in c0 and k in c1}
         d = [b - a for a, b in zip(cpu0, cpu1)]
         out["cpu"] = {k: v / max(1, sum(d)) for k, v in zip(_CPU_FIELDS, d)}  # shares of all CPU time
@@ -193,6 +221,8 @@ def worker(spec: dict) -> None:
             out["server_mem_after"] = [_mem(p) for p in server_pids]
     tt = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+    dist.all_reduce(my_cpu)
+    out["workers_cpu_s"] = float(my_cpu)  # all ranks' process CPU time over the timed window (user + system)
     out["times_us"] = tt.tolist()  # per iteration, max across ranks
     if rank == 0:
         topo = plait.topology()
@@ -368,7 +398,16 @@ def rounds_of(r: Runner, configs, rounds, **kw):
     return runs
 
 
-def summarize(c, runs: dict, nbytes: int, nhosts: int, world: int, hdr: int, rate_bps: int) -> list[dict]:
+def formulas(nbytes: int, n: int, k: int, share: float) -> tuple[float, float, float]:
+    """(s actually used, W(s), V(s)) per iteration and direction for an all-reduce of nbytes float32 on n hosts."""
+    count = nbytes // 4
+    s = (int(count * share) / count) if k else 0.0
+    return s, 2 * (n - 1) / n * (1 - s) * nbytes + s * nbytes, (n * s * nbytes / k if k else 0.0)
+
+
+def summarize(worker_hosts: int, runs: dict, nbytes: int, nhosts: int, world: int, hdr: int,
+              rate_bps: int) -> list[dict]:
+    """Rows for a table from the launches of each configuration (each launch's own share for the byte formulas)."""
     rows = []
     base = None
     for label, recs in runs.items():
@@ -378,7 +417,7 @@ def summarize(c, runs: dict, nbytes: int, nhosts: int, world: int, hdr: int, rat
         med = statistics.median(its)
         k = recs[0]["k"]
         plan = recs[-1]["plan"]
-        share = plan["server_share"]
+        share = statistics.median(r["plan"]["server_share"] for r in recs)
         alg = nbytes / med / 1e3
         row = {"label": label, "k": k, "forced_share": recs[0]["forced_share"], "share": share,
                "shares_seen": sorted({r["plan"]["server_share"] for r in recs}), "launches": len(recs),
@@ -406,25 +445,22 @@ def summarize(c, runs: dict, nbytes: int, nhosts: int, world: int, hdr: int, rat
         else:
             row.update(predicted_us=statistics.median(r["plan"]["predicted_us"] for r in recs), predicted_speedup=1.0)
         row["ideal_speedup"] = ideal(nhosts, k)
-        # bytes (per timed iteration, per direction) against the formulas
-        n = nhosts
-        count = nbytes // 4
-        s_used = (int(count * share) / count) if k else 0.0
-        w_formula = 2 * (n - 1) / n * (1 - s_used) * nbytes + s_used * nbytes
-        v_formula = n * s_used * nbytes / k if k else 0.0
+        # bytes (per timed iteration, per direction) against the formulas, with each launch's share
+        s_used, w_formula, v_formula = formulas(nbytes, nhosts, k, share)
         per_host = []
         for rec in recs:
             iters = len(rec["times_us"])
+            _, w_launch, v_launch = formulas(nbytes, nhosts, k, rec["plan"]["server_share"])
             for i, name in enumerate(rec["veth_names"]):
                 cnt = rec["counters"].get(name)
                 if cnt is None:
                     continue
-                is_server = i >= c.hosts
-                used = (i - c.hosts) < k if is_server else (rec["hosts"] is None or i in rec["hosts"])
+                is_server = i >= worker_hosts
+                used = (i - worker_hosts) < k if is_server else (rec["hosts"] is None or i in rec["hosts"])
                 if not used:
                     continue
                 rx_b, rx_p, tx_b, tx_p = cnt  # bridge side: rx = what the host sent
-                formula = (v_formula if is_server else w_formula) * iters
+                formula = (v_launch if is_server else w_launch) * iters
                 per_host.append({"host": i, "role": "server" if is_server else "worker", "iters": iters,
                                  "sent_bytes": rx_b, "sent_frames": rx_p, "sent_payload": rx_b - rx_p * hdr,
                                  "recv_bytes": tx_b, "recv_frames": tx_p, "recv_payload": tx_b - tx_p * hdr,
@@ -451,6 +487,11 @@ def summarize(c, runs: dict, nbytes: int, nhosts: int, world: int, hdr: int, rat
         row["retrans_segs"] = sum(t.get("RetransSegs", 0) for t in row["tcp"])
         row["rto_timeouts"] = sum(t.get("TCPTimeouts", 0) for t in row["tcp"])
         row["out_segs"] = sum(t.get("OutSegs", 0) for t in row["tcp"])
+        if all("workers_cpu_s" in rec for rec in recs):
+            row["workers_cpu_s_per_iter"] = statistics.median(rec["workers_cpu_s"] / len(rec["times_us"])
+                                                              for rec in recs)
+            row["servers_cpu_s_per_iter"] = statistics.median(sum(rec["server_cpu_s"]) / len(rec["times_us"])
+                                                              for rec in recs)
         row["share_used"] = s_used
         row["W_formula_per_iter"] = w_formula
         row["V_formula_per_iter"] = v_formula
@@ -475,8 +516,9 @@ def table_times(title: str, rows: list[dict], link_GBps: float) -> str:
     lines = [f"#### {title}", "",
              "| config | k | share | time ms | busbw GB/s (of link) | speed-up | predicted ms | predicted speed-up | "
              "plan_servers speed-up (formula / fixed costs) | measured/predicted speed-up (goal >= 0.95) | "
-             "predicted/measured time (goal 0.9-1.1) | ideal | CPU user / sys+softirq / idle | TCP retrans segs / RTOs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "predicted/measured time (goal 0.9-1.1) | ideal | CPU user / sys+softirq / idle | TCP retrans segs / RTOs | "
+             "process CPU s per iteration: workers / servers |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ps = " / ".join(f"{r[key]['speedup']:.3f}" for key in ("plan_servers_formula", "plan_servers_fixed_costs")
                         if key in r) or "–"
@@ -485,12 +527,16 @@ def table_times(title: str, rows: list[dict], link_GBps: float) -> str:
         goal1 = "–" if not r["k"] or ratio is None else f"{ratio:.3f} " + ("met" if ratio >= 0.95 else "**not met**")
         goal2 = "–" if pm is None else f"{pm:.3f} " + ("met" if 0.9 <= pm <= 1.1 else "**not met**")
         wrong = " **WRONG**" if r["wrong"] else ""
+        seen = r.get("shares_seen") or [r["share"]]
+        share = f"{r['share']:.3f}" + (f" ({min(seen):.3f}-{max(seen):.3f})" if max(seen) - min(seen) > 5e-4 else "")
         lines.append(
-            f"| {r['label']}{wrong} | {r['k']} | {r['share']:.3f} | {r['median_us'] / 1e3:.1f} | "
+            f"| {r['label']}{wrong} | {r['k']} | {share} | {r['median_us'] / 1e3:.1f} | "
             f"{r['busbw_GBps']:.4f} ({r['busbw_GBps'] / link_GBps:.0%}) | {r.get('measured_speedup', float('nan')):.3f} | "
             f"{r['predicted_us'] / 1e3:.1f} | {r['predicted_speedup']:.3f} | {ps} | {goal1} | {goal2} | "
             f"{r['ideal_speedup']:.3f} | {r['cpu']['user']:.0%} / {r['cpu']['system'] + r['cpu']['softirq']:.0%} / "
-            f"{r['cpu']['idle']:.0%} | {r['retrans_segs']} / {r['rto_timeouts']} |")
+            f"{r['cpu']['idle']:.0%} | {r['retrans_segs']} / {r['rto_timeouts']} | "
+            + (f"{r['workers_cpu_s_per_iter']:.2f} / {r['servers_cpu_s_per_iter']:.2f} |"
+               if "workers_cpu_s_per_iter" in r else "– |"))
     return "\n".join(lines)
 
 
@@ -536,15 +582,38 @@ def main(argv=None) -> int:
                          "(default: the harness's burst + 5 ms of rate)")
     ap.add_argument("--quiet-wait", type=float, default=900,
                     help="before each launch, wait up to this many seconds for other jobs to leave the CPUs idle")
+    ap.add_argument("--tcp-cc", default=None,
+                    help="experiment: net.ipv4.tcp_congestion_control in every host's namespace (default: what a new "
+                         "namespace inherits, reported)")
     ap.add_argument("--port", type=int, default=29700)
     ap.add_argument("--pg-timeout", type=float, default=300)
     ap.add_argument("--timeout", type=float, default=900, help="per launch")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "servers_emulated.json"))
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--from-json", default=None,
+                    help="recompute the rows and print the tables of a saved result (rewrites it when --json names it)")
     a = ap.parse_args(argv)
     if a._worker:
         with open(a._worker) as f:
             worker(json.load(f))
+        return 0
+    if a.from_json:
+        with open(a.from_json) as f:
+            result = json.load(f)
+        m = result["meta"]
+        if "rate_bps" not in m:  # results written before these fields were recorded
+            from plait.testing.cluster import parse_rate
+
+            m["rate_bps"] = parse_rate(m["rate"])
+        for p in result["parts"].values():
+            if "launches" in p and isinstance(p["launches"], dict) and "worker_hosts" not in p:
+                p["worker_hosts"] = int(re.search(r"hosts=(\d+)", m["cluster"]).group(1))
+        for part in result["parts"]:
+            summarize_part(result, part)
+        if a.json and os.path.abspath(a.json) == os.path.abspath(a.from_json):
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+        print("\n\n".join(t for part in result["parts"] for t in render(result, part)))
         return 0
 
     from plait.testing.cluster import Cluster, available, parse_rate
@@ -559,7 +628,6 @@ def main(argv=None) -> int:
     ks = [int(x) for x in a.ks.split(",")]
     nbytes = parse_size(a.size)
     rate_bps = parse_rate(a.rate)
-    link_GBps = rate_bps / 8e9 if rate_bps else float("nan")
     t_start = time.time()
 
     def log(msg):
@@ -567,10 +635,10 @@ def main(argv=None) -> int:
 
     result = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-                       "argv": sys.argv, "rate": a.rate, "env": a.env_knobs, "server_args": a.server_arg, "iters": a.iters, "warmup": a.warmup,
-                       "rounds": a.rounds, "bytes": nbytes},
+                       "argv": sys.argv, "rate": a.rate, "env": a.env_knobs, "server_args": a.server_arg,
+                       "iters": a.iters, "warmup": a.warmup,
+                       "rounds": a.rounds, "bytes": nbytes, "rate_bps": rate_bps},
               "parts": {}, "failures": []}
-    tables = []
     with Cluster(hosts=a.hosts, rate=a.rate, servers=max(ks + [4])) as c:
         if a.tbf_limit:
             st = c._state["tbf"]
@@ -581,6 +649,11 @@ def main(argv=None) -> int:
                 c.run(i, ["tc", "qdisc", "change", "dev", "eth0", *tbf], check=True)
             result["meta"]["tbf_limit"] = parse_size(a.tbf_limit)
         result["meta"]["tbf"] = c._state["tbf"]
+        if a.tcp_cc:
+            for i in range(c.nodes):
+                c.run(i, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={a.tcp_cc}"], check=True)
+        result["meta"]["tcp_congestion_control"] = c.run(
+            0, ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
         ts = c.run(0, ["cat", "/proc/sys/net/ipv4/tcp_timestamps"]).stdout.strip()
         hdr = HDR + (12 if ts in ("1", "2") else 0)
         bw = c.measure_bandwidth(0, 1, seconds=1.0)
@@ -588,7 +661,7 @@ def main(argv=None) -> int:
         result["meta"].update(tcp_timestamps=ts, header_bytes=hdr, cluster=repr(c),
                               tcp_stream_mbit_s={"worker_to_worker": bw["mbit_s"], "worker_to_server": bws["mbit_s"]})
         log(f"cluster {c!r}; one TCP stream h0->h1 {bw['mbit_s']:.0f} Mbit/s, h0->server {bws['mbit_s']:.0f} Mbit/s; "
-            f"frame header {hdr} B")
+            f"frame header {hdr} B; TCP congestion control {result['meta']['tcp_congestion_control']}")
         r = Runner(c, a, log)
         if "a" in parts:
             log(f"part a/b: {a.hosts} worker hosts x 1, {human(nbytes)}, k = {ks}")
@@ -597,12 +670,9 @@ def main(argv=None) -> int:
                 k, s = kv.split(":")
                 cfgs.append((f"k={k} s={s}", 1, None, int(k), s))
             runs = rounds_of(r, cfgs, a.rounds, nbytes=nbytes, iters=a.iters, warmup=a.warmup)
-            rows = summarize(c, runs, nbytes, a.hosts, a.hosts, hdr, rate_bps)
-            result["parts"]["a"] = {"hosts": a.hosts, "nproc_per_host": 1, "rows": rows, "launches": runs}
-            tables.append(table_times(f"a. {a.hosts} worker hosts x 1 rank, {human(nbytes)} float32 all_reduce, "
-                                      f"{a.rate} links", rows, link_GBps))
-            tables.append(table_bytes(f"b. bytes per host, {a.hosts} x 1, {human(nbytes)}", rows, hdr))
-            print("\n\n".join(tables[-2:]) + "\n", flush=True)
+            result["parts"]["a"] = {"worker_hosts": c.hosts, "hosts": a.hosts, "nproc_per_host": 1, "launches": runs}
+            summarize_part(result, "a")
+            print("\n\n".join(render(result, "a")) + "\n", flush=True)
         if "c" in parts:
             log(f"part c: 2 worker hosts x 2, {human(nbytes)}")
             cfgs = [(f"k={k}", 2, [0, 1], k, None) for k in ks]
@@ -610,12 +680,9 @@ def main(argv=None) -> int:
                 k, s = kv.split(":")
                 cfgs.append((f"k={k} s={s}", 2, [0, 1], int(k), s))
             runs = rounds_of(r, cfgs, a.rounds, nbytes=nbytes, iters=a.iters, warmup=a.warmup)
-            rows = summarize(c, runs, nbytes, 2, 4, hdr, rate_bps)
-            result["parts"]["c"] = {"hosts": 2, "nproc_per_host": 2, "rows": rows, "launches": runs}
-            tables.append(table_times(f"c. 2 worker hosts x 2 ranks (hierarchical), {human(nbytes)}, {a.rate} links",
-                                      rows, link_GBps))
-            tables.append(table_bytes(f"c. bytes per host, 2 x 2, {human(nbytes)}", rows, hdr))
-            print("\n\n".join(tables[-2:]) + "\n", flush=True)
+            result["parts"]["c"] = {"worker_hosts": c.hosts, "hosts": 2, "nproc_per_host": 2, "launches": runs}
+            summarize_part(result, "c")
+            print("\n\n".join(render(result, "c")) + "\n", flush=True)
         if "d" in parts:
             log("part d: DDP (plait-bench ddp, mlp) k = 0 and 4")
             rows = {"k=0": [], "k=4": []}
@@ -624,54 +691,17 @@ def main(argv=None) -> int:
                     row = r.ddp(label, int(label[2:]), a.ddp_steps)
                     if row:
                         rows[label].append(row)
-            summ = []
-            for label, rs in rows.items():
-                if rs:
-                    summ.append({"label": label, "k": rs[0]["k"], "launches": len(rs),
-                                 "step_ms": statistics.median(x["step_ms"] for x in rs),
-                                 "compute_ms": statistics.median(x["compute_ms"] for x in rs),
-                                 "params": rs[0]["params"], "batch": rs[0]["batch"], "steps": rs[0]["steps"]})
-            for s in summ:
-                s["exposed_comm_ms"] = s["step_ms"] - s["compute_ms"]
-                if summ[0]["label"] == "k=0":
-                    s["speedup_vs_k0"] = summ[0]["step_ms"] / s["step_ms"]
-            result["parts"]["d"] = {"rows": summ, "launches": rows}
-            lines = ["#### d. DDP step, plait-bench ddp --model mlp, 4 worker hosts x 1", "",
-                     "| config | params | step ms | compute ms (no_sync) | exposed comm ms | step speed-up vs k=0 |",
-                     "|---|---:|---:|---:|---:|---:|"]
-            for s in summ:
-                lines.append(f"| {s['label']} | {s['params'] / 1e6:.1f}M | {s['step_ms']:.0f} | {s['compute_ms']:.0f} | "
-                             f"{s['exposed_comm_ms']:.0f} | {s.get('speedup_vs_k0', float('nan')):.3f} |")
-            tables.append("\n".join(lines))
-            print(tables[-1] + "\n", flush=True)
+            result["parts"]["d"] = {"launches": rows}
+            summarize_part(result, "d")
+            print("\n\n".join(render(result, "d")) + "\n", flush=True)
         if "e" in parts:
             rb = parse_size(a.rss_size)
             log(f"part e: server memory, {human(rb)} all_reduce, k = 2")
             rec = r.allreduce("rss k=2", 1, None, 2, None, nbytes=rb, iters=2, warmup=0, rss=True)
             if rec:
-                mem = []
-                for j in range(2):
-                    mem.append({"server": j, "idle_rss": (rec["server_mem_idle"][j] or {}).get("VmRSS"),
-                                "connected_rss": rec["server_mem_connected"][j].get("VmRSS"),
-                                "peak_hwm_after_reset": rec["server_mem_after"][j].get("VmHWM"),
-                                "rss_after": rec["server_mem_after"][j].get("VmRSS"),
-                                "peak_buffer_bytes": (rec["server_stats"][j] or {}).get("peak_buffer_bytes"),
-                                "share": rec["plan"]["server_share"],
-                                "server_part_bytes": rec["plan"]["server_share"] * rb / 2})
-                result["parts"]["e"] = {"bytes": rb, "rows": mem, "launch": rec}
-                lines = [f"#### e. plait-server memory, {human(rb)} all_reduce, k = 2, 4 worker hosts x 1", "",
-                         "| server | idle RSS MiB | RSS with job MiB | peak (VmHWM) MiB | peak - idle MiB | "
-                         "stats peak_buffer_bytes MiB | its part of the tensor MiB |",
-                         "|---:|---:|---:|---:|---:|---:|---:|"]
-                for m in mem:
-                    def mib(v):
-                        return "–" if v is None else f"{v / 2**20:.1f}"
-                    lines.append(f"| {m['server']} | {mib(m['idle_rss'])} | {mib(m['connected_rss'])} | "
-                                 f"{mib(m['peak_hwm_after_reset'])} | "
-                                 f"{mib((m['peak_hwm_after_reset'] or 0) - (m['idle_rss'] or 0))} | "
-                                 f"{mib(m['peak_buffer_bytes'])} | {mib(m['server_part_bytes'])} |")
-                tables.append("\n".join(lines))
-                print(tables[-1] + "\n", flush=True)
+                result["parts"]["e"] = {"bytes": rb, "launch": rec}
+                summarize_part(result, "e")
+                print("\n\n".join(render(result, "e")) + "\n", flush=True)
         result["failures"] = r.failures
     result["meta"]["wall_s"] = time.time() - t_start
     if a.json:
@@ -679,9 +709,89 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
         log(f"wrote {a.json}")
-    print("\n\n".join(tables))
+    print("\n\n".join(t for part in result["parts"] for t in render(result, part)))
     wrong = any(row.get("wrong") for p in result["parts"].values() for row in p.get("rows", []) if isinstance(row, dict))
     return 1 if r.failures or wrong else 0
+
+
+def summarize_part(result: dict, part: str) -> None:
+    """(Re)compute the rows of a part from its launches (also for a saved JSON: --from-json)."""
+    m, p = result["meta"], result["parts"][part]
+    rate_bps = m.get("rate_bps") or 0
+    if part in ("a", "c"):
+        nhosts, world = p["hosts"], p["hosts"] * p["nproc_per_host"]
+        p["rows"] = summarize(p["worker_hosts"], p["launches"], m["bytes"], nhosts, world, m["header_bytes"], rate_bps)
+    elif part == "d":
+        summ = []
+        for label, rs in p["launches"].items():
+            if rs:
+                summ.append({"label": label, "k": rs[0]["k"], "launches": len(rs),
+                             "step_ms": statistics.median(x["step_ms"] for x in rs),
+                             "compute_ms": statistics.median(x["compute_ms"] for x in rs),
+                             "step_ms_each": [x["step_ms"] for x in rs], "params": rs[0]["params"],
+                             "batch": rs[0]["batch"], "steps": rs[0]["steps"]})
+        for row in summ:
+            row["exposed_comm_ms"] = row["step_ms"] - row["compute_ms"]
+            if summ[0]["label"] == "k=0":
+                row["speedup_vs_k0"] = summ[0]["step_ms"] / row["step_ms"]
+        p["rows"] = summ
+    elif part == "e":
+        rec, rb = p["launch"], p["bytes"]
+        k = rec["k"]
+        p["rows"] = [{"server": j, "idle_rss": (rec["server_mem_idle"][j] or {}).get("VmRSS"),
+                      "connected_rss": rec["server_mem_connected"][j].get("VmRSS"),
+                      "peak_hwm_after_reset": rec["server_mem_after"][j].get("VmHWM"),
+                      "rss_after": rec["server_mem_after"][j].get("VmRSS"),
+                      "peak_buffer_bytes": (rec["server_stats"][j] or {}).get("peak_buffer_bytes"),
+                      "share": rec["plan"]["server_share"],
+                      "server_part_bytes": rec["plan"]["server_share"] * rb / k} for j in range(k)]
+
+
+def render(result: dict, part: str) -> list[str]:
+    m, p = result["meta"], result["parts"][part]
+    nbytes = m["bytes"]
+    link_GBps = (m.get("rate_bps") or 0) / 8e9 or float("nan")
+    env = "".join(f", {k}={v}" for k, v in sorted((m.get("env") or {}).items()))
+    extra = (f"TCP {m.get('tcp_congestion_control', '?')}" + env
+             + (f", server args {' '.join(m['server_args'])}" if m.get("server_args") else "")
+             + (f", tbf limit {m['tbf_limit']} B" if m.get("tbf_limit") else ""))
+    if part == "a":
+        return [table_times(f"a. {p['hosts']} worker hosts x 1 rank, {human(nbytes)} float32 all_reduce, {m['rate']} "
+                            f"links ({extra})", p["rows"], link_GBps),
+                table_bytes(f"b. bytes per host, {p['hosts']} x 1, {human(nbytes)}", p["rows"], m["header_bytes"])]
+    if part == "c":
+        return [table_times(f"c. 2 worker hosts x 2 ranks (hierarchical), {human(nbytes)}, {m['rate']} links "
+                            f"({extra})", p["rows"], link_GBps),
+                table_bytes(f"c. bytes per host, 2 x 2, {human(nbytes)}", p["rows"], m["header_bytes"])]
+    if part == "d":
+        lines = [f"#### d. DDP step, plait-bench ddp --model mlp, 4 worker hosts x 1 ({extra})", "",
+                 "| config | params | launches | step ms (each launch) | compute ms (no_sync) | exposed comm ms | "
+                 "step speed-up vs k=0 |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in p["rows"]:
+            each = ", ".join(f"{x:.0f}" for x in row.get("step_ms_each", []))
+            lines.append(f"| {row['label']} | {row['params'] / 1e6:.1f}M | {row['launches']} | {row['step_ms']:.0f} "
+                         f"({each}) | {row['compute_ms']:.0f} | {row['exposed_comm_ms']:.0f} | "
+                         f"{row.get('speedup_vs_k0', float('nan')):.3f} |")
+        return ["\n".join(lines)]
+    if part == "e":
+        rec = p["launch"]
+
+        def mib(v):
+            return "–" if v is None else f"{v / 2**20:.1f}"
+
+        lines = [f"#### e. plait-server memory, {human(p['bytes'])} all_reduce, k = {rec['k']}, 4 worker hosts x 1, "
+                 f"share {rec['plan']['server_share']:.3f}", "",
+                 "| server | idle RSS MiB | RSS with job MiB | peak (VmHWM) MiB | peak - idle MiB | "
+                 "stats peak_buffer_bytes MiB | its part of the tensor MiB (per worker) |",
+                 "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in p["rows"]:
+            lines.append(f"| {row['server']} | {mib(row['idle_rss'])} | {mib(row['connected_rss'])} | "
+                         f"{mib(row['peak_hwm_after_reset'])} | "
+                         f"{mib((row['peak_hwm_after_reset'] or 0) - (row['idle_rss'] or 0))} | "
+                         f"{mib(row['peak_buffer_bytes'])} | {mib(row['server_part_bytes'])} |")
+        return ["\n".join(lines)]
+    return []
 
 
 if __name__ == "__main__":
