@@ -189,8 +189,17 @@ def worker(spec: dict) -> None:
     dist.all_reduce(t)  # correctness, exact (small integers in float32)
     want = ws * (ws + 1) / 2
     out["wrong"] = int((t != want).sum().item())
+    burst = [t] + [t.clone() for _ in range(spec.get("burst", 1) - 1)]
+
+    def one():  # one timed iteration: the tensors all_reduced back to back (async, as DDP issues its buckets)
+        if len(burst) == 1:
+            dist.all_reduce(t)
+            return
+        for w in [dist.all_reduce(x, async_op=True) for x in burst]:
+            w.wait()
+
     for _ in range(spec["warmup"]):
-        dist.all_reduce(t)
+        one()
     dist.all_reduce(bar)
     all_servers = [p for role, _, p in ns_pids if role == "server"]
     if rank == 0:
@@ -203,7 +212,7 @@ def worker(spec: dict) -> None:
     for _ in range(spec["iters"]):
         dist.all_reduce(bar)
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        one()
         times.append((time.perf_counter() - t0) * 1e6)
     dist.all_reduce(bar)
     my_cpu = torch.tensor([time.process_time() - my_cpu0], dtype=torch.float64)
@@ -326,6 +335,7 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="plait_servers_bench_") as tmp:
             veths = [self.c.veth(i) for i in range(self.c.nodes)]
             spec = {"bytes": nbytes, "iters": iters, "warmup": warmup, "pg_timeout": self.a.pg_timeout,
+                    "burst": self.a.burst,
                     "outdir": tmp, "driver_pid": os.getpid(), "veths": veths, "rss": rss,
                     "pid_file": os.path.join(tmp, "pids.json")}
             spec_path = os.path.join(tmp, "spec.json")
@@ -351,6 +361,7 @@ class Runner:
             with open(path) as f:
                 rec = json.load(f)
         rec.update(label=label, k=k, forced_share=share, nproc=nproc, hosts=hosts, wall_s=time.time() - t0,
+                   burst=self.a.burst,
                    background_busy=bg, loadavg_before=os.getloadavg()[0],
                    server_stats=[r.stats for r in servers], server_hosts=[r.host for r in servers],
                    server_mem_idle=idle, veth_names=veths)
@@ -368,7 +379,7 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="plait_servers_ddp_") as tmp:
             out = os.path.join(tmp, "ddp.json")
             argv = ["-m", "plait.bench", "ddp", "--backend", "plait", "--model", "mlp", "--steps", str(steps),
-                    "--rounds", "1", "--warmup", "2", "--json", out]
+                    "--rounds", "1", "--warmup", "2", "--batch", str(self.a.ddp_batch), "--json", out]
             t0 = time.time()
             ok, log, servers, _ = self._torchrun(1, None, argv, k, self.env({}), self.a.timeout)
             if not ok or not os.path.exists(out):
@@ -415,11 +426,12 @@ def summarize(worker_hosts: int, runs: dict, nbytes: int, nhosts: int, world: in
             continue
         its = [t for r in recs for t in r["times_us"]]
         med = statistics.median(its)
+        burst = recs[0].get("burst", 1)
         k = recs[0]["k"]
         plan = recs[-1]["plan"]
         share = statistics.median(r["plan"]["server_share"] for r in recs)
-        alg = nbytes / med / 1e3
-        row = {"label": label, "k": k, "forced_share": recs[0]["forced_share"], "share": share,
+        alg = burst * nbytes / med / 1e3
+        row = {"label": label, "k": k, "burst": burst, "forced_share": recs[0]["forced_share"], "share": share,
                "shares_seen": sorted({r["plan"]["server_share"] for r in recs}), "launches": len(recs),
                "iters": len(its), "median_us": med, "min_us": min(its), "max_us": max(its),
                "algbw_GBps": alg, "busbw_GBps": alg * 2 * (world - 1) / world,
@@ -432,8 +444,8 @@ def summarize(worker_hosts: int, runs: dict, nbytes: int, nhosts: int, world: in
         if k:
             row["server_gbps"] = statistics.median(r["topology"]["servers"]["gbps"] for r in recs)
             row["server_rate_source"] = srv.get("source")
-            pred = statistics.median(r["plan"]["servers_us"] for r in recs)
-            ring = statistics.median(r["plan"]["servers_ring_us"] for r in recs)
+            pred = burst * statistics.median(r["plan"]["servers_us"] for r in recs)  # the tensors one after another
+            ring = burst * statistics.median(r["plan"]["servers_ring_us"] for r in recs)
             row.update(predicted_us=pred, predicted_ring_us=ring, predicted_speedup=ring / pred if pred else None)
             ps = recs[-1].get("plan_servers")
             if ps:
@@ -443,7 +455,8 @@ def summarize(worker_hosts: int, runs: dict, nbytes: int, nhosts: int, world: in
                         row[f"plan_servers_{lab}"] = {"share": rk["share"], "predicted_us": rk["predicted_us"],
                                                       "speedup": rk["speedup"], "ring_us": p["ring_us"]}
         else:
-            row.update(predicted_us=statistics.median(r["plan"]["predicted_us"] for r in recs), predicted_speedup=1.0)
+            row.update(predicted_us=burst * statistics.median(r["plan"]["predicted_us"] for r in recs),
+                       predicted_speedup=1.0)
         row["ideal_speedup"] = ideal(nhosts, k)
         # bytes (per timed iteration, per direction) against the formulas, with each launch's share
         s_used, w_formula, v_formula = formulas(nbytes, nhosts, k, share)
@@ -451,6 +464,7 @@ def summarize(worker_hosts: int, runs: dict, nbytes: int, nhosts: int, world: in
         for rec in recs:
             iters = len(rec["times_us"])
             _, w_launch, v_launch = formulas(nbytes, nhosts, k, rec["plan"]["server_share"])
+            w_launch, v_launch = w_launch * burst, v_launch * burst
             for i, name in enumerate(rec["veth_names"]):
                 cnt = rec["counters"].get(name)
                 if cnt is None:
@@ -571,8 +585,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--a-shares", default="", help="part a: forced (k:share) configurations besides ks, e.g. 4:1.0")
     ap.add_argument("--c-shares", default="2:0.5,4:1.0", help="part c: forced (k:share) configurations besides ks")
+    ap.add_argument("--burst", type=int, default=1,
+                    help="parts a and c: all_reduce this many tensors of --size per iteration, issued back to back "
+                         "with async_op (DDP's bucket pattern); times and bytes are per iteration")
     ap.add_argument("--ddp-steps", type=int, default=8)
     ap.add_argument("--ddp-rounds", type=int, default=2)
+    ap.add_argument("--ddp-batch", type=int, default=8, help="plait-bench ddp --batch (per rank)")
     ap.add_argument("--rss-size", default="256M")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE knob for every launch (repeatable)")
     ap.add_argument("--server-arg", action="append", default=[],
@@ -639,7 +657,7 @@ def main(argv=None) -> int:
                        "iters": a.iters, "warmup": a.warmup,
                        "rounds": a.rounds, "bytes": nbytes, "rate_bps": rate_bps},
               "parts": {}, "failures": []}
-    with Cluster(hosts=a.hosts, rate=a.rate, servers=max(ks + [4])) as c:
+    with Cluster(hosts=a.hosts, rate=a.rate, servers=max(ks + [4]), tcp_cc=a.tcp_cc) as c:
         if a.tbf_limit:
             st = c._state["tbf"]
             tbf = ["root", "tbf", "rate", f"{rate_bps}bit", "burst", str(st["burst"]), "limit",
@@ -649,9 +667,6 @@ def main(argv=None) -> int:
                 c.run(i, ["tc", "qdisc", "change", "dev", "eth0", *tbf], check=True)
             result["meta"]["tbf_limit"] = parse_size(a.tbf_limit)
         result["meta"]["tbf"] = c._state["tbf"]
-        if a.tcp_cc:
-            for i in range(c.nodes):
-                c.run(i, ["sysctl", "-q", "-w", f"net.ipv4.tcp_congestion_control={a.tcp_cc}"], check=True)
         result["meta"]["tcp_congestion_control"] = c.run(
             0, ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
         ts = c.run(0, ["cat", "/proc/sys/net/ipv4/tcp_timestamps"]).stdout.strip()
@@ -764,7 +779,8 @@ def render(result: dict, part: str) -> list[str]:
                             f"({extra})", p["rows"], link_GBps),
                 table_bytes(f"c. bytes per host, 2 x 2, {human(nbytes)}", p["rows"], m["header_bytes"])]
     if part == "d":
-        lines = [f"#### d. DDP step, plait-bench ddp --model mlp, 4 worker hosts x 1 ({extra})", "",
+        batch = p["rows"][0]["batch"] if p["rows"] else "?"
+        lines = [f"#### d. DDP step, plait-bench ddp --model mlp --batch {batch}, 4 worker hosts x 1 ({extra})", "",
                  "| config | params | launches | step ms (each launch) | compute ms (no_sync) | exposed comm ms | "
                  "step speed-up vs k=0 |",
                  "|---|---:|---:|---:|---:|---:|---:|"]

@@ -199,7 +199,7 @@ def _check_servers(c, servers, k, ranks, detail):
 
 
 def test_server_hosts_are_addressed_after_the_worker_hosts(cluster_factory):
-    c = cluster_factory(2, servers=2)
+    c = cluster_factory(2, servers=2, tcp_cc="reno")  # reno: always allowed in a namespace
     assert (c.hosts, c.servers, c.nodes) == (2, 2, 4)
     assert [c.server_host(j) for j in range(2)] == [2, 3]
     assert [c.server_addr(j) for j in range(2)] == [c.addr(2), c.addr(3)]
@@ -214,9 +214,12 @@ def test_server_hosts_are_addressed_after_the_worker_hosts(cluster_factory):
         c.addr(4)
     with pytest.raises(Exception, match="has 2 server host"):
         c.torchrun(1, ["x.py"], servers=3)
+    for i in range(4):
+        assert c.run(i, ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip() == "reno"
     with open(c.state_file) as f:
         st = json.load(f)
     assert st["hosts"] == 2 and st["servers"] == 2 and st["addrs"] == [c.addr(i) for i in range(4)]
+    assert st["tcp_cc"] == "reno"
     plain = cluster_factory(1)
     with pytest.raises(Exception, match="has no server hosts"):
         plain.torchrun(1, ["x.py"], servers=True)
