@@ -18,50 +18,12 @@
 #include <thread>
 #include <vector>
 
+#include "bench/core/dir_store.h"
 #include "plait/algo/collectives.h"
 
 namespace {
 
-class DirStore : public plait::Store {
- public:
-  explicit DirStore(std::string dir) : dir_(std::move(dir)) {}
-  void set(const std::string& k, const std::string& v) override {
-    std::string p = path(k), tmp = p + ".tmp" + std::to_string(getpid());
-    std::ofstream(tmp, std::ios::binary) << v;
-    std::rename(tmp.c_str(), p.c_str());
-  }
-  std::string get(const std::string& k) override {
-    for (;;) {
-      std::ifstream f(path(k), std::ios::binary);
-      if (f) {
-        std::stringstream ss;
-        ss << f.rdbuf();
-        return ss.str();
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-  }
-  bool check(const std::string& k) override { return access(path(k).c_str(), F_OK) == 0; }
-  int64_t add(const std::string& k, int64_t d) override {
-    // Only used once per rank at start-up; a lock file serializes it.
-    std::string lock = path(k) + ".lock";
-    while (mkdir(lock.c_str(), 0700) != 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    int64_t v = 0;
-    std::ifstream(path(k)) >> v;
-    v += d;
-    std::ofstream(path(k)) << v;
-    rmdir(lock.c_str());
-    return v;
-  }
-
- private:
-  std::string path(const std::string& k) const {
-    std::string s = k;
-    std::replace(s.begin(), s.end(), '/', '_');
-    return dir_ + "/" + s;
-  }
-  std::string dir_;
-};
+using plait_tools::DirStore;
 
 size_t parseSize(const std::string& s) {
   double x = std::atof(s.c_str());
