@@ -30,6 +30,8 @@ class TcpDomain {
   int streams() const { return streams_; }
   // The pair's control connection (beside the data streams): carries only a failing rank's error.
   int controlFd(int peer) const { return fds_[peer][streams_]; }
+  // The socket of data stream `stream` to `peer` (tests and fuzz targets write raw bytes into it).
+  int fd(int peer, int stream) const { return fds_[peer][stream]; }
   // Shuts every connection down so peers see the failure at once.
   void abortAll();
 
