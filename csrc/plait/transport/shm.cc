@@ -68,10 +68,11 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts
 // The writer (or reader) changed a ring, then checks for an announced waiter. The waiter announces, then
 // re-checks the rings. With both sides sequentially consistent, one of them sees the other: no lost wake-up.
 namespace {
-sockaddr_un bellAddr(const char* name, socklen_t* len) {
+// name: a segment's bellName (cap bytes; a peer's segment may hold anything, so never read past it).
+sockaddr_un bellAddr(const char* name, size_t cap, socklen_t* len) {
   sockaddr_un a{};
   a.sun_family = AF_UNIX;
-  size_t n = strnlen(name, sizeof(a.sun_path) - 2);
+  size_t n = strnlen(name, std::min(cap, sizeof(a.sun_path) - 2));
   std::memcpy(a.sun_path + 1, name, n);  // abstract namespace: leading NUL, nothing on the file system
   *len = socklen_t(offsetof(sockaddr_un, sun_path) + 1 + n);
   return a;
@@ -81,7 +82,7 @@ void sendBell(ShmSegHeader* h) {
   static int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return;
   socklen_t len;
-  sockaddr_un a = bellAddr(h->bellName, &len);
+  sockaddr_un a = bellAddr(h->bellName, sizeof(h->bellName), &len);
   char b = 1;
   // A full socket queue already holds a wake-up; an unreachable one (another network namespace declared the same
   // host through PLAIT_HOST_ID) leaves the poller to its timeout.
@@ -200,7 +201,7 @@ ShmDomain::ShmDomain(const std::string& name, int rank, const std::vector<int>& 
   std::snprintf(h->bellName, sizeof(h->bellName), "plait-bell%s", name_.c_str());
   bellFd_ = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   socklen_t len;
-  sockaddr_un a = bellAddr(h->bellName, &len);
+  sockaddr_un a = bellAddr(h->bellName, sizeof(h->bellName), &len);
   if (bellFd_ >= 0 && bind(bellFd_, reinterpret_cast<sockaddr*>(&a), len) != 0) {
     close(bellFd_);
     bellFd_ = -1;  // no socket doorbell: pollers fall back to short timeouts
