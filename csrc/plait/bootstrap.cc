@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -188,6 +190,52 @@ Algo parseAlgo(const std::string& s) {
                   "' (PLAIT_ALGO / Options.algo take auto, ring, tree, direct, hier, hier_ring, hier_tree)"));
 }
 
+namespace {
+// The operator's key (PLAIT_AUTH_KEY_FILE), read once per process.
+const std::string& authKey() {
+  static const std::string key = [] {
+    const std::string& path = knobs().authKeyFile;
+    if (path.empty()) return std::string();
+    struct stat st {};
+    PLAIT_CHECK(stat(path.c_str(), &st) == 0, "plait: PLAIT_AUTH_KEY_FILE=", path, " cannot be read: ",
+                std::strerror(errno));
+    PLAIT_CHECK(S_ISREG(st.st_mode), "plait: PLAIT_AUTH_KEY_FILE=", path, " is not a regular file");
+    PLAIT_CHECK(st.st_size <= (1 << 16), "plait: PLAIT_AUTH_KEY_FILE=", path, " is ", st.st_size,
+                " bytes; a key file holds at most 65536");
+    std::ifstream f(path, std::ios::binary);
+    PLAIT_CHECK(f.good(), "plait: PLAIT_AUTH_KEY_FILE=", path, " cannot be opened: ", std::strerror(errno));
+    std::string k((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    while (!k.empty() && (k.back() == '\n' || k.back() == '\r' || k.back() == ' ' || k.back() == '\t')) k.pop_back();
+    PLAIT_CHECK(k.size() >= 16, "plait: PLAIT_AUTH_KEY_FILE=", path, " holds ", k.size(),
+                " bytes; a key needs at least 16 (e.g. `head -c 32 /dev/urandom | base64 > FILE`)");
+    if (st.st_mode & 077)
+    {
+      char mode[8];
+      std::snprintf(mode, sizeof(mode), "%03o", unsigned(st.st_mode & 0777));
+      logWarn(cat("PLAIT_AUTH_KEY_FILE=", path, " can be read by other users (mode ", mode, "); chmod 600 it"));
+    }
+    return k;
+  }();
+  return key;
+}
+}  // namespace
+
+std::string applyAuthKey(const std::string& storeSecret) {
+  const std::string& key = authKey();
+  if (key.empty()) return storeSecret;
+  const std::string msg = std::string("plait auth key v1") + '\0' + storeSecret;
+  Digest d = hmacSha256(key, msg.data(), msg.size());
+  return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+}
+
+std::string authKeyFingerprint() {
+  const std::string& key = authKey();
+  if (key.empty()) return "none";
+  static const char kMsg[] = "plait auth key fingerprint v1";
+  Digest d = hmacSha256(key, kMsg, sizeof(kMsg) - 1);
+  return toHex(d.data(), 8);
+}
+
 Bootstrap::Bootstrap() = default;
 Bootstrap::~Bootstrap() = default;
 Bootstrap::Bootstrap(Bootstrap&&) noexcept = default;
@@ -218,6 +266,8 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
     secret = store.get(prefix + "secret");
   }
   std::string hostId = detectHostId();
+  b.uuid = uuid;
+  b.hostId = hostId;
   size_t ringBytes = opts.shmRingBytes ? opts.shmRingBytes : knobs().shmRingBytes;
   std::string shmName = cat("/plait-", uuid, "-", rank);
   // The segment itself is made once the local peers are known (its rings are for them only).
@@ -255,6 +305,7 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
       {"PLAIT_SERVER_SHARE", cat(knobs().serverShare)},
       {"PLAIT_SERVER_SEGMENT_BYTES", cat(knobs().serverSegBytes)},
       {"PLAIT_SERVER_GBPS", cat(knobs().serverGbps)},
+      {"PLAIT_AUTH_KEY_FILE (key fingerprint)", authKeyFingerprint()},
   };
   std::string schedInfo;
   for (const auto& kv : sched) schedInfo += cat(schedInfo.empty() ? "" : "\t", kv.second);
@@ -358,7 +409,7 @@ Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds 
     b.shm->unlinkOwn();
   }
   if (b.tcp) {
-    b.tcp->connectAll(tcpPeers, addrs, fromHex(secret), prefix + uuid, timeout.count());
+    b.tcp->connectAll(tcpPeers, addrs, applyAuthKey(fromHex(secret)), prefix + uuid, timeout.count());
     b.tcp->closeListener();
   }
   for (int p : shmPeers) b.channels[p] = b.shm->channel(p);

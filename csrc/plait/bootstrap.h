@@ -63,6 +63,8 @@ struct Topology {
 // What bootstrap() hands to the communicator.
 struct Bootstrap {
   std::string prefix;  // this incarnation's store keys
+  std::string uuid;    // this incarnation's id (the same on every rank)
+  std::string hostId;  // this rank's host
   std::unique_ptr<ShmDomain> shm;
   std::unique_ptr<TcpDomain> tcp;
   std::vector<std::unique_ptr<Channel>> channels;  // per peer (nullptr for this rank)
@@ -81,6 +83,14 @@ struct Bootstrap {
 // Collective over the group's ranks (every rank calls it once per incarnation). Raises, on every rank, when ranks
 // disagree on a knob that decides schedules or wire formats (naming the knob and both values), or when a peer cannot
 // be reached within `timeout`.
+// PLAIT_AUTH_KEY_FILE: with a key file, the secret that authenticates TCP connections (and summation-server
+// connections) is HMAC-SHA256(key, the store's per-incarnation secret), so reading the store is not enough to join;
+// without one it is the store's secret itself. Raises naming the file if it cannot be read or is shorter than 16 bytes.
+std::string applyAuthKey(const std::string& storeSecret);
+// A short fingerprint of the key ("none" without a key file) that ranks compare at rendezvous; it reveals nothing
+// usable about the key.
+std::string authKeyFingerprint();
+
 Bootstrap bootstrap(Store& store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts,
                     Algo algo, size_t chunkBytes);
 

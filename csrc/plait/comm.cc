@@ -46,7 +46,8 @@ const char* collName(Coll c) {
 }
 
 Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::milliseconds timeout, const Options& opts)
-    : rank_(rank), size_(size), timeoutMs_(int64_t(timeout.count())) {
+    : rank_(rank), size_(size), timeoutMs_(int64_t(timeout.count())),
+      trace_(std::make_shared<FlightRecorder>(knobs().traceBuffer)) {
   PLAIT_CHECK(size >= 1 && rank >= 0 && rank < size, "plait: invalid rank ", rank, " of world size ", size);
   algo_ = parseAlgo(opts.algo.empty() ? knobs().algo : opts.algo);
   chunkBytes_ = std::max<size_t>(1, opts.chunkBytes ? opts.chunkBytes : knobs().chunkBytes);
@@ -57,10 +58,11 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   p2pRecvQ_.resize(size);
   unexpected_.resize(size);
   in_.resize(size);
-  wakeFd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  PLAIT_CHECK(wakeFd_ >= 0, "plait: rank ", rank, ": eventfd failed: ", std::strerror(errno));
   store_ = store;
   Bootstrap b = bootstrap(*store, rank, size, timeout, opts, algo_, chunkBytes_);
+  // After the bootstrap: a constructor that throws runs no destructor, and a failed init must leak nothing.
+  wakeFd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  PLAIT_CHECK(wakeFd_ >= 0, "plait: rank ", rank, ": eventfd failed: ", std::strerror(errno));
   prefix_ = std::move(b.prefix);
   shm_ = std::move(b.shm);
   tcp_ = std::move(b.tcp);
@@ -72,6 +74,15 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   reduceThreads_ = b.reduceThreads;
   serverLinks_ = std::move(b.serverLinks);
   servers_ = b.servers;
+  TraceMeta meta;
+  meta.rank = rank;
+  meta.size = size;
+  meta.group = opts.groupName;
+  meta.groupId = b.uuid;
+  meta.host = b.hostId;
+  meta.storePrefix = prefix_;
+  meta.store = store_;
+  trace_->start(std::move(meta));
 }
 
 void Comm::setDevice(int device, void* stream) {
@@ -384,9 +395,11 @@ std::string Comm::recordFailure(const std::string& what, bool wantOrigin) {
   auto out = std::make_shared<Outcome>();
   std::shared_ptr<Store> store = store_;
   const std::string prefix = prefix_, mine = cat("rank ", rank_, ": ", what);
+  // With PLAIT_TRACE_DIR set, the group's other ranks are asked to write their flight records too (trace.h).
+  const bool askDumps = trace_->enabled() && !knobs().traceDir.empty();
   gStoreThreads.fetch_add(1);
   try {
-    std::thread([out, store, prefix, mine, wantOrigin] {
+    std::thread([out, store, prefix, mine, wantOrigin, askDumps] {
       std::string origin;
       try {
         const std::string key = cat(prefix, "failed/first");
@@ -394,7 +407,10 @@ std::string Comm::recordFailure(const std::string& what, bool wantOrigin) {
           std::string v = store->get(key);
           if (!v.empty()) origin = cat(" (first failure in the group: ", v, ")");
         }
-        if (store->add(cat(prefix, "failures"), 1) == 1) store->set(cat(prefix, "failed/first"), mine);
+        if (store->add(cat(prefix, "failures"), 1) == 1) {
+          store->set(cat(prefix, "failed/first"), mine);
+          if (askDumps) store->set(cat(prefix, "trace/dump"), mine);
+        }
       } catch (abi::__forced_unwind&) {
         gStoreThreads.fetch_sub(1);
         throw;  // thread cancellation (pthread_exit while the interpreter finalizes): must not be swallowed
@@ -442,6 +458,9 @@ void Comm::fail(const std::string& what, bool secondHand) {
     std::string origin = recordFailure(what, !secondHand && heard.empty());
     if (!secondHand && heard.empty()) msg = what + origin;
     failure_ = msg;
+    // The flight record: the entries in flight fail with the message, and the record is written (PLAIT_TRACE_DIR).
+    trace_->failed(msg);
+    trace_->dumpOnFailure(msg);
   }
   std::vector<Done> toNotify;
   for (auto* qs : {&sendQ_, &recvQ_, &p2pRecvQ_})

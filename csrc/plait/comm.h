@@ -22,6 +22,7 @@
 #include "plait/kernels/codec.h"
 #include "plait/kernels/reduce.h"
 #include "plait/store.h"
+#include "plait/trace.h"
 #include "plait/transport/channel.h"
 
 namespace plait {
@@ -211,7 +212,13 @@ class Comm {
   // The current collective (as passed to begin(), with its schedule).
   const CollCtx& ctx() const { return ctx_; }
   // Records the schedule chosen after begin() (before anything is posted).
-  void setSchedule(uint8_t code) { ctx_.sched = code; }
+  void setSchedule(uint8_t code) {
+    ctx_.sched = code;
+    trace_->setSched(code);
+  }
+  // The flight recorder (trace.h): the torch layer closes each collective's entry when its task ends.
+  FlightRecorder& recorder() { return *trace_; }
+  void traceClose() { trace_->close(); }
   // Starts a collective: takes the next sequence number, checks the communicator is healthy.
   void begin(const CollCtx& ctx);
   Xfer* postSend(int peer, const void* buf, size_t bytes, const Xfer* dep = nullptr);
@@ -248,6 +255,8 @@ class Comm {
   // The group's servers (k = 0: none), the same on every rank; the links exist on host leaders only.
   const ServerInfo& servers() const { return servers_; }
   ServerLinks* serverLinks() { return serverLinks_.get(); }
+  // The TCP transport (nullptr when no peer is over TCP): tests and fuzz targets reach its sockets.
+  TcpDomain* tcpDomain() { return tcp_.get(); }
   // Bytes of all-reduces that went through the servers and through the workers' own schedule (this rank's view).
   void countServerBytes(uint64_t viaServers, uint64_t viaWorkers) {
     serverBytes_ += viaServers;
@@ -300,6 +309,8 @@ class Comm {
   Xfer* post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep);
   void checkP2PDeadlines(Clock::time_point now);
   void drainWake();
+  // A point-to-point transfer's flight-recorder entry (dir 0 send, 1 receive), closed when `done` runs.
+  Done traced(Done done, uint32_t seq, uint8_t dir, int tag, size_t bytes, int peer);
   // Fails the communicator if requestAbort was called (on the thread that drives the engine).
   void checkAbort();
   void checkPeersAlive();
@@ -311,6 +322,7 @@ class Comm {
 
   int rank_, size_;
   std::atomic<int64_t> timeoutMs_;
+  std::shared_ptr<FlightRecorder> trace_;
   Algo algo_ = Algo::kAuto;
   size_t chunkBytes_;
   Topology topo_;

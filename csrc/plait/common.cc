@@ -117,6 +117,16 @@ const Knobs& knobs() {
       k.serverSegBytes = std::min<size_t>(size_t(64) << 20,
                                           std::max<size_t>(4096, envSize("PLAIT_SERVER_SEGMENT_BYTES", size_t(512) << 10)));
     }
+    {
+      std::string v = envStr("PLAIT_TRACE_BUFFER", "2048");
+      char* end = nullptr;
+      long long n = std::strtoll(v.c_str(), &end, 10);
+      if (end == v.c_str() || *end || n < 0 || n > (1LL << 24))
+        throw Error(cat("plait: PLAIT_TRACE_BUFFER=", v, " is not a number of collectives from 0 (off) to 16777216"));
+      k.traceBuffer = size_t(n);
+      k.traceDir = envStr("PLAIT_TRACE_DIR", "");
+      k.authKeyFile = envStr("PLAIT_AUTH_KEY_FILE", "");
+    }
     k.kernels = envStr("PLAIT_KERNELS", "auto");
     if (k.kernels != "auto" && k.kernels != "scalar")
       throw Error(cat("plait: PLAIT_KERNELS=", k.kernels, " is not one of auto, scalar"));

@@ -82,6 +82,9 @@ struct Knobs {
   double serverShare;       // PLAIT_SERVER_SHARE: fixed share of an all-reduce through the servers (-1: plan)
   size_t serverSegBytes;    // PLAIT_SERVER_SEGMENT_BYTES: the servers' pipelining segment
   double serverGbps;        // PLAIT_SERVER_GBPS: the servers' link rate in Gbit/s for the planner (0: measure)
+  size_t traceBuffer;       // PLAIT_TRACE_BUFFER: collectives each group's flight recorder keeps (0: off)
+  std::string traceDir;     // PLAIT_TRACE_DIR: where flight records are written on a failure ("": not written)
+  std::string authKeyFile;  // PLAIT_AUTH_KEY_FILE: a key the operator distributes; TCP secrets are derived from it
 };
 const Knobs& knobs();
 

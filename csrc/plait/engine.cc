@@ -49,7 +49,10 @@ void Comm::begin(const CollCtx& ctx) {
   trimXfers();
   encShared_.clear();  // no collective transfer is pending (checked above)
   ctx_ = ctx;
-  if (ctx.coll != Coll::kSendRecv) ++seq_;
+  if (ctx.coll != Coll::kSendRecv) {
+    ++seq_;
+    trace_->open(seq_, uint8_t(ctx.coll), uint8_t(ctx.dtype), uint8_t(ctx.op), ctx.root, ctx.count, devActive_);
+  }
   ++stats_.collectives;
   elemBytes_ = dtypeSize(ctx.dtype);
   reduceFn_ = nullptr;
@@ -59,6 +62,7 @@ void Comm::begin(const CollCtx& ctx) {
 
 Comm::Xfer* Comm::post(Xfer::Kind kind, int peer, void* buf, size_t bytes, const Xfer* dep) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_ && channels_[peer], "plait: internal: bad peer ", peer);
+  if (kind != Xfer::kSend && kind != Xfer::kSendEnc && ctx_.coll != Coll::kSendRecv) trace_->addPeer(peer);
   if (devActive_ && eng_) {
     PLAIT_CHECK(ctx_.coll != Coll::kSendRecv, "plait: internal: point-to-point in device mode");
     PLAIT_CHECK(kind <= Xfer::kRecvReduce, "plait: internal: codec transfer in device mode");
@@ -727,10 +731,14 @@ bool Comm::waitAll(std::chrono::milliseconds timeout, bool throwOnTimeout) {
     }
     devXfers_.clear();
     checkDeviceErrors();
+    trace_->waited();
     return true;
   }
   bool ok = pendingColl_ == 0 || drive(Clock::now() + timeout, false, throwOnTimeout, timeout);
-  if (ok) trimXfers();
+  if (ok) {
+    trimXfers();
+    trace_->waited();
+  }
   return ok;
 }
 
@@ -814,12 +822,21 @@ bool Comm::drive(Clock::time_point deadline, bool p2pOnly, bool throwOnTimeout, 
   return true;
 }
 
+Comm::Done Comm::traced(Done done, uint32_t seq, uint8_t dir, int tag, size_t bytes, int peer) {
+  if (!trace_->enabled() || !done) return done;
+  uint64_t id = trace_->open(seq, uint8_t(Coll::kSendRecv), uint8_t(DType::kUInt8), dir, tag, bytes, false, peer);
+  return [tr = trace_, id, d = std::move(done)](const std::string* error) {
+    tr->closeP2P(id, error);
+    d(error);
+  };
+}
+
 void Comm::isend(const void* buf, size_t bytes, int peer, int tag, Done done) {
   PLAIT_CHECK(peer >= 0 && peer < size_ && peer != rank_, "plait: rank ", rank_, ": send to invalid peer rank ", peer,
               " (group size ", size_, ")");
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
   Xfer* x = postSend(peer, buf, bytes);
-  x->onDone = std::move(done);
+  x->onDone = traced(std::move(done), x->hdr.seq, 0, tag, bytes, peer);
   x->deadline = Clock::now() + timeout();
 }
 
@@ -828,7 +845,7 @@ void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
               ": recv from invalid peer rank ", peer, " (group size ", size_, ")");
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
   Xfer* x = postRecv(peer, buf, bytes);
-  x->onDone = std::move(done);
+  x->onDone = traced(std::move(done), x->hdr.seq, 1, tag, bytes, peer);
   x->deadline = Clock::now() + timeout();
   matchUnexpectedOrFail(peer);  // the message may be here already
 }
@@ -836,6 +853,13 @@ void Comm::irecv(void* buf, size_t bytes, int peer, int tag, Done done) {
 void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
   PLAIT_CHECK(size_ > 1, "plait: rank ", rank_, ": recv from any source in a group of one rank would never finish");
   begin(CollCtx{Coll::kSendRecv, DType::kUInt8, RedOp::kSum, tag, bytes});
+  if (trace_->enabled() && done) {
+    uint64_t id = trace_->open(0, uint8_t(Coll::kSendRecv), uint8_t(DType::kUInt8), 1, tag, bytes, false, -1);
+    done = [tr = trace_, id, d = std::move(done)](const std::string* error, int src) {
+      tr->closeP2P(id, error);
+      d(error, src);
+    };
+  }
   anyQ_.push_back(AnyRecv{static_cast<char*>(buf), bytes, tag, std::move(done), Clock::now() + timeout()});
   ++pending_;
   // A message already buffered from some peer (lowest rank first) may be the one.

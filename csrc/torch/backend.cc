@@ -237,8 +237,9 @@ PlaitBackend::~PlaitBackend() {
 }
 
 void PlaitBackend::stop(bool drain, const std::string& what) {
-  const std::string msg = plait::cat("plait: rank ", getRank(), ": the process group was ", what,
-                                     " with this operation pending");
+  // The core prefixes "plait: rank R: " to an abort's reason; the Works failed here get the whole message.
+  const std::string why = plait::cat("the process group was ", what, " with this operation pending");
+  const std::string msg = plait::cat("plait: rank ", getRank(), ": ", why);
   std::unique_lock<std::mutex> lk(mu_);
   if (stop_) return;
   if (drain) {
@@ -256,7 +257,7 @@ void PlaitBackend::stop(bool drain, const std::string& what) {
   dropped.swap(queue_);
   const bool inFlight = busy_ || p2pPending_ > 0 || !dropped.empty();
   lk.unlock();
-  if (inFlight || !drain) comm_->requestAbort(msg);
+  if (inFlight || !drain) comm_->requestAbort(why);
   for (auto& item : dropped) item.work->complete(asDistError(msg));
   lk.lock();
   // The abort makes the running task and the pending transfers fail within milliseconds (their Works complete with
@@ -283,7 +284,7 @@ void PlaitBackend::stop(bool drain, const std::string& what) {
     else worker_.detach();
   }
   // Peers hear of an abort even when nothing was in flight here (nobody drives the engine any more).
-  if (!drain) comm_->abortNow(msg);
+  if (!drain) comm_->abortNow(why);
 }
 
 void PlaitBackend::abort() { stop(false, "aborted"); }
@@ -330,6 +331,7 @@ void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn
   current_ = work;
   try {
     fn();
+    comm_->traceClose();  // the flight recorder's entry of the collective this task ran ends now
   } catch (const plait::Error& e) {
     err = asDistError(e.what());
   } catch (...) {

@@ -157,6 +157,20 @@ void register_backend(py::module_& m) {
       py::arg("device_call_us"), py::arg("path_gbps"));
 
   m.def(
+      "_trace_dump",
+      [](const std::string& dir, const std::string& reason) {
+        return plait::FlightRecorder::dumpAll(dir.empty() ? plait::knobs().traceDir : dir, reason);
+      },
+      py::arg("dir"), py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
+      "Writes every live group's flight record (JSON) into dir; returns the paths.");
+  m.def(
+      "_trace_json", [](const std::string& reason) { return plait::FlightRecorder::jsonAll(reason); },
+      py::arg("reason") = "on request", py::call_guard<py::gil_scoped_release>(),
+      "Every live group's flight record as JSON text.");
+  m.def(
+      "_auth_key_fingerprint", [] { return plait::authKeyFingerprint(); },
+      "PLAIT_AUTH_KEY_FILE's fingerprint as ranks compare it at rendezvous ('none' without a key file).");
+  m.def(
       "_hmac_sha256",
       [](const py::bytes& key, const py::bytes& msg) {
         std::string k = key, m2 = msg;

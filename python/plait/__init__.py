@@ -15,6 +15,9 @@ from ._backend import (AllreducePlan, HostPathPlan, Options, ServerCount, Server
                        plan_allreduce, plan_host_path, plan_servers, topology)
 from . import hooks
 from . import _C
+from . import trace
+
+import os as _os
 
 __version__ = "0.1.0"
 
@@ -24,4 +27,18 @@ def cuda_available() -> bool:
     return _C.cuda_compiled() and _C.cuda_device_count() > 0
 
 
-__all__ = ["AllreducePlan", "HostPathPlan", "plan_host_path", "plan_servers", "ServersPlan", "ServerCount", "Options", "all_reduce", "hooks", "monitored_barrier", "plan_allreduce", "topology", "cuda_available", "__version__"]
+def trace_dump(directory: str | None = None, reason: str = "plait.trace_dump()") -> list[str]:
+    """Writes the flight record of every live plait group of this process (its last ``PLAIT_TRACE_BUFFER``
+    collectives) as JSON into ``directory`` (default: ``PLAIT_TRACE_DIR``, else the current directory); returns the
+    paths. Read them with ``python -m plait.trace DIR``."""
+    d = directory or _os.environ.get("PLAIT_TRACE_DIR") or "."
+    return list(_C._trace_dump(str(d), reason))
+
+
+def trace_records() -> list[dict]:
+    """The flight record of every live plait group of this process, as dicts (what ``trace_dump`` writes)."""
+    import json
+    return [json.loads(t) for t in _C._trace_json("plait.trace_records()")]
+
+
+__all__ = ["trace", "trace_dump", "trace_records", "AllreducePlan", "HostPathPlan", "plan_host_path", "plan_servers", "ServersPlan", "ServerCount", "Options", "all_reduce", "hooks", "monitored_barrier", "plan_allreduce", "topology", "cuda_available", "__version__"]

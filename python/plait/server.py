@@ -65,10 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store-grace", type=float, default=10.0,
                     help="exit once the store has been unreachable this long: the job ended (default 10)")
     ap.add_argument("--stop", action="store_true", help="tell every server of this store to stop, and exit")
+    ap.add_argument("--auth-key-file", default=None,
+                    help="the job's PLAIT_AUTH_KEY_FILE (default: that variable): workers that use a key file are "
+                         "served only by servers holding the same key")
     ap.add_argument("--stats", default="", help="write the server's counters (JSON) to this file when it stops")
     args = ap.parse_args(argv)
     host, port = args.endpoint
 
+    if args.auth_key_file is not None:
+        import os
+
+        os.environ["PLAIT_AUTH_KEY_FILE"] = args.auth_key_file  # read by the native core at its first use
     from . import _C  # noqa: F401 (imports torch)
 
     if args.stop:

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <thread>
 
+#include "plait/bootstrap.h"
 #include "plait/kernels/reduce.h"
 #include "plait/server/protocol.h"
 #include "plait/transport/auth.h"
@@ -364,7 +365,7 @@ std::unique_ptr<ServerLinks> attachServers(Store& store, Store* root, const std:
   if (leader) {
     std::string st = "ok";
     try {
-      links = std::make_unique<ServerLinks>(rank, myHost, nh, info->addrs, job, fromHex(secretHex), timeout);
+      links = std::make_unique<ServerLinks>(rank, myHost, nh, info->addrs, job, applyAuthKey(fromHex(secretHex)), timeout);
     } catch (const std::exception& e) {
       st = cat("error\t", e.what());
     }

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <deque>
 
+#include "plait/bootstrap.h"
 #include "plait/common.h"
 #include "plait/kernels/codec.h"
 #include "plait/kernels/reduce.h"
@@ -465,7 +466,7 @@ std::string SumServer::secretFor(const std::string& job) {
   std::lock_guard<std::mutex> g(storeMu_);
   const std::string key = jobSecretKey(job);
   if (!store_->check(key)) return "";
-  return fromHex(store_->get(key));
+  return applyAuthKey(fromHex(store_->get(key)));
 }
 
 SumServer::Stats SumServer::stats() const {
@@ -611,7 +612,6 @@ void SumServer::acceptOnce(std::vector<Pending>& pend, const std::function<void(
       int fd = accept4(listenFd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
       if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM))
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      if (fd >= 0 && pend.size() >= kMaxPending) refuse(0, "too many connections in their handshake", false);
       if (fd >= 0) {
         sock::tune(fd);
         Pending q{fd, sock::peerName(fd), Clock::now() + kHandshakeLimit};
@@ -695,6 +695,9 @@ void SumServer::acceptOnce(std::vector<Pending>& pend, const std::function<void(
       pend.erase(pend.begin() + long(i));
       admit(fd, from, info);
     }
+    // Beyond the cap the oldest handshakes go, after the pass above: erasing before it would shift `pend` against
+    // `pfds`, pairing one connection's readiness with another's socket.
+    while (pend.size() > kMaxPending) refuse(0, "too many connections in their handshake", false);
   }
 }
 
