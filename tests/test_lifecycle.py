@@ -96,6 +96,7 @@ def worker_destroy_in_flight(rank, ws):
 def test_destroy_with_work_in_flight_returns_promptly_and_fails_pending_transfers():
     shm_before = R.shm_entries()
     res = H.run_world(worker_destroy_in_flight, 3, init=None, timeout_s=150)
+    print("\ndestroy with work in flight: " + ", ".join(f"rank {i} {r['destroy_s']:.2f} s" for i, r in enumerate(res)))
     for rank, r in enumerate(res):
         # destroy drains the queued collectives (every rank issued them: they complete, exact), gives the
         # unmatched receive a grace of at most 1 s, then fails it; nothing waits for the 60 s group timeout.
@@ -138,6 +139,8 @@ def worker_destroy_unmatched_collective(rank, ws):
 def test_destroy_with_an_unmatched_collective_ends_when_the_peer_leaves():
     res = H.run_world(worker_destroy_unmatched_collective, 2, init=None, timeout_s=100)
     r0 = res[0]
+    print(f"\nrank 0: destroy with an unmatched all_reduce took {r0['destroy_s']:.2f} s (rank 1 left after 3 s); "
+          f"the Work: {r0['msg']}")
     assert r0["completed"], r0
     assert r0["destroy_s"] < 3 + 10, r0
     assert "rank 1" in r0["msg"], r0["msg"]
@@ -194,7 +197,8 @@ def test_many_groups_created_and_destroyed_leak_nothing():
         # Threads, descriptors, sockets, listening ports and shm mappings: exactly as many after the loop as before.
         assert not r["leaks"], f"rank {rank} after {GROUPS} groups: {r['leaks']}"
         assert r["pg_map"] == 1, r["pg_map"]  # only the default group is left
-        assert r["after"]["listen"] >= 1 if rank == 0 else True  # (the default group's own listener is counted)
+        # and at every quarter of the way (each sample taken after this rank's last destroy): nothing grows
+        assert r["mid"] == [{}] * len(r["mid"]) and len(r["mid"]) >= 4, f"rank {rank}: {r['mid']}"
     print(f"\n{GROUPS} groups x 4 ranks: {res[0]['per_group_ms']:.1f} ms per group, RSS growth "
           f"{[r['rss_growth_kib'] for r in res]} KiB, store keys per group {res[0]['store_keys_per_group']:.1f}")
     time.sleep(0.2)
@@ -248,6 +252,7 @@ def worker_reinit_after_abort(rank, ws):
 @pytest.mark.timeout(180)
 def test_reinit_after_abort_in_the_same_processes():
     res = H.run_world(worker_reinit_after_abort, 3, init=None, timeout_s=150)
+    print("\nafter rank 2's abort, rank 0 saw: " + res[0][0]["msg"])
     for rank, r in enumerate(res):
         errors = [e for e in r if "msg" in e]
         leaks = [e for e in r if "leaks" in e]
@@ -302,6 +307,7 @@ def worker_survivors_reinit(rank, ws):
 def test_survivors_reinit_after_a_peer_died():
     res = H.run_world(worker_survivors_reinit, 3, init=None, timeout_s=150, expect_fail=True)
     assert not res[2].reported and res[2].returncode == 9, res[2].describe()
+    print(f"\nrank 0 after rank 2 died: {res[0].value['msg'] if res[0].ok else res[0].describe()}")
     for r in res[:2]:
         assert r.reported and r.ok, r.describe() + "\n" + (r.tb or "") + r.log[-3000:]
         v = r.value
@@ -312,7 +318,7 @@ def test_survivors_reinit_after_a_peer_died():
 
 
 def worker_failed_init(rank, ws):
-    """Rank 0 tries three times to form a group of 2 that rank 1 never joins (each init times out after 2 s);
+    """Rank 0 tries twice to form a group of 2 that rank 1 never joins (each init times out after 2 s);
     every failed attempt must give back what it took."""
     if rank == 1:
         return {}
@@ -321,7 +327,7 @@ def worker_failed_init(rank, ws):
     dist.destroy_process_group()
     base, base_fds = R.snapshot(), R.fd_targets()
     msgs = []
-    for i in range(3):
+    for i in range(2):
         try:
             _init(rank, ws, f"lonely{i}", timeout_s=2.0)
             msgs.append("no error")
