@@ -341,10 +341,9 @@ def worker_failed_init(rank, ws):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="csrc/plait/comm.cc Comm::Comm creates wakeFd_ (eventfd) before bootstrap(); "
-                   "when bootstrap throws the destructor never runs and the eventfd leaks (one per failed init). "
-                   "Fix: create it after bootstrap() returns (or close it on the throw); then drop this marker")
 def test_failed_init_leaks_nothing():
+    # (A constructor that throws runs no destructor: the communicator's eventfd, made before the bootstrap, leaked
+    # once per failed init until csrc/plait/comm.cc made it after the bootstrap.)
     res = H.run_world(worker_failed_init, 2, init=None, timeout_s=100)
     r = res[0]
     assert not r["initialized"]
@@ -366,11 +365,8 @@ def worker_abort_message(rank, ws):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="csrc/torch/backend.cc PlaitBackend::stop passes a message that already "
-                   "starts with 'plait: rank N: ' to Comm::requestAbort, and Comm::checkAbort (csrc/plait/comm.cc) "
-                   "prefixes it again: 'plait: rank 0: plait: rank 0: the process group was shut down ...'. Fix: "
-                   "pass stop()'s message without the prefix to requestAbort/abortNow; then drop this marker")
 def test_pending_transfer_error_names_the_rank_once():
+    # (The torch layer's stop() message was prefixed "plait: rank N: " twice: once there, once by Comm::checkAbort.)
     msgs = H.run_world(worker_abort_message, 2, init=None, timeout_s=50)
     for rank, m in enumerate(msgs):
         assert m == f"plait: rank {rank}: the process group was shut down with this operation pending", m
