@@ -27,6 +27,9 @@ constexpr uint16_t kVersion = 1;
 constexpr size_t kBounceBytes = 256 * 1024;
 constexpr size_t kStripeBytes = 128 * 1024;  // with several streams, consecutive stripes go round-robin
 constexpr auto kHandshakeLimit = std::chrono::seconds(10);
+// Connections in their handshake at once: beyond this the oldest is dropped, so a flood of silent connections cannot
+// use up this process's file descriptors (and hold the real peers out) for kHandshakeLimit.
+constexpr size_t kMaxPending = 256;
 
 struct Hello {
   uint32_t magic;
@@ -235,6 +238,8 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
         pend.erase(pend.begin() + long(i));
         --expect;
       }
+      // After the pass above (erasing before it would shift `pend` against `pfds`).
+      while (pend.size() > kMaxPending) refuse(0, "too many connections in their handshake");
     }
   } catch (...) {
     for (auto& q : pend) close(q.fd);
