@@ -314,6 +314,8 @@ class Comm {
   // Fails the communicator if requestAbort was called (on the thread that drives the engine).
   void checkAbort();
   void checkPeersAlive();
+  // A same-host peer that exited: everything this rank still waits to receive from it is in the ring already.
+  bool goneDataSuffices(int p) const;
   void tellTcpPeers(const std::string& msg);
   // A failed TCP peer's last words from its control connection ("peer rank P failed first: ..."), or "".
   std::string heardFromTcpPeers(std::chrono::milliseconds wait);

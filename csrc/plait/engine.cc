@@ -628,11 +628,26 @@ void Comm::checkPeersAlive() {
     if (!channels_[p] || channels_[p]->kind() != TransportKind::kShm) continue;
     if (shm_->peerGone(p)) {
       // A peer that wrote its last message and then exited is gone, but what it wrote is in the ring: it died
-      // only if nothing more can be moved (the caller checks again once the engine is idle).
+      // only if nothing more can be moved (the caller checks again once the engine is idle), and if what this rank
+      // still waits to receive from it is not all in the ring already (a receive that waits its turn behind another
+      // peer's data, e.g. a tree root's second child, moves later).
       if (progressPass()) return;
+      if (sendQ_[p].empty() && goneDataSuffices(p)) continue;
       throw Error(cat("plait: rank ", rank_, ": peer rank ", p, " (same host) died during ", where()));
     }
   }
+}
+
+bool Comm::goneDataSuffices(int p) const {
+  size_t need = 0;
+  const Inbound& in = in_[p];
+  for (const auto* q : {&recvQ_[p], &p2pRecvQ_[p]})
+    for (const Xfer* x : *q) {
+      need += (x->len - x->done) + size_t(x->pad - x->padDone);
+      if (x != in.x) need += sizeof(WireHeader) - std::min(sizeof(WireHeader), x->hdrDone);
+    }
+  if (!in.x && !in.unx) need -= std::min(need, in.hdrDone);  // a header half read belongs to the next receive
+  return need > 0 && channels_[p]->available() >= need;
 }
 
 void Comm::addTcpPollFds(std::vector<pollfd>& fds) const {

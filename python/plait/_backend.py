@@ -384,12 +384,14 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, compressi
     g = group if group is not None else dist.group.WORLD
     hit = _FAST.get(id(g))
     pgs = dist.distributed_c10d._world.pg_map
-    if hit is None or hit[0] is not g or g not in pgs:
-        # Forget groups torch no longer knows (destroyed): the cache must not keep them, or their backends, alive.
+    if hit is None or hit[0] is not g or g not in pgs or len(_FAST) > 1:
+        # Forget groups torch no longer knows (destroyed): the cache must not keep them, or their backends (sockets,
+        # shared memory), alive, even while only other groups are called (a few dict lookups per call).
         for k in [k for k, (grp, _) in _FAST.items() if grp not in pgs]:
             del _FAST[k]
-        hit = (g, _backend_of(group))
-        _FAST[id(g)] = hit
+        if hit is None or hit[0] is not g or g not in pgs:
+            hit = (g, _backend_of(group))
+            _FAST[id(g)] = hit
     c = "" if compression is None else _check_compression(compression)
     if not isinstance(op, dist.ReduceOp):
         o = _OPS.get(op)
