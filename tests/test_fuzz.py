@@ -22,10 +22,7 @@ TARGETS = ["fuzz_tcp_handshake", "fuzz_engine_wire", "fuzz_control", "fuzz_serve
 SECONDS = int(os.environ.get("PLAIT_FUZZ_TEST_SECONDS", "20"))
 # Reproducers of bugs that are reported but not fixed yet: {file name: reason}. Each runs as a strict xfail, so the
 # fix turns it into a failure that says to move it out of this list.
-OPEN = {
-    "unexpected_p2p_512GiB": "engine.cc progressRecv allocates an unexpected point-to-point message's declared size "
-                             "(up to 1 TiB) before any of it arrived",
-}
+OPEN: dict = {}  # fixed: unexpected_p2p_512GiB (an unexpected point-to-point message's declared size was allocated)
 
 
 def _libfuzzer_missing():
@@ -57,8 +54,7 @@ def built():
 
 
 def test_fuzz_targets_run_clean(built):
-    # FUZZ_SKIP_KNOWN: inputs that hit the open engine bug above are skipped (the reproducer test covers it).
-    env = {**os.environ, "FUZZ_SKIP_KNOWN": "1", "FUZZ_JOBS": "1"}
+    env = {**os.environ, "FUZZ_JOBS": "1"}
     r = subprocess.run(["nice", "-n", "5", "bash", SCRIPT, str(SECONDS)], env=env, capture_output=True, text=True,
                        timeout=SECONDS * len(TARGETS) * 3 + 600)
     summary = json.load(open(os.path.join(OUT, "fuzz_summary.json")))
