@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "plait/comm.h"
 #include "plait/transport/auth.h"
 #include "plait/transport/shm.h"
 
@@ -17,7 +18,45 @@ namespace plait {
 namespace {
 constexpr size_t kLine = 64;
 size_t pageRound(size_t n) { return (n + 4095) / 4096 * 4096; }
+thread_local const Comm* tlsColl = nullptr;  // DeviceCollective
+
+// The key's word: collective (4 bits), dtype (5), op (4; 15 for collectives that do not reduce), schedule code (8),
+// root (11 bits: a device group lives on one host).
+constexpr uint32_t kNoOp = 15;
+uint32_t packWord(Coll c, DType dt, uint32_t op, uint8_t sched, int32_t root) {
+  return (uint32_t(c) & 0xf) | ((uint32_t(dt) & 0x1f) << 4) | ((op & 0xf) << 9) | (uint32_t(sched) << 13) |
+         ((uint32_t(root) & 0x7ff) << 21);
+}
 }  // namespace
+
+DeviceCollective::DeviceCollective(const Comm& c) : prev_(tlsColl) { tlsColl = &c; }
+DeviceCollective::~DeviceCollective() { tlsColl = prev_; }
+
+PullKey DeviceEngine::currentKey(RedOp op, DType dt) {
+  if (!tlsColl) return PullKey{0, 0};
+  const Comm::CollCtx& x = tlsColl->ctx();
+  const bool reducing = x.coll == Coll::kAllreduce || x.coll == Coll::kReduce || x.coll == Coll::kReduceScatter;
+  return PullKey{tlsColl->seq(), packWord(x.coll, dt, reducing ? uint32_t(op) : kNoOp, x.sched, x.root)};
+}
+
+std::string DeviceEngine::keyName(PullKey k) {
+  const uint32_t c = k.word & 0xf;
+  if (k.word == 0 && k.seq == 0) return "a device collective";
+  return cat(c >= 1 && c <= uint32_t(Coll::kMonitoredBarrier) ? collName(Coll(c)) : "?", " seq ", k.seq, " (device)");
+}
+
+std::string DeviceEngine::describeKey(PullKey k, uint64_t bytes) {
+  const uint32_t w = k.word;
+  const uint32_t c = w & 0xf, dt = (w >> 4) & 0x1f, op = (w >> 9) & 0xf, sched = (w >> 13) & 0xff, root = w >> 21;
+  if (w == 0 && k.seq == 0) return cat("an unknown collective (message ", bytes, " bytes)");
+  const bool rooted = Coll(c) == Coll::kBroadcast || Coll(c) == Coll::kReduce || Coll(c) == Coll::kGather ||
+                      Coll(c) == Coll::kScatter;
+  return cat(c >= 1 && c <= uint32_t(Coll::kMonitoredBarrier) ? collName(Coll(c)) : "?", "(seq ", k.seq, ", dtype ",
+             dt < uint32_t(DType::kCount) ? dtypeName(DType(dt)) : "?",
+             op == kNoOp ? "" : cat(", op ", op < uint32_t(RedOp::kCount) ? redOpName(RedOp(op)) : "?"),
+             rooted ? cat(", root ", root) : "", sched ? cat(", schedule code ", sched) : "", ", message ", bytes,
+             " bytes)");
+}
 
 DeviceEngine::DeviceEngine(int rank, int size, std::function<void()> checkPeers, Store& store,
                            const std::string& prefix, std::unique_ptr<DeviceOps> ops, size_t stagingBytes)
@@ -182,10 +221,14 @@ bool DeviceEngine::inStaging(const void* p, size_t bytes) const {
 void DeviceEngine::record(Xfer* x, RedOp op, DType dt) {
   PLAIT_CHECK(x->len == 0 || inStaging(x->buf, x->len), "plait: internal: rank ", rank_,
               ": a device transfer with peer rank ", x->peer, " lies outside the staging buffer");
-  pending_.push_back(Pending{x, op, dt});
+  lastKey_ = currentKey(op, dt);
+  pending_.push_back(Pending{x, op, dt, lastKey_});
 }
 
 void DeviceEngine::flush() {
+  // The host's waits (the emulation's, the copies') give up after the group's timeout as it is now: the group's
+  // timeout may have changed since this engine was made, or this one call may have its own.
+  if (tlsColl) ops_->setWaitTimeout(tlsColl->timeout());
   // Post order, except that a send moves ahead of earlier receives it does not depend on and whose regions it does
   // not read (see the header): with everything on one stream, that is what keeps the schedules deadlock-free.
   std::vector<Pending> q = std::move(pending_);
@@ -219,7 +262,7 @@ void DeviceEngine::flush() {
           break;
         }
     const Pending& p = q[pick];
-    if (p.x->kind == Xfer::kSend) enqueueSend(p.x);
+    if (p.x->kind == Xfer::kSend) enqueueSend(p);
     else enqueueRecv(p);
     p.x->hdrDone = sizeof(WireHeader);
     p.x->done = p.x->len;
@@ -234,6 +277,7 @@ void DeviceEngine::waitAck(int peer, uint32_t seq) {
   ops_->waitGeq(ackOf(ownFlagsDev_, peer), seq, [this, peer, seq] {
     return cat("plait: rank ", rank_, ": waiting for peer rank ", peer, " to acknowledge device transfer ", seq);
   });
+  noteWait(ackOf(ownFlags_, peer), seq, peer, true, lastKey_);
   ackWaited_[peer] = seq;
   exposed_.erase(std::remove_if(exposed_.begin(), exposed_.end(),
                                 [&](const Exposed& e) { return e.peer == peer && int32_t(e.seq - seq) <= 0; }),
@@ -254,7 +298,8 @@ void DeviceEngine::beforeWrite(const void* dst, size_t bytes) {
     if (any[p]) waitAck(p, need[p]);
 }
 
-void DeviceEngine::enqueueSend(Xfer* x) {
+void DeviceEngine::enqueueSend(const Pending& pd) {
+  Xfer* x = pd.x;
   const int p = x->peer;
   const uint32_t k = ++sendSeq_[p];
   // The descriptor slot is free again once the receiver acknowledged the send kSlots before this one. waitAck
@@ -267,6 +312,8 @@ void DeviceEngine::enqueueSend(Xfer* x) {
   ops_->write32(words + 1, uint32_t(off >> 32));
   ops_->write32(words + 2, uint32_t(len));
   ops_->write32(words + 3, uint32_t(len >> 32));
+  ops_->write32(words + 4, pd.key.seq);
+  ops_->write32(words + 5, pd.key.word);
   ops_->write32(readyOf(peerFlagsDev_[p], rank_), k);
   if (x->len) exposed_.push_back(Exposed{off, off + x->len, p, k});
 }
@@ -276,12 +323,70 @@ void DeviceEngine::enqueueRecv(const Pending& pd) {
   const int p = x->peer;
   const uint32_t k = ++recvSeq_[p];
   beforeWrite(x->buf, x->len);
-  ops_->waitGeq(readyOf(ownFlagsDev_, p), k, [this, p, k] {
-    return cat("plait: rank ", rank_, ": waiting for device transfer ", k, " from peer rank ", p);
+  ops_->waitGeq(readyOf(ownFlagsDev_, p), k, [this, p, k, key = pd.key] {
+    return cat("plait: rank ", rank_, ": ", keyName(key), ": waiting for device transfer ", k, " from peer rank ", p);
   });
+  noteWait(readyOf(ownFlags_, p), k, p, false, pd.key);
   ops_->pull(x->kind == Xfer::kRecvReduce, pd.op, pd.dt, x->buf, peerStaging_[p], descOf(ownFlagsDev_, p, k),
-             x->len, reinterpret_cast<uint32_t*>(ownFlagsDev_ + 2 * size_ * kLine), uint32_t(p + 1));
+             x->len, pd.key, reinterpret_cast<uint32_t*>(ownFlagsDev_ + 2 * size_ * kLine), uint32_t(p + 1));
   ops_->write32(ackOf(peerFlagsDev_[p], rank_), k);
+  // The emulation (and the CPU engine) ran the pull already: a disagreement raises at this transfer. On a GPU the
+  // flag shows up at a later call.
+  if (sizeMismatchPeer() >= 0) throw Error(mismatch());
+}
+
+void DeviceEngine::noteWait(const uint32_t* flagHost, uint32_t value, int peer, bool ack, PullKey key) {
+  auto reached = [](const Waiting& w) { return int32_t(*w.flag - w.value) >= 0; };
+  std::lock_guard<std::mutex> g(waitMu_);
+  if (waits_.size() >= 64)  // keep the list short: drop the waits the peers have satisfied
+    waits_.erase(std::remove_if(waits_.begin(), waits_.end(), reached), waits_.end());
+  Waiting w{flagHost, value, peer, ack, key, Clock::now()};
+  if (!reached(w)) waits_.push_back(w);
+}
+
+std::string DeviceEngine::stalled(std::chrono::milliseconds timeout) {
+  std::lock_guard<std::mutex> g(waitMu_);
+  const auto now = Clock::now();
+  for (auto it = waits_.begin(); it != waits_.end();) {
+    const uint32_t v = *it->flag;
+    if (int32_t(v - it->value) >= 0) {
+      it = waits_.erase(it);
+      continue;
+    }
+    if (now - it->since >= timeout) {
+      return cat("plait: rank ", rank_, ": Timed out after ", timeout.count(), " ms in ", keyName(it->key),
+                 ": the stream waits for peer rank ",
+                 it->peer, it->ack ? " to acknowledge device transfer " : " to send device transfer ", it->value,
+                 " (the peer never reached that point of its collectives)");
+    }
+    ++it;
+  }
+  return "";
+}
+
+std::string DeviceEngine::mismatch() const {
+  const volatile uint32_t* e = reinterpret_cast<const volatile uint32_t*>(ownFlags_ + 2 * size_ * kLine);
+  const uint32_t code = e[0];
+  if (code == 0) return "";
+  std::atomic_thread_fence(std::memory_order_acquire);
+  const int peer = int(code) - 1;
+  const PullKey got{e[cuda::kErrGotSeq], e[cuda::kErrGotWord]}, exp{e[cuda::kErrExpSeq], e[cuda::kErrExpWord]};
+  const uint64_t gotBytes = uint64_t(e[cuda::kErrGotBytesLo]) | (uint64_t(e[cuda::kErrGotBytesHi]) << 32);
+  const uint64_t expBytes = uint64_t(e[cuda::kErrExpBytesLo]) | (uint64_t(e[cuda::kErrExpBytesHi]) << 32);
+  const std::string sides = cat("rank ", peer, " sent ", describeKey(got, gotBytes), " but rank ", rank_,
+                                " expected ", describeKey(exp, expBytes));
+  if (got.seq == exp.seq && got.word == exp.word)
+    return cat("plait: rank ", rank_, ": a device collective received from peer rank ", peer,
+               " a different number of bytes than this rank expected (", sides,
+               "); that transfer was dropped, so device results since then are invalid");
+  const uint32_t rootMask = 0x7ffu << 21;
+  if (got.seq == exp.seq && (got.word & ~rootMask) == (exp.word & ~rootMask) &&
+      Coll(exp.word & 0xf) == Coll::kBroadcast)
+    return cat("plait: broadcast seq ", exp.seq, " (device): rank ", peer, " believes the root is ", got.word >> 21,
+               ", rank ", rank_, " says ", exp.word >> 21, " (collective mismatch between rank ", rank_, " and rank ",
+               peer, ": ", sides, ")");
+  return cat("plait: collective mismatch between rank ", rank_, " and rank ", peer, " (device engine): ", sides,
+             "; that transfer was dropped, so device results since then are invalid");
 }
 
 void DeviceEngine::copy(void* dst, const void* src, size_t bytes) {

@@ -8,11 +8,12 @@
 //     in host shared memory that every peer maps and the device can address. A collective runs in the staging
 //     buffer: its input is copied in, the schedule runs there, the result is copied out (sliced when larger).
 //   - Send number k from A to B (counted per directed pair): once everything before it on A's stream is done, A's
-//     stream writes the descriptor {offset in A's staging, bytes} into slot k % kSlots of B's flag segment, then
-//     B.ready[A] = k.
+//     stream writes the descriptor {offset in A's staging, bytes, key of A's collective} into slot k % kSlots of B's
+//     flag segment, then B.ready[A] = k.
 //   - The matching receive at B: B's stream waits until B.ready[A] >= k, then one kernel reads A's bytes straight
 //     from A's staging (through the IPC mapping) and copies them, or reduces them with B's own, in one pass over
-//     memory; then A.ack[B] = k. A size that disagrees with the descriptor is flagged, not copied (see errors()).
+//     memory; then A.ack[B] = k. A size or a collective (the key: sequence number, collective, dtype, op, root,
+//     schedule) that disagrees with the descriptor is flagged, not copied (mismatch()).
 //   - Write after read: before A's stream writes a region of its staging that a send of A's exposed, it waits for
 //     that send's ack. A send's descriptor slot is reused only after the receiver acknowledged the send kSlots
 //     before it.
@@ -21,8 +22,10 @@
 //     on a receive before exposing data a peer needs (the host engine progresses all posted transfers at once).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -31,6 +34,22 @@
 #include "plait/transport/device.h"
 
 namespace plait {
+
+class Comm;
+
+// While one lives on a thread, the device engines record transfers for `c`'s current collective (Comm::ctx(),
+// Comm::seq()): each descriptor carries its key, and a stall names it. Set by algo/device_collectives.cc around
+// every device collective; nests.
+class DeviceCollective {
+ public:
+  explicit DeviceCollective(const Comm& c);
+  ~DeviceCollective();
+  DeviceCollective(const DeviceCollective&) = delete;
+  DeviceCollective& operator=(const DeviceCollective&) = delete;
+
+ private:
+  const Comm* prev_;
+};
 
 class DeviceEngine {
  public:
@@ -67,8 +86,19 @@ class DeviceEngine {
     beforeWrite(dst, bytes);
   }
 
-  // The first size disagreement a receive found (the peer's rank), or -1; reading it does not wait for the device.
+  // The first disagreement a receive found (size or collective; the peer's rank), or -1; reading it does not wait
+  // for the device.
   int sizeMismatchPeer() const;
+  // That disagreement described (both sides' collective, sequence number and bytes), or "" when there is none.
+  std::string mismatch() const;
+  // A wait of this rank's stream on a peer (its transfer, or its acknowledgement) enqueued more than `timeout` ago
+  // that the peer has still not satisfied, described (collective, sequence number, peer), or "". For the host that
+  // watches a stream it does not wait for (CUDA: the backend's watchdog through Comm::checkDevicePeers).
+  std::string stalled(std::chrono::milliseconds timeout);
+  // The key of a transfer of the current collective (DeviceCollective) with op / dt, and its description.
+  static PullKey currentKey(RedOp op, DType dt);
+  static std::string describeKey(PullKey k, uint64_t bytes);
+  static std::string keyName(PullKey k);  // "all_reduce seq 3 (device)"
   // A local peer whose process has ended (its liveness lock on its flag segment is gone), or -1.
   int gonePeer() const;
   // After a failure: lets every wait this rank's stream has enqueued (or will) go through, so the stream drains
@@ -81,14 +111,27 @@ class DeviceEngine {
     Xfer* x;
     RedOp op;
     DType dt;
+    PullKey key;
   };
+  struct Waiting {  // a wait enqueued on the stream (flag >= value), for stalled()
+    const volatile uint32_t* flag;  // host address
+    uint32_t value;
+    int peer;
+    bool ack;
+    PullKey key;
+    Clock::time_point since;
+  };
+  void noteWait(const uint32_t* flagHost, uint32_t value, int peer, bool ack, PullKey key);
+  std::mutex waitMu_;
+  std::vector<Waiting> waits_;
+  PullKey lastKey_{0, 0};  // the key of the last transfer recorded (ack waits name it)
   struct Exposed {  // a send whose region a peer may still be reading
     size_t lo, hi;
     int peer;
     uint32_t seq;
   };
   void setup();
-  void enqueueSend(Xfer* x);
+  void enqueueSend(const Pending& p);
   void enqueueRecv(const Pending& p);
   // Before the stream writes [dst, dst + bytes): wait for the acks of sends that exposed any of it.
   void beforeWrite(const void* dst, size_t bytes);

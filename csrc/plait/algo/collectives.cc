@@ -72,7 +72,15 @@ void broadcast(Comm& c, void* buf, size_t bytes, int root) {
   if (c.stageOnDevice()) return deviceBroadcast(c, buf, bytes, root);
   c.begin(Comm::CollCtx{Coll::kBroadcast, DType::kUInt8, RedOp::kSum, root, bytes});
   if (c.size() == 1) return;
-  treeUpDown(c, static_cast<char*>(buf), bytes, heapTree(c.rank(), c.size(), root, false), false, true);
+  const TreeLinks t = heapTree(c.rank(), c.size(), root, false);
+  // The root check: every rank hears from its predecessor in rank order (which does not depend on the root), the
+  // tree's message when the predecessor is its parent, else an empty message posted at once. Every message carries
+  // the sender's root in its header, so ranks that disagree on the root raise here, every one of them: a rank that
+  // believes it is the root would otherwise only send and return (two such ranks would each return their own data).
+  const int n = c.size(), next = (c.rank() + 1) % n, prev = (c.rank() + n - 1) % n;
+  if (t.child[0] != next && t.child[1] != next) c.postSend(next, nullptr, 0);
+  if (t.parent != prev) c.postRecv(prev, nullptr, 0);
+  treeUpDown(c, static_cast<char*>(buf), bytes, t, false, true);
   c.waitAll();
 }
 

@@ -189,6 +189,7 @@ HostSplit hostSplitFor(Comm& c, size_t bytes) {
 }
 
 void deviceAllreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Algo algo) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     const size_t es = dtypeSize(dtype);
     char* user = static_cast<char*>(buf);
@@ -220,6 +221,7 @@ void deviceAllreduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, Al
 }
 
 void deviceBroadcast(Comm& c, void* buf, size_t bytes, int root) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     auto run = [&](char* s, size_t n) { broadcast(c, s, n, root); };
     char* user = static_cast<char*>(buf);
@@ -229,6 +231,7 @@ void deviceBroadcast(Comm& c, void* buf, size_t bytes, int root) {
 }
 
 void deviceReduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, int root) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     const size_t es = dtypeSize(dtype);
     auto run = [&](char* s, size_t n) { reduce(c, s, n, dtype, op, root); };
@@ -240,6 +243,7 @@ void deviceReduce(Comm& c, void* buf, size_t count, DType dtype, RedOp op, int r
 }
 
 void deviceAllgather(Comm& c, const void* in, void* out, const std::vector<size_t>& bytes) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     const size_t all = totalOf(bytes);
     Blocks b = packedBlocks(bytes);
@@ -252,6 +256,7 @@ void deviceAllgather(Comm& c, const void* in, void* out, const std::vector<size_
 }
 
 void deviceReduceScatter(Comm& c, const void* in, void* out, const std::vector<size_t>& counts, DType dtype, RedOp op) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     const size_t es = dtypeSize(dtype), all = totalOf(counts) * es;
     const size_t most = *std::max_element(counts.begin(), counts.end()) * es;
@@ -266,6 +271,7 @@ void deviceReduceScatter(Comm& c, const void* in, void* out, const std::vector<s
 
 void deviceAlltoall(Comm& c, const void* in, const std::vector<size_t>& sendBytes, void* out,
                     const std::vector<size_t>& recvBytes) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     const size_t sendAll = totalOf(sendBytes), recvAll = totalOf(recvBytes);
     uint64_t need = sendAll + recvAll;
@@ -283,6 +289,7 @@ void deviceAlltoall(Comm& c, const void* in, const std::vector<size_t>& sendByte
 }
 
 void deviceGather(Comm& c, const void* in, size_t bytes, void* out, int root) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     char* s = c.stageBuf(size_t(c.size()) * bytes);
     c.stageIn(s + size_t(c.rank()) * bytes, in, bytes);
@@ -293,6 +300,7 @@ void deviceGather(Comm& c, const void* in, size_t bytes, void* out, int root) {
 }
 
 void deviceScatter(Comm& c, const void* in, void* out, size_t bytes, int root) {
+  DeviceCollective dc(c);  // the descriptors carry this collective's key
   c.guardStaged([&] {
     char* s = c.stageBuf(size_t(c.size() + 1) * bytes);
     if (c.rank() == root) c.stageIn(s, in, size_t(c.size()) * bytes);

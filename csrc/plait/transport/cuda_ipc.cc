@@ -96,8 +96,9 @@ class CudaDeviceOps : public DeviceOps {
     checkRc(cuda::reduce(op, dt, dst, a, b, count, stream_), "reduce kernel launch");
   }
   void pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
-            uint32_t* err, uint32_t errCode) override {
-    checkRc(cuda::pull(withReduce, op, dt, dst, peerBase, desc, bytes, err, errCode, stream_), "pull kernel launch");
+            PullKey key, uint32_t* err, uint32_t errCode) override {
+    checkRc(cuda::pullKeyed(withReduce, op, dt, dst, peerBase, desc, bytes, key, err, errCode, stream_),
+            "pull kernel launch");
   }
   void write32(uint32_t* addr, uint32_t v) override {
     // The default flags put a fence before the write: the peer sees every write enqueued before it.

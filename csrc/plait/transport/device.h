@@ -24,6 +24,7 @@
 namespace plait {
 
 using cuda::PullDesc;
+using cuda::PullKey;
 
 class DeviceOps {
  public:
@@ -48,9 +49,10 @@ class DeviceOps {
   // ---- stream-ordered ----
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // device or page-locked host memory, either way
   virtual void reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t count) = 0;
-  // See cuda::pull: reads *desc when it runs, dst (op)= peerBase + desc->offset, or flags *err on a size mismatch.
+  // See cuda::pullKeyed: reads *desc when it runs, dst (op)= peerBase + desc->offset, or flags *err (with what it
+  // saw after it) when the length or the key disagrees.
   virtual void pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc,
-                    size_t bytes, uint32_t* err, uint32_t errCode) = 0;
+                    size_t bytes, PullKey key, uint32_t* err, uint32_t errCode) = 0;
   // *addr = v once everything enqueued before has finished and its writes are visible (a fence, then the write).
   virtual void write32(uint32_t* addr, uint32_t v) = 0;
   // Everything enqueued after waits until (int32_t)(*addr - v) >= 0. `what` names the peer and flag for errors.

@@ -223,12 +223,25 @@ class EmulatedDeviceOps : public DeviceOps {
     plait::reduce(op, dt, dst, a, b, count);
   }
   void pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
-            uint32_t* err, uint32_t errCode) override {
+            PullKey key, uint32_t* err, uint32_t errCode) override {
     const volatile PullDesc* d = desc;
     uint64_t off = d->offset, len = d->bytes;
+    const uint32_t gotSeq = d->key.seq, gotWord = d->key.word;
     std::atomic_thread_fence(std::memory_order_acquire);
-    if (len != bytes) {
-      if (*err == 0) *err = errCode;
+    if (len != bytes || gotSeq != key.seq || gotWord != key.word) {
+      volatile uint32_t* e = err;
+      if (*e == 0) {  // as the CUDA kernel: the record, then the code
+        e[cuda::kErrGotSeq] = gotSeq;
+        e[cuda::kErrGotWord] = gotWord;
+        e[cuda::kErrExpSeq] = key.seq;
+        e[cuda::kErrExpWord] = key.word;
+        e[cuda::kErrGotBytesLo] = uint32_t(len);
+        e[cuda::kErrGotBytesHi] = uint32_t(len >> 32);
+        e[cuda::kErrExpBytesLo] = uint32_t(bytes);
+        e[cuda::kErrExpBytesHi] = uint32_t(uint64_t(bytes) >> 32);
+        std::atomic_thread_fence(std::memory_order_release);
+        *e = errCode;
+      }
       return;
     }
     if (bytes == 0) return;

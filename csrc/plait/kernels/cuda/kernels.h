@@ -24,14 +24,26 @@ int reduce(RedOp op, DType dt, void* dst, const void* a, const void* b, size_t n
 int copy(void* dst, const void* src, size_t bytes, void* stream);
 
 // A descriptor a peer published for one transfer (in memory the device can read): the offset of the bytes in the
-// peer's buffer and their length, 64 bits each (staging buffers may exceed 4 GiB). The publisher writes each as two
-// 32-bit words (stream memory operations are 32-bit) before it raises the ready flag, so a reader that saw the flag
+// peer's buffer and their length, 64 bits each (staging buffers may exceed 4 GiB), then the key of the collective the
+// publisher is in (PullKey: the device engine's receivers compare it with their own). The publisher writes each field
+// as 32-bit words (stream memory operations are 32-bit) before it raises the ready flag, so a reader that saw the flag
 // reads whole values.
+struct PullKey {
+  uint32_t seq;   // the collective's sequence number
+  uint32_t word;  // collective, dtype, op, root and schedule, packed (DeviceEngine::keyOf)
+};
 struct PullDesc {
   uint64_t offset;
   uint64_t bytes;
+  PullKey key;
 };
-static_assert(sizeof(PullDesc) == 16, "PullDesc is four 32-bit words");
+static_assert(sizeof(PullDesc) == 24, "PullDesc is six 32-bit words");
+// Where a keyed pull that disagreed leaves what it saw (32-bit words after *err, written before *err by the one
+// reporter): the descriptor's key and length, then the expected key and length.
+enum PullErrWord : uint32_t {
+  kErrGotSeq = 2, kErrGotWord, kErrExpSeq, kErrExpWord, kErrGotBytesLo, kErrGotBytesHi, kErrExpBytesLo,
+  kErrExpBytesHi, kErrWords
+};
 
 // The fused receive step of an algorithm over CUDA IPC: reads `*desc` on the device (the host does not know it when
 // it enqueues), takes src = peerBase + desc->offset, and
@@ -43,6 +55,11 @@ static_assert(sizeof(PullDesc) == 16, "PullDesc is four 32-bit words");
 // when dst and src are aligned, else scalar).
 int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
          uint32_t* err, uint32_t errCode, void* stream);
+// The same, and the descriptor's key must equal `expect` too (a peer in another collective with the same byte count
+// is flagged like a length mismatch). On any mismatch the reporter also writes err[kErrGotSeq .. kErrExpBytesHi]
+// (before *err) so the host can name both sides. bytes == 0 still launches (one thread) to check the key.
+int pullKeyed(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
+              PullKey expect, uint32_t* err, uint32_t errCode, void* stream);
 
 // Block-quantization codecs (cuda/codec.cu): the wire format, rounding and NaN rules of kernels/codec.h, computed
 // with the same functions as the CPU kernels (kernels/codec_impl.h), so the bytes written and the values decoded are

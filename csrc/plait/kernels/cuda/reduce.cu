@@ -157,30 +157,49 @@ __global__ void __launch_bounds__(kThreads) reduceKernel(typename E::T* dst, con
 }
 
 // The descriptor is read once per block (volatile: a peer may have written it after this stream's last kernel).
-// A length mismatch, or an offset that leaves the source unaligned for its dtype, writes nothing and reports
-// errCode once (first reporter wins, from block 0).
+// A length mismatch, a key mismatch (keyed pulls), or an offset that leaves the source unaligned for its dtype,
+// writes nothing and reports errCode once (first reporter wins, from block 0), with what it saw after *err.
 template <typename E, typename Op>
 __global__ void __launch_bounds__(kThreads) pullKernel(typename E::T* dst, const char* peerBase, const PullDesc* desc,
-                                                       size_t bytes, uint32_t* err, uint32_t errCode) {
+                                                       size_t bytes, bool keyed, PullKey expect, uint32_t* err,
+                                                       uint32_t errCode) {
   using T = typename E::T;
   __shared__ uint64_t offset, length;
+  __shared__ uint32_t gotSeq, gotWord;
   if (threadIdx.x == 0) {
     const volatile PullDesc* v = desc;
     offset = v->offset;
     length = v->bytes;
+    gotSeq = keyed ? v->key.seq : 0;
+    gotWord = keyed ? v->key.word : 0;
   }
   __syncthreads();
   const char* src = peerBase + offset;
-  if (length != bytes || uintptr_t(src) % sizeof(T) != 0) {
+  const bool keyBad = keyed && (gotSeq != expect.seq || gotWord != expect.word);
+  if (length != bytes || keyBad || uintptr_t(src) % sizeof(T) != 0) {
     // One writer (block 0, thread 0) per kernel, and *err usually lives in mapped host memory, where device
-    // atomics need not be supported over PCIe: a plain first-wins store.
+    // atomics need not be supported over PCIe: a plain first-wins store, the record before the code.
     if (blockIdx.x == 0 && threadIdx.x == 0 && err != nullptr) {
       volatile uint32_t* e = err;
-      if (*e == 0) *e = errCode;
+      if (*e == 0) {
+        if (keyed) {
+          e[kErrGotSeq] = gotSeq;
+          e[kErrGotWord] = gotWord;
+          e[kErrExpSeq] = expect.seq;
+          e[kErrExpWord] = expect.word;
+          e[kErrGotBytesLo] = uint32_t(length);
+          e[kErrGotBytesHi] = uint32_t(length >> 32);
+          e[kErrExpBytesLo] = uint32_t(bytes);
+          e[kErrExpBytesHi] = uint32_t(uint64_t(bytes) >> 32);
+          __threadfence_system();
+        }
+        *e = errCode;
+      }
       __threadfence_system();
     }
     return;
   }
+  if (bytes == 0) return;
   combine<E, Op>(dst, dst, reinterpret_cast<const T*>(src), bytes / sizeof(T));
 }
 
@@ -209,18 +228,18 @@ int launchReduce(void* dst, const void* a, const void* b, size_t n, void* stream
 }
 
 template <typename E, typename Op>
-int launchPull(void* dst, const char* peerBase, const PullDesc* desc, size_t bytes, uint32_t* err, uint32_t errCode,
-               void* stream) {
+int launchPull(void* dst, const char* peerBase, const PullDesc* desc, size_t bytes, bool keyed, PullKey expect,
+               uint32_t* err, uint32_t errCode, void* stream) {
   using T = typename E::T;
   pullKernel<E, Op><<<gridFor(workOf<T>(bytes / sizeof(T))), kThreads, 0, cudaStream_t(stream)>>>(
-      static_cast<T*>(dst), peerBase, desc, bytes, err, errCode);
+      static_cast<T*>(dst), peerBase, desc, bytes, keyed, expect, err, errCode);
   return int(cudaGetLastError());
 }
 
 // ---- dispatch tables by (op, dtype) ---------------------------------------------------------------------------------
 
 using ReduceLaunch = int (*)(void*, const void*, const void*, size_t, void*);
-using PullLaunch = int (*)(void*, const char*, const PullDesc*, size_t, uint32_t*, uint32_t, void*);
+using PullLaunch = int (*)(void*, const char*, const PullDesc*, size_t, bool, PullKey, uint32_t*, uint32_t, void*);
 
 struct Entry {
   ReduceLaunch reduce = nullptr;
@@ -316,16 +335,28 @@ int copy(void* dst, const void* src, size_t bytes, void* stream) {
   return launchReduce<Plain<uint8_t>, OpCopy>(dst, dst, src, bytes, stream);
 }
 
-int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
-         uint32_t* err, uint32_t errCode, void* stream) {
+namespace {
+int pullImpl(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
+             bool keyed, PullKey expect, uint32_t* err, uint32_t errCode, void* stream) {
   if (!validIndex(withReduce ? op : RedOp::kSum, dt)) return int(cudaErrorInvalidValue);
   const PullLaunch launch = withReduce ? tables().op[int(op)][int(dt)].pull : tables().copy[int(dt)];
   if (launch == nullptr) return int(cudaErrorInvalidValue);
   // The length must be whole elements and dst element-aligned.
   if (bytes % elementSize(dt) != 0 || uintptr_t(dst) % elementSize(dt) != 0)
     return int(cudaErrorInvalidValue);
-  if (bytes == 0) return 0;
-  return launch(dst, peerBase, desc, bytes, err, errCode, stream);
+  if (bytes == 0 && !keyed) return 0;  // a keyed pull of nothing still checks the descriptor
+  return launch(dst, peerBase, desc, bytes, keyed, expect, err, errCode, stream);
+}
+}  // namespace
+
+int pull(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
+         uint32_t* err, uint32_t errCode, void* stream) {
+  return pullImpl(withReduce, op, dt, dst, peerBase, desc, bytes, false, PullKey{0, 0}, err, errCode, stream);
+}
+
+int pullKeyed(bool withReduce, RedOp op, DType dt, void* dst, const char* peerBase, const PullDesc* desc, size_t bytes,
+              PullKey expect, uint32_t* err, uint32_t errCode, void* stream) {
+  return pullImpl(withReduce, op, dt, dst, peerBase, desc, bytes, true, expect, err, errCode, stream);
 }
 
 int smCount() {
