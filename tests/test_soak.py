@@ -77,7 +77,8 @@ def test_soak_reports_a_wrong_result(tmp_path, monkeypatch):
 # Found by the soak: a rank that finished its part of a reduce early (a leaf of the tree) and destroyed the group at
 # once made the root fail with "peer rank N (same host) died", although N's data was in the shared-memory ring: the
 # root's receive from N waited (in rank order) on another child's data, so nothing could move when the root noticed
-# N's lock released (csrc/plait/engine.cc, Comm::checkPeersAlive).
+# N's lock released (csrc/plait/engine.cc, Comm::checkPeersAlive). Fixed: Comm::goneDataSuffices lets it wait when
+# everything still owed from N is in the ring.
 
 
 def worker_reduce_then_destroy(rank, ws, transport="shm"):
@@ -109,8 +110,6 @@ def worker_reduce_then_destroy(rank, ws, transport="shm"):
     return err, t[:4].tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="plait: destroying a group right after a reduce fails the root (issue 15, "
-                                       "soak); remove this mark with the fix in Comm::checkPeersAlive")
 def test_destroy_right_after_reduce_does_not_fail_the_root():
     res = H.run_world(worker_reduce_then_destroy, 3, "shm")
     assert res[0] == (None, [6.0] * 4), res
