@@ -31,11 +31,11 @@ Exit status 1 when any result is wrong, any rank fails, or a resource grows:
   * private RSS: slope above ``--rss-slope-mib`` MiB per 10k collectives (default 1);
   * fds, threads, shm maps, shm names: slope > 0 and the final value above the maximum seen during the warm-up.
 
-Two known plait issues are worked around by default (each has a strict-xfail test in tests/test_soak.py and an
-option to see it): an ephemeral group gets a barrier before it is destroyed (``--destroy-without-barrier``: a rank
-that finished a reduce early and destroyed the group made the root fail with "peer rank N (same host) died"), and
-destroyed groups are dropped from plait.all_reduce's lookup cache at each sample (``--no-prune-cache``: the cache
-keeps a destroyed group's sockets and shared memory until its next miss; ``stale_cache`` counts them).
+Two plait issues the soak found are fixed (tests/test_soak.py holds each): a rank that finished a reduce early and
+destroyed the group made the root fail with "peer rank N (same host) died" (ephemeral groups are destroyed without a
+barrier first, which exercises it; ``--barrier-before-destroy`` adds one), and plait.all_reduce's lookup cache kept a
+destroyed group's sockets and shared memory until its next miss (``stale_cache`` counts destroyed groups still
+cached at a sample, which are then dropped; ``--no-prune-cache`` leaves them).
 
 Output: a table per metric and rank, and with ``--json FILE`` the same figures (collectives, wall time,
 collectives/s, per rank and metric: start / end / max / warm-up max / slope) plus per-op counts and failures.
@@ -325,11 +325,10 @@ class Soak:
             return
         label, g, members = self.eph
         if g is not None:
-            if self.spec.get("barrier_before_destroy", True):
+            if self.spec.get("barrier_before_destroy", False):
                 # Without it, a rank that finished its part of the group's last collective early (a leaf of a
-                # reduce) may destroy the group while a peer still waits on a receive that depends on a third
-                # rank's data; that peer then fails with "peer rank N (same host) died" although N's data is in
-                # the ring (csrc/plait/engine.cc checkPeersAlive; tests/test_soak.py has the reproduction).
+                # reduce) destroys the group while a peer may still wait on a receive that depends on a third
+                # rank's data (once failed with "peer rank N (same host) died"; fixed in Comm::checkPeersAlive).
                 self.dist.barrier(group=g)
             self.dist.destroy_process_group(g)
             self.groups_destroyed += 1
@@ -816,8 +815,8 @@ def main(argv=None):
     ap.add_argument("--rss-slope-mib", type=float, default=1.0,
                     help="bound on the private RSS (RssAnon), MiB per 10k collectives")
     ap.add_argument("--pg-timeout", type=float, default=120.0, help="group timeout (s)")
-    ap.add_argument("--destroy-without-barrier", action="store_true",
-                    help="destroy the ephemeral group without a barrier on it first (exposes a known plait race)")
+    ap.add_argument("--barrier-before-destroy", action="store_true",
+                    help="a barrier on the ephemeral group before destroying it (default: destroy at once)")
     ap.add_argument("--no-prune-cache", action="store_true",
                     help="leave destroyed groups in plait.all_reduce's lookup cache at sample points (they hold their "
                          "sockets and shared memory until the cache's next miss; the stale_cache metric counts them)")
@@ -841,7 +840,7 @@ def main(argv=None):
     spec = dict(world=a.world, seed=a.seed, collectives=a.collectives, max_bytes=a.max_bytes,
                 group_every=a.group_every, sample_every=sample_every, pg_timeout_s=a.pg_timeout, port=free_port(),
                 dir=d, initial_shm=initial_shm,
-                barrier_before_destroy=not a.destroy_without_barrier, prune_cache=not a.no_prune_cache,
+                barrier_before_destroy=a.barrier_before_destroy, prune_cache=not a.no_prune_cache,
                 max_minutes=a.max_minutes,
                 corrupt=int(os.environ.get("PLAIT_SOAK_CORRUPT", "-1")))
     spec_path = os.path.join(d, "spec.json")
