@@ -23,9 +23,10 @@ SCRIPT = os.path.join(ROOT, "scripts", "sanitize.sh")
 CI_SCENARIOS = ["shm3", "tcp3", "hosts2x2", "dev2", "devhost2", "fail_exit_shm", "fail_mismatch"]
 
 
-def _run(kind):
+def _run(kind, args=None):
     full = os.environ.get("PLAIT_SANITIZE_FULL") == "1"
-    args = [] if full else ["--quick", *CI_SCENARIOS]
+    if args is None:
+        args = [] if full else ["--quick", *CI_SCENARIOS]
     env = dict(os.environ, CORE_TEST_SCENARIO_TIMEOUT_S="300")
     p = subprocess.run(["bash", SCRIPT, kind, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=3000 if full else 1200)
@@ -44,3 +45,20 @@ def test_core_under_sanitizer(kind):
     summary = re.search(r"core_test summary \((\d+) scenario\(s\), (\d+) failed\)", out)
     assert summary and int(summary.group(1)) >= len(CI_SCENARIOS) and summary.group(2) == "0", out[-3000:]
     assert not re.search(r"runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer|WARNING: ThreadSanitizer", out)
+
+
+# What each sanitizer must report on core_test's canary (a data race and a one-byte heap overflow, tests/core): with
+# -fsanitize=address,undefined, UBSan's object-size check sees the overflow before ASan does.
+CANARY_REPORT = {
+    "address": ("ERROR: AddressSanitizer: heap-buffer-overflow", "runtime error: load of address"),
+    "thread": ("WARNING: ThreadSanitizer: data race",),
+}
+
+
+@pytest.mark.parametrize("kind", ["address", "thread"])
+def test_sanitizer_reports_fail_the_run(kind):
+    """The runs above are live: a planted bug is reported, and a report fails scripts/sanitize.sh."""
+    rc, out = _run(kind, ["canary"])
+    assert rc == 1, f"scripts/sanitize.sh {kind} canary: exit {rc}, expected 1 (a report):\n{out[-4000:]}"
+    assert any(r in out for r in CANARY_REPORT[kind]) and "canary" in out, out[-4000:]
+    assert f"[sanitize] {kind}: FAILED" in out, out[-3000:]

@@ -22,6 +22,8 @@
 //   fail_exit_tcp        the same over TCP
 //   fail_mismatch        ranks call all_reduce with different counts: every rank raises a mismatch
 //   fail_monitored       rank 2 misses a monitored barrier: rank 0 raises naming it, rank 1 and 2 raise after
+//   canary               (only when named) a data race and a heap overflow: passes only under a sanitizer that
+//                        reports it (the proof that the sanitizer runs are live)
 //
 // Every check that fails prints "FAIL [scenario rank r] ..."; a rank exits 0 only when all of its checks passed.
 // The program prints one summary line per scenario and exits 0 only when every rank of every scenario did.
@@ -586,6 +588,7 @@ struct Scenario {
   Ms timeout{120000};
   std::map<int, int> exitCodes;  // rank -> expected exit code (default 0)
   bool server = false;           // one more process runs a summation server (Options.servers = 1)
+  bool hidden = false;           // only when named (not part of "all")
 };
 
 void setenvs(std::initializer_list<std::pair<const char*, std::string>> kv) {
@@ -685,6 +688,22 @@ void warmup(T& t, Comm& c) {
   }
 }
 
+// The sanitizers' own check (scenario "canary", run only when named): rank 0 races two threads on a plain int
+// (ThreadSanitizer's report) and reads one byte past a heap block (AddressSanitizer's), so under either sanitizer it
+// exits 66 (its exitcode); a build without them exits 0 and the scenario fails (it expects 66).
+int canaryRace = 0;
+void canary(T& t, Comm& c) {
+  if (t.rank != 0) return;
+  std::thread a([] { for (int i = 0; i < 100000; ++i) canaryRace = canaryRace + 1; });
+  std::thread b([] { for (int i = 0; i < 100000; ++i) canaryRace = canaryRace + 1; });
+  a.join();
+  b.join();
+  volatile char* p = new char[8];
+  volatile char x = p[8];
+  (void)x;
+  delete[] p;
+}
+
 std::vector<Scenario> scenarios() {
   std::vector<Scenario> s;
   auto none = [](int) {};
@@ -763,6 +782,12 @@ std::vector<Scenario> scenarios() {
     f.timeout = Ms(20000);
     s.push_back(f);
   }
+  {
+    Scenario f{"canary", 2, none, canary};
+    f.exitCodes[0] = 66;
+    f.hidden = true;
+    s.push_back(f);
+  }
   return s;
 }
 
@@ -812,7 +837,7 @@ int main(int argc, char** argv) {
   }
   auto all = scenarios();
   if (list) {
-    for (auto& s : all) std::printf("%s\n", s.name.c_str());
+    for (auto& s : all) std::printf("%s%s\n", s.name.c_str(), s.hidden ? " (only when named)" : "");
     return 0;
   }
   for (auto& w : want)
@@ -824,7 +849,7 @@ int main(int argc, char** argv) {
   int failed = 0, ran = 0;
   std::string summary;
   for (const auto& sc : all) {
-    if (!want.empty() && std::find(want.begin(), want.end(), sc.name) == want.end()) continue;
+    if (want.empty() ? sc.hidden : std::find(want.begin(), want.end(), sc.name) == want.end()) continue;
     ++ran;
     char tmpl[] = "/tmp/plait-core-test-XXXXXX";
     const char* d = mkdtemp(tmpl);
