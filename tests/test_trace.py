@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not H.IS_PLAIT, reason="plait's flight recorder"
 def worker_basic(rank, ws):
     import plait
 
+    t0 = time.time()
     t = torch.arange(1000, dtype=torch.float32) * (rank + 1)
     dist.all_reduce(t)
     b = torch.arange(5, dtype=torch.int64) if rank == 1 else torch.zeros(5, dtype=torch.int64)
@@ -36,12 +37,12 @@ def worker_basic(rank, ws):
         r = torch.empty(7)
         dist.recv(r, src=0, tag=5)
     recs = plait.trace_records()
-    return recs
+    return recs, t0, time.time()
 
 
 def test_the_record_holds_each_collective_in_order():
     res = H.run_world(worker_basic, 2)
-    for rank, recs in enumerate(res):
+    for rank, (recs, t0, t1) in enumerate(res):
         assert len(recs) == 1, recs
         r = recs[0]
         assert r["rank"] == rank and r["size"] == 2 and r["format"] == "plait-trace-1"
@@ -59,7 +60,10 @@ def test_the_record_holds_each_collective_in_order():
         assert ar["waited_on"] == [1 - rank], ar
         assert bc["root"] == 1 and bc["bytes"] == 40, bc
         assert all(e["state"] == "completed" for e in colls), colls
-        assert all(e["duration_us"] >= 0 for e in colls)
+        user = colls[-4:]
+        assert all(t0 * 1e6 <= e["start_us"] <= t1 * 1e6 for e in user), (t0, user)
+        assert all(0 <= e["duration_us"] <= (t1 - t0) * 1e6 for e in user), user
+        assert [e["start_us"] for e in user] == sorted(e["start_us"] for e in user)
         p2p = [e for e in es if e["op"] in ("send", "recv")]
         assert len(p2p) == 1, p2p
         assert p2p[0]["op"] == ("send" if rank == 0 else "recv") and p2p[0]["peer"] == 1 - rank
@@ -108,7 +112,8 @@ def worker_hang(rank, ws, tdir):
     if rank == 2:
         # alive, doing something else: it must still write its record when its peers fail
         deadline = time.time() + 8
-        while time.time() < deadline and (not os.path.isdir(tdir) or len(os.listdir(tdir)) < 3):
+        while time.time() < deadline and (not os.path.isdir(tdir) or
+                                          len([f for f in os.listdir(tdir) if f.endswith(".json")]) < 3):
             time.sleep(0.1)
         time.sleep(0.5)
         return sorted(os.listdir(tdir))
@@ -145,7 +150,7 @@ def test_a_hang_is_diagnosed_who_is_missing(tmp_path):
     p = _run_cli(tdir)
     assert p.returncode == 0, p.stderr
     assert "entered by ranks 0, 1; MISSING: rank 2 (never entered it)" in p.stdout, p.stdout
-    assert f"rank 2 last entered: all_reduce seq {v['seq'] - 1}" in p.stdout, p.stdout
+    assert f"last entered: all_reduce seq {v['seq'] - 1}" in p.stdout and "    rank 2 (" in p.stdout, p.stdout
     pj = _run_cli(tdir, "--json")
     assert json.loads(pj.stdout)[0]["missing"] == [2]
 
@@ -181,7 +186,7 @@ def test_ranks_that_called_different_collectives_are_named(tmp_path):
 def worker_on_demand(rank, ws, tdir):
     import plait
 
-    g = dist.new_group([0, 1], backend="plait")
+    g = dist.new_group([0, 1], backend="plait")  # a second group
     t = torch.ones(10)
     dist.all_reduce(t, group=g)
     dist.all_reduce(t)
@@ -222,3 +227,129 @@ def test_cli_on_an_empty_or_bad_directory(tmp_path):
     (tmp_path / "plait-trace.x.0.json").write_text("{not json")
     p = _run_cli(str(tmp_path))
     assert p.returncode == 2 and "cannot read the flight record" in p.stderr and "plait-trace.x.0.json" in p.stderr
+
+
+def worker_device(rank, ws):
+    import plait
+
+    t = torch.arange(8, dtype=torch.float32)
+    dist.all_reduce(t)
+    (r,) = plait.trace_records()
+    return [(e["op"], e["device"], e["state"]) for e in r["entries"]][-1], t.tolist()
+
+
+def test_device_work_is_recorded_as_enqueued():
+    res = H.run_world(worker_device, 2, env={"PLAIT_DEVICE": "emulate"})
+    for last, vals in res:
+        assert last == ("all_reduce", True, "enqueued"), last
+        assert vals == [2.0 * i for i in range(8)]
+
+
+def worker_dump_race(rank, ws, tdir):
+    import threading
+
+    import plait
+
+    for i in range(300):
+        dist.all_reduce(torch.ones(2))
+    errors = []
+
+    def dumper():
+        for _ in range(60):
+            plait.trace_dump(tdir)
+
+    def reader():
+        for _ in range(200):
+            for f in os.listdir(tdir) if os.path.isdir(tdir) else []:
+                if f.endswith(".json"):
+                    try:
+                        with open(os.path.join(tdir, f)) as fh:
+                            json.load(fh)
+                    except FileNotFoundError:
+                        pass
+                    except ValueError as e:
+                        errors.append(str(e))
+
+    ths = [threading.Thread(target=dumper) for _ in range(2)] + [threading.Thread(target=reader)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return errors, sorted(f for f in os.listdir(tdir) if ".tmp" in f)
+
+
+def test_concurrent_dumps_never_publish_a_torn_file(tmp_path):
+    res = H.run_world(worker_dump_race, 1, str(tmp_path / "r"))
+    errors, tmps = res[0]
+    assert errors == [] and tmps == [], (errors[:3], tmps)
+
+
+def worker_cross_group(rank, ws, tdir):
+    """Rank 2 is stuck in subgroup [1, 2] (rank 1 calls it late); ranks 0 and 1 wait for rank 2 in the world."""
+    sub = dist.new_group([1, 2], backend="plait", timeout=datetime.timedelta(seconds=60))
+    dist.all_reduce(torch.ones(4))
+    if rank == 2:
+        t = torch.ones(16, dtype=torch.int64)
+        dist.all_reduce(t, group=sub)  # blocks until rank 1 joins it
+        return t.tolist()
+    err = None
+    try:
+        dist.all_reduce(torch.ones(4))
+    except Exception as e:  # noqa: BLE001
+        err = str(e)
+    if rank == 1:
+        deadline = time.time() + 10  # let rank 2 answer the request, then release it
+        while time.time() < deadline and len([f for f in os.listdir(tdir) if f.endswith(".json")]) < 5:
+            time.sleep(0.1)
+        t = torch.ones(16, dtype=torch.int64)
+        dist.all_reduce(t, group=sub)
+    return err
+
+
+def test_a_rank_stuck_in_another_group_shows_where(tmp_path):
+    tdir = str(tmp_path / "x")
+    res = H.run_world(worker_cross_group, 3, tdir, env={"PLAIT_TRACE_DIR": tdir}, pg_timeout_s=2, expect_fail=True)
+    assert all(r.ok for r in res), "\n".join(r.describe() for r in res)
+    assert "Timed out" in res[0].value and res[2].value == [2] * 16, (res[0].value, res[2].value)
+    import plait.trace as T
+
+    vs = {len(v["ranks_with_records"]): v for v in T.analyze(T.load(tdir))}
+    world, sub = vs[3], vs[2]
+    assert world["missing"] == [2], world
+    # rank 2's record of the subgroup (written on the world's request) shows it inside the subgroup's all_reduce
+    # (group ranks: global rank 2 is the subgroup's rank 1; global rank 1, its rank 0, had not called it yet)
+    assert sub["global_ranks"] == [1, 2], sub
+    assert sub["collective"].startswith("all_reduce") and sub["entered"] == [1] and sub["states"][1] == "started", sub
+    assert sub["missing"] == [0] and sub["where"][1].startswith("global rank 2, "), sub
+
+
+def _rec(rank, size, entries, gid="g", reason="r", when=1):
+    return {"format": "plait-trace-1", "rank": rank, "size": size, "group": "", "group_id": gid, "host": "h",
+            "pid": 100 + rank, "dumped_at_us": when, "reason": reason, "capacity": 4, "recorded": len(entries),
+            "entries": entries}
+
+
+def _e(seq, op="all_reduce", state="completed", **kw):
+    e = {"id": seq, "seq": seq, "op": op, "dtype": "float32", "reduce_op": "sum", "root": 0, "count": 4, "bytes": 16,
+         "algorithm": "ring", "device": False, "state": state, "waited_on": [], "start_us": seq}
+    e.update(kw)
+    return e
+
+
+def test_analyzer_cases():
+    import plait.trace as T
+
+    # point-to-point only: nobody is "missing" a collective
+    p2p = [_rec(r, 2, [_e(1, op="send" if r == 0 else "recv", peer=1 - r, tag=0, state="started")]) for r in (0, 1)]
+    (v,) = T.analyze(p2p)
+    assert v["missing"] == [] and v["collective"] is None and len(v["pending_p2p"]) == 2, v
+    # a rank whose buffer wrapped past the stuck collective is not called missing
+    recs = [_rec(0, 2, [_e(5, state="failed", error="Timed out")]), _rec(1, 2, [_e(9), _e(10)])]
+    (v,) = T.analyze(recs)
+    assert v["seq"] == 5 and v["missing"] == [] and v["wrapped"] == [1], v
+    # a rank that answered a request and failed later keeps its requested record for the verdict
+    recs = [_rec(0, 2, [_e(1), _e(2, state="failed", error="Timed out")]), _rec(1, 2, [_e(1)], when=5)]
+    late = _rec(1, 2, [_e(1), _e(2, state="failed", error="aborted")], when=9)
+    late["_failure"] = True
+    (v,) = T.analyze(recs + [late])
+    assert v["missing"] == [1] and 1 in v["late"], v

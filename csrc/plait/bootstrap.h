@@ -35,6 +35,7 @@ struct Options {
   uint32_t compressionBlock = 0;   // 0: PLAIT_COMPRESSION_BLOCK, else the codec's default
   std::string addressHint;     // host of the rendezvous store, to pick the interface to advertise
   std::string groupName;
+  std::vector<int> globalRanks;  // the group's ranks in the default group (torch's global ranks), for the record
   int servers = -1;            // summation servers (-1: PLAIT_SERVERS)
   // The rendezvous store's root (not the group's prefixed view): where summation servers register and read job
   // secrets. Needed only with servers; storeDesc ("host:port") names it in errors.

@@ -78,6 +78,7 @@ Comm::Comm(std::shared_ptr<Store> store, int rank, int size, std::chrono::millis
   meta.rank = rank;
   meta.size = size;
   meta.group = opts.groupName;
+  if (int(opts.globalRanks.size()) == size) meta.globalRanks = opts.globalRanks;
   meta.groupId = b.uuid;
   meta.host = b.hostId;
   meta.storePrefix = prefix_;
@@ -128,14 +129,11 @@ void Comm::clearDevice() {
 }
 
 void Comm::checkDeviceErrors() {
-  // The device flags a transfer whose size disagrees (it cannot throw); the host sees the flag once the device has
-  // run that far: at once with the emulation, at a later call on a GPU.
-  int bad = dev_ ? dev_->sizeMismatchPeer() : -1;
-  if (bad < 0 && hostEng_) bad = hostEng_->sizeMismatchPeer();
-  if (bad >= 0)
-    fail(cat("plait: rank ", rank_, ": a device collective received from peer rank ", bad,
-             " a different number of bytes than this rank expected (the ranks called different collectives or "
-             "sizes, ", where(), "); that transfer was dropped, so device results since then are invalid"));
+  // The device flags a transfer whose size or collective disagrees (it cannot throw); the host sees the flag once the
+  // device has run that far: at once with the emulation, at a later call on a GPU.
+  std::string m = dev_ ? dev_->mismatch() : "";
+  if (m.empty() && hostEng_) m = hostEng_->mismatch();
+  if (!m.empty()) fail(cat(m, " (seen at ", where(), ")"));
 }
 
 void Comm::checkDevicePeers() {
@@ -153,6 +151,11 @@ void Comm::checkDevicePeers() {
     if (p != rank_ && shm_ && channels_[p] && channels_[p]->kind() == TransportKind::kShm && shm_->peerGone(p))
       gone = p;
   if (gone >= 0) fail(cat("plait: rank ", rank_, ": peer rank ", gone, " (same host) died during ", where(), " (device)"));
+  // A live peer that never reaches what this rank's stream waits for: the group's timeout, as on the host engine
+  // (CUDA: the host never waits for the stream, so the backend's watchdog asks here).
+  std::string stall = dev_ ? dev_->stalled(timeout()) : "";
+  if (stall.empty() && hostEng_) stall = hostEng_->stalled(timeout());
+  if (!stall.empty()) fail(stall);
 }
 
 std::string Comm::deviceEngineName() const {
@@ -508,11 +511,12 @@ void Comm::tellTcpPeers(const std::string& msg) {
 
 std::string Comm::heardFromTcpPeers(std::chrono::milliseconds wait) {
   const auto until = Clock::now() + wait;
+  std::vector<char> done(size_, 0);  // peers whose control connection ended or said something that is not a frame
   while (true) {
     std::vector<pollfd> fds;
     std::vector<int> who;
     for (int p = 0; p < size_; ++p)
-      if (channels_[p] && channels_[p]->kind() == TransportKind::kTcp) {
+      if (channels_[p] && channels_[p]->kind() == TransportKind::kTcp && !done[p]) {
         fds.push_back(pollfd{tcp_->controlFd(p), POLLIN, 0});
         who.push_back(p);
       }
@@ -520,15 +524,23 @@ std::string Comm::heardFromTcpPeers(std::chrono::milliseconds wait) {
     int ms = int(std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count()));
     if (poll(fds.data(), fds.size(), ms) <= 0) return "";
     for (size_t i = 0; i < fds.size(); ++i) {
-      if (!(fds[i].revents & POLLIN)) continue;
+      if (!fds[i].revents) continue;
       char buf[sizeof(WireHeader) + 1024];
       // The frame was written in one send before the peer closed: it is all there or not at all.
       ssize_t r = recv(fds[i].fd, buf, sizeof(buf), MSG_DONTWAIT);
       WireHeader h{};
       if (r >= ssize_t(sizeof(h))) std::memcpy(&h, buf, sizeof(h));
-      if (r >= ssize_t(sizeof(h)) && h.magic == kAbortMagic)
-        return cat("peer rank ", who[i], " failed first: ",
-                   std::string(buf + sizeof(h), std::min<size_t>(h.bytes, size_t(r) - sizeof(h))));
+      if (r >= ssize_t(sizeof(h)) && h.magic == kAbortMagic) {
+        // The peer's words go into an error message: printable ASCII only (no NULs, no broken UTF-8).
+        std::string words(buf + sizeof(h), std::min<size_t>(h.bytes, size_t(r) - sizeof(h)));
+        for (char& c : words)
+          if ((static_cast<unsigned char>(c) < 0x20 && c != '\n' && c != '\t') || static_cast<unsigned char>(c) > 0x7e)
+            c = '?';
+        return cat("peer rank ", who[i], " failed first: ", words);
+      }
+      // End of stream, an error, or bytes that are not a frame: nothing more will come from this peer; an EAGAIN
+      // (a spurious wake-up) polls it again. Either way the loop does not spin on a socket that stays readable.
+      if (r != -1 || (errno != EAGAIN && errno != EINTR)) done[size_t(who[i])] = 1;
     }
     if (Clock::now() >= until) return "";
   }

@@ -344,7 +344,8 @@ class Comm {
     WireHeader hdr{};
     std::vector<char> data;
     size_t got = 0;  // payload bytes, then padding
-    bool complete() const { return got == data.size() + ((8 - hdr.bytes % 8) % 8); }
+    // data grows as the payload arrives (never to more than twice what came): the declared size is the header's.
+    bool complete() const { return got == hdr.bytes + ((8 - hdr.bytes % 8) % 8); }
   };
   struct Inbound {
     WireHeader hdr{};

@@ -121,8 +121,8 @@ const Knobs& knobs() {
       std::string v = envStr("PLAIT_TRACE_BUFFER", "2048");
       char* end = nullptr;
       long long n = std::strtoll(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end || n < 0 || n > (1LL << 24))
-        throw Error(cat("plait: PLAIT_TRACE_BUFFER=", v, " is not a number of collectives from 0 (off) to 16777216"));
+      if (end == v.c_str() || *end || n < 0 || n > (1LL << 20))
+        throw Error(cat("plait: PLAIT_TRACE_BUFFER=", v, " is not a number of collectives from 0 (off) to 1048576"));
       k.traceBuffer = size_t(n);
       k.traceDir = envStr("PLAIT_TRACE_DIR", "");
       k.authKeyFile = envStr("PLAIT_AUTH_KEY_FILE", "");

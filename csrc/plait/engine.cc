@@ -334,6 +334,10 @@ void Comm::checkHeader(const Xfer* x, const WireHeader& got) const {
                   Coll(e.coll) == Coll::kReduceScatter;
   if (reducing) same = same && got.op == e.op;
   if (Coll(e.coll) != Coll::kBarrier && Coll(e.coll) != Coll::kMonitoredBarrier) same = same && got.dtype == e.dtype;
+  if (!same && Coll(e.coll) == Coll::kBroadcast && got.coll == e.coll && got.seq == e.seq && got.root != e.root)
+    throw Error(cat("plait: broadcast seq ", e.seq, ": rank ", x->peer, " believes the root is ", got.root, ", rank ",
+                    rank_, " says ", e.root, " (collective mismatch between rank ", rank_, " and rank ", x->peer, ": rank ",
+                    x->peer, " sent ", describeHeader(got), " but rank ", rank_, " expected ", describeHeader(e), ")"));
   if (!same)
     throw Error(cat("plait: ", Coll(e.coll) == Coll::kSendRecv ? "point-to-point" : "collective",
                     " mismatch between rank ", rank_, " and rank ", x->peer, ": rank ", x->peer,
@@ -505,7 +509,8 @@ bool Comm::progressRecv(int p) {
           uint64_t n = in.hdr.bytes;
           PLAIT_CHECK(n <= (uint64_t(1) << 40), "plait: rank ", rank_, ": peer rank ", p,
                       " announced a point-to-point message of ", n, " bytes (corrupt stream?)");
-          unexpected_[p].push_back(Unexpected{in.hdr, std::vector<char>(size_t(n)), 0});
+          // Buffered as it arrives: a header's claim alone (up to 1 TiB) must not allocate anything.
+          unexpected_[p].push_back(Unexpected{in.hdr, {}, 0});
           in.unx = &unexpected_[p].back();
         }
       } else {
@@ -521,11 +526,14 @@ bool Comm::progressRecv(int p) {
     }
     if (in.unx) {
       Unexpected& u = *in.unx;
-      const size_t total = u.data.size() + (8 - u.hdr.bytes % 8) % 8;
+      const size_t declared = size_t(u.hdr.bytes);
+      const size_t total = declared + (8 - u.hdr.bytes % 8) % 8;
       char pad[8];
       while (u.got < total) {
-        size_t r = u.got < u.data.size() ? ch->read(u.data.data() + u.got, u.data.size() - u.got)
-                                         : ch->read(pad, total - u.got);
+        if (u.got < declared && u.got == u.data.size())  // room for what may come next: at most doubling
+          u.data.resize(std::min(declared, u.got + std::max(u.got, size_t(64) << 10)));
+        size_t r = u.got < declared ? ch->read(u.data.data() + u.got, u.data.size() - u.got)
+                                    : ch->read(pad, total - u.got);
         if (r == 0) return moved;
         u.got += r;
         moved = true;
@@ -646,7 +654,10 @@ bool Comm::goneDataSuffices(int p) const {
       need += (x->len - x->done) + size_t(x->pad - x->padDone);
       if (x != in.x) need += sizeof(WireHeader) - std::min(sizeof(WireHeader), x->hdrDone);
     }
-  if (!in.x && !in.unx) need -= std::min(need, in.hdrDone);  // a header half read belongs to the next receive
+  if (!in.x && !in.unx) {
+    if (in.hdrDone == sizeof(WireHeader)) return false;  // a parked collective's header: nothing behind it moves
+    need -= std::min(need, in.hdrDone);  // a header half read belongs to the next receive
+  }
   return need > 0 && channels_[p]->available() >= need;
 }
 
@@ -871,7 +882,7 @@ void Comm::irecvAny(void* buf, size_t bytes, int tag, AnyDone done) {
   if (trace_->enabled() && done) {
     uint64_t id = trace_->open(0, uint8_t(Coll::kSendRecv), uint8_t(DType::kUInt8), 1, tag, bytes, false, -1);
     done = [tr = trace_, id, d = std::move(done)](const std::string* error, int src) {
-      tr->closeP2P(id, error);
+      tr->closeP2P(id, error, src);
       d(error, src);
     };
   }

@@ -3,6 +3,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cxxabi.h>
+
 #include <cctype>
 #include <cerrno>
 #include <condition_variable>
@@ -38,7 +40,9 @@ void jsonStr(std::string& o, const std::string& s) {
       case '\r': o += "\\r"; break;
       case '\t': o += "\\t"; break;
       default:
-        if (c < 0x20) {
+        if (c >= 0x80) {
+          o += '?';  // not necessarily valid UTF-8 (a message cut mid-character): the file must stay readable
+        } else if (c < 0x20) {
           char b[8];
           std::snprintf(b, sizeof(b), "\\u%04x", c);
           o += b;
@@ -65,12 +69,20 @@ std::string schedName(uint8_t code) {
   return s;
 }
 
-const char* stateName(uint8_t s) { return s == 0 ? "started" : s == 1 ? "completed" : "failed"; }
+const char* stateName(uint8_t s) {
+  return s == 0 ? "started" : s == 1 ? "completed" : s == 2 ? "failed" : "enqueued";
+}
 
-// Live recorders (dumpAll, the watcher).
-std::mutex gRegMu;
-std::vector<std::weak_ptr<FlightRecorder>> gRecorders;
-bool gWatcherRunning = false;
+// Live recorders (dumpAll, the watcher). Never destroyed: the detached watcher may outlive static destructors.
+struct Registry {
+  std::mutex mu;
+  std::vector<std::weak_ptr<FlightRecorder>> recs;
+  bool watcher = false;
+};
+Registry& reg() {
+  static Registry* r = new Registry;
+  return *r;
+}
 
 std::string fileSafe(const std::string& s) {
   std::string o;
@@ -82,35 +94,43 @@ std::string fileSafe(const std::string& s) {
 // failed and requested dumps; a rank that never entered the collective its peers wait in writes its record too. The
 // thread runs only while recorders live, holds each one only while it checks it, and a store that does not answer
 // blocks only this thread.
-void watcher() {
+void watcher(std::string dir) {
   for (;;) {
     std::this_thread::sleep_for(std::chrono::seconds(1));
     std::vector<std::shared_ptr<FlightRecorder>> live;
     {
-      std::lock_guard<std::mutex> g(gRegMu);
+      Registry& g = reg();
+      std::lock_guard<std::mutex> lk(g.mu);
       size_t w = 0;
-      for (auto& r : gRecorders)
-        if (!r.expired()) gRecorders[w++] = r;
-      gRecorders.resize(w);
-      if (gRecorders.empty()) {
-        gWatcherRunning = false;
+      for (auto& r : g.recs)
+        if (!r.expired()) g.recs[w++] = r;
+      g.recs.resize(w);
+      if (g.recs.empty()) {
+        g.watcher = false;
         return;
       }
-      for (auto& r : gRecorders)
+      for (auto& r : g.recs)
         if (auto s = r.lock()) live.push_back(std::move(s));
     }
+    const int64_t now = steadyNs();
     for (auto& r : live) {
-      if (r->dumped() || !r->meta().store) continue;
+      // Only groups quiet for a second: one completing collectives is not the one anybody waits on (and the store
+      // is spared a query per group per second while training runs).
+      if (r->dumped() || !r->meta().store || now - r->lastActivityNs() < 1000000000) continue;
       try {
         const std::string key = r->requestKey();
         if (!r->meta().store->check(key)) continue;
         std::string why = r->meta().store->get(key);
-        r->markDumped();
-        r->dump(knobs().traceDir, cat("requested by a peer: ", why));
+        if (r->claimDump()) continue;
+        // Every group of this process: a rank its peers miss in one group is often stuck in another.
+        FlightRecorder::dumpAll(dir, cat("requested by a peer of group ", r->meta().groupId, ": ", why));
+      } catch (abi::__forced_unwind&) {
+        throw;  // thread cancellation (interpreter shutdown) must not be swallowed
       } catch (...) {
         // the store is gone (the job is ending): nothing to answer
       }
     }
+    live.clear();
   }
 }
 
@@ -121,12 +141,13 @@ FlightRecorder::FlightRecorder(size_t capacity) : cap_(capacity) { ring_.resize(
 void FlightRecorder::start(TraceMeta meta) {
   meta_ = std::move(meta);
   if (!enabled()) return;
-  std::lock_guard<std::mutex> g(gRegMu);
-  gRecorders.push_back(weak_from_this());
-  if (!knobs().traceDir.empty() && !gWatcherRunning) {
+  Registry& g = reg();
+  std::lock_guard<std::mutex> lk(g.mu);
+  g.recs.push_back(weak_from_this());
+  if (!knobs().traceDir.empty() && !g.watcher) {
     try {
-      std::thread(watcher).detach();
-      gWatcherRunning = true;
+      std::thread(watcher, knobs().traceDir).detach();
+      g.watcher = true;
     } catch (...) {
       // no thread: peers' requests go unanswered, this rank's own failures are still written
     }
@@ -143,7 +164,7 @@ FlightRecorder::Entry* FlightRecorder::find(uint64_t id) {
 
 void FlightRecorder::closeLocked(Entry& e, int64_t endNs) {
   if (e.state != 0) return;
-  e.state = 1;
+  e.state = e.device ? 3 : 1;  // device work: enqueued on the stream, its completion is not observed here
   e.endNs = endNs;
 }
 
@@ -151,6 +172,7 @@ uint64_t FlightRecorder::open(uint32_t seq, uint8_t coll, uint8_t dtype, uint8_t
                               bool device, int peer) {
   if (!enabled()) return ~uint64_t(0);
   const int64_t now = steadyNs(), wall = wallUs();
+  lastActNs_.store(now, std::memory_order_relaxed);
   std::lock_guard<std::mutex> g(mu_);
   const bool p2p = Coll(coll) == Coll::kSendRecv;
   if (!p2p) {
@@ -177,7 +199,7 @@ uint64_t FlightRecorder::open(uint32_t seq, uint8_t coll, uint8_t dtype, uint8_t
   e.error.clear();
   if (p2p) {
     if (peer >= 0) {
-      e.peers[0] = int16_t(peer);
+      e.peers[0] = int32_t(peer);
       e.npeers = 1;
     }
   } else {
@@ -202,7 +224,7 @@ void FlightRecorder::addPeer(int peer) {
     if (curOverflow_) return;
     curOverflow_ = true;
   } else {
-    curPeers_[curN_++] = int16_t(peer);
+    curPeers_[curN_++] = int32_t(peer);
   }
   std::lock_guard<std::mutex> g(mu_);
   if (Entry* e = find(cur_)) {
@@ -214,6 +236,7 @@ void FlightRecorder::addPeer(int peer) {
 void FlightRecorder::waited() {
   if (!enabled()) return;
   const int64_t now = steadyNs();
+  lastActNs_.store(now, std::memory_order_relaxed);
   std::lock_guard<std::mutex> g(mu_);
   if (Entry* e = find(cur_)) e->waitNs = now;
 }
@@ -225,12 +248,28 @@ void FlightRecorder::close() {
   if (Entry* e = find(cur_)) closeLocked(*e, now);
 }
 
-void FlightRecorder::closeP2P(uint64_t id, const std::string* error) {
+void FlightRecorder::abandon(const std::string& why) {
+  if (!enabled()) return;
+  const int64_t now = steadyNs();
+  std::lock_guard<std::mutex> g(mu_);
+  Entry* e = find(cur_);
+  if (!e || e->state != 0) return;
+  e->state = 2;
+  e->endNs = now;
+  e->error = why;
+}
+
+void FlightRecorder::closeP2P(uint64_t id, const std::string* error, int src) {
   if (!enabled()) return;
   const int64_t now = steadyNs();
   std::lock_guard<std::mutex> g(mu_);
   Entry* e = find(id);
   if (!e || e->state != 0) return;
+  if (src >= 0 && e->peer < 0) {
+    e->peer = src;
+    e->peers[0] = src;
+    e->npeers = 1;
+  }
   if (error) {
     e->state = 2;
     e->endNs = now;
@@ -245,7 +284,7 @@ void FlightRecorder::failed(const std::string& why) {
   const int64_t now = steadyNs();
   std::lock_guard<std::mutex> g(mu_);
   for (Entry& e : ring_) {
-    if (e.id == ~uint64_t(0) || e.state != 0) continue;
+    if (e.id == ~uint64_t(0) || (e.state != 0 && e.state != 3)) continue;
     e.state = 2;
     e.endNs = now;
     e.error = why;
@@ -260,6 +299,10 @@ std::string FlightRecorder::json(const std::string& reason) const {
   o += "{\"format\": \"plait-trace-1\", \"rank\": ";
   o += cat(meta_.rank, ", \"size\": ", meta_.size, ", \"group\": ");
   jsonStr(o, meta_.group);
+  o += ", \"global_ranks\": [";
+  for (size_t i = 0; i < meta_.globalRanks.size(); ++i) o += cat(i ? ", " : "", meta_.globalRanks[i]);
+  o += "]";
+  if (size_t(meta_.rank) < meta_.globalRanks.size()) o += cat(", \"global_rank\": ", meta_.globalRanks[meta_.rank]);
   o += ", \"group_id\": ";
   jsonStr(o, meta_.groupId);
   o += ", \"host\": ";
@@ -308,11 +351,17 @@ std::string FlightRecorder::json(const std::string& reason) const {
 }
 
 std::string FlightRecorder::dump(const std::string& dir, const std::string& reason) {
+  return dumpAs(dir, reason, "");
+}
+
+std::string FlightRecorder::dumpAs(const std::string& dir, const std::string& reason, const std::string& suffix) {
   if (!enabled()) return "";
   const std::string d = dir.empty() ? std::string(".") : dir;
   mkdir(d.c_str(), 0755);  // one level; an existing directory is fine
-  const std::string path = cat(d, "/plait-trace.", fileSafe(meta_.groupId), ".", meta_.rank, ".json");
-  const std::string tmp = cat(path, ".tmp", getpid());
+  const std::string path = cat(d, "/plait-trace.", fileSafe(meta_.groupId), ".", meta_.rank, suffix, ".json");
+  static std::atomic<uint64_t> tmpN{0};
+  const std::string tmp = cat(path, ".tmp", getpid(), ".", tmpN.fetch_add(1));
+  std::lock_guard<std::mutex> dg(dumpMu_);  // one dump of this recorder at a time (the last one wins, whole)
   const std::string body = json(reason);
   FILE* f = std::fopen(tmp.c_str(), "w");
   if (!f) {
@@ -331,19 +380,28 @@ std::string FlightRecorder::dump(const std::string& dir, const std::string& reas
 
 std::string FlightRecorder::dumpOnFailure(const std::string& reason) {
   if (!enabled() || knobs().traceDir.empty() || failureDumped_.exchange(true)) return "";
-  dumped_ = true;
-  std::string p = dump(knobs().traceDir, reason);
+  // Written already on a peer's request (this rank was late): that record answers "who entered"; this one goes
+  // beside it rather than over it.
+  const bool requested = dumped_.exchange(true);
+  std::string p = requested ? dumpAs(knobs().traceDir, reason, ".failure") : dump(knobs().traceDir, reason);
   if (!p.empty()) logWarn(cat("rank ", meta_.rank, ": flight record written to ", p));
+  // The process's other groups too: a failure in one is often explained by where this rank is in another.
+  for (auto& other : liveRecorders())
+    if (other.get() != this) other->dump(knobs().traceDir, cat("group ", meta_.groupId, " failed: ", reason));
   return p;
 }
 
-std::vector<std::string> FlightRecorder::dumpAll(const std::string& dir, const std::string& reason) {
+std::vector<std::shared_ptr<FlightRecorder>> FlightRecorder::liveRecorders() {
   std::vector<std::shared_ptr<FlightRecorder>> live;
-  {
-    std::lock_guard<std::mutex> g(gRegMu);
-    for (auto& r : gRecorders)
-      if (auto s = r.lock()) live.push_back(std::move(s));
-  }
+  Registry& g = reg();
+  std::lock_guard<std::mutex> lk(g.mu);
+  for (auto& r : g.recs)
+    if (auto s = r.lock()) live.push_back(std::move(s));
+  return live;
+}
+
+std::vector<std::string> FlightRecorder::dumpAll(const std::string& dir, const std::string& reason) {
+  std::vector<std::shared_ptr<FlightRecorder>> live = liveRecorders();
   std::vector<std::string> paths;
   for (auto& r : live) {
     std::string p = r->dump(dir, reason);
@@ -353,12 +411,7 @@ std::vector<std::string> FlightRecorder::dumpAll(const std::string& dir, const s
 }
 
 std::vector<std::string> FlightRecorder::jsonAll(const std::string& reason) {
-  std::vector<std::shared_ptr<FlightRecorder>> live;
-  {
-    std::lock_guard<std::mutex> g(gRegMu);
-    for (auto& r : gRecorders)
-      if (auto s = r.lock()) live.push_back(std::move(s));
-  }
+  std::vector<std::shared_ptr<FlightRecorder>> live = liveRecorders();
   std::vector<std::string> out;
   for (auto& r : live) out.push_back(r->json(reason));
   return out;

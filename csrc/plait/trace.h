@@ -25,6 +25,7 @@ class Store;
 struct TraceMeta {
   int rank = 0, size = 1;
   std::string group;    // the group's name ("" for the default group)
+  std::vector<int> globalRanks;  // group rank -> global rank (empty: unknown)
   std::string groupId;  // this incarnation's id (the same on every rank of the group)
   std::string host;     // the rank's host id
   std::string storePrefix;  // the group's store keys ("plait/<epoch>/")
@@ -52,8 +53,10 @@ class FlightRecorder : public std::enable_shared_from_this<FlightRecorder> {
   void waited();
   // The open collective finished (the torch layer, after the task that ran it).
   void close();
-  // A point-to-point entry finished (error: nullptr, or the message).
-  void closeP2P(uint64_t id, const std::string* error);
+  // A point-to-point entry finished (error: nullptr, or the message); src: the peer of a receive from any source.
+  void closeP2P(uint64_t id, const std::string* error, int src = -1);
+  // The open collective's task raised without failing the communicator (an argument check, a copy back).
+  void abandon(const std::string& why);
   // The group failed: the open collective entry and every open point-to-point entry are marked failed with `why`.
   void failed(const std::string& why);
 
@@ -62,6 +65,9 @@ class FlightRecorder : public std::enable_shared_from_this<FlightRecorder> {
   // Writes json(reason) to DIR/plait-trace.<group id>.<rank>.json (atomically); returns the path, or "" (logged) on
   // an error. Each call overwrites the previous file of this rank and group.
   std::string dump(const std::string& dir, const std::string& reason);
+  // The same, to plait-trace.<group id>.<rank><suffix>.json.
+  std::string dumpAs(const std::string& dir, const std::string& reason, const std::string& suffix);
+  static std::vector<std::shared_ptr<FlightRecorder>> liveRecorders();
   // The failure path: dump to PLAIT_TRACE_DIR (if set) once, and return the path ("" if not written).
   std::string dumpOnFailure(const std::string& reason);
   // Every live recorder of this process; returns the paths written.
@@ -70,9 +76,11 @@ class FlightRecorder : public std::enable_shared_from_this<FlightRecorder> {
   // The store key a failing rank sets so that its peers dump too.
   std::string requestKey() const { return meta_.storePrefix + "trace/dump"; }
   const TraceMeta& meta() const { return meta_; }
-  // The watcher: true once this recorder answered a request (or failed itself).
+  // The watcher: true once this recorder answered a request (or failed itself); claimDump returns the old value.
   bool dumped() const { return dumped_.load(); }
-  void markDumped() { dumped_ = true; }
+  bool claimDump() { return dumped_.exchange(true); }
+  // When the engine last recorded something (steady ns): the watcher asks only groups quiet for a second.
+  int64_t lastActivityNs() const { return lastActNs_.load(std::memory_order_relaxed); }
 
  private:
   struct Entry {
@@ -83,10 +91,10 @@ class FlightRecorder : public std::enable_shared_from_this<FlightRecorder> {
     int32_t peer = -1;  // point-to-point: the peer
     uint64_t count = 0;
     bool device = false;
-    uint8_t state = 0;  // 0 open, 1 completed, 2 failed
+    uint8_t state = 0;  // 0 open, 1 completed, 2 failed, 3 enqueued (device work: completion not observed)
     int64_t startWallUs = 0;
     int64_t startNs = 0, waitNs = 0, endNs = 0;  // steady clock
-    int16_t peers[kMaxPeers] = {};
+    int32_t peers[kMaxPeers] = {};
     uint16_t npeers = 0;
     std::string error;
   };
@@ -99,9 +107,11 @@ class FlightRecorder : public std::enable_shared_from_this<FlightRecorder> {
   uint64_t next_ = 0;            // ids handed out
   uint64_t cur_ = ~uint64_t(0);  // the open collective entry
   // Engine thread only: the open collective's peers, so addPeer takes the lock only for a new one.
-  int16_t curPeers_[kMaxPeers] = {};
+  int32_t curPeers_[kMaxPeers] = {};
   uint16_t curN_ = 0;
   bool curOverflow_ = false;
+  std::mutex dumpMu_;  // one dump of this recorder at a time
+  std::atomic<int64_t> lastActNs_{0};
   std::atomic<bool> dumped_{false};
   std::atomic<bool> failureDumped_{false};
 };

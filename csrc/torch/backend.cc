@@ -334,8 +334,13 @@ void PlaitBackend::run(const c10::intrusive_ptr<PlaitWork>& work, const Task& fn
     comm_->traceClose();  // the flight recorder's entry of the collective this task ran ends now
   } catch (const plait::Error& e) {
     err = asDistError(e.what());
+    comm_->recorder().abandon(e.what());  // no-op when the communicator failed (its entries say so already)
+  } catch (const std::exception& e) {
+    err = std::current_exception();
+    comm_->recorder().abandon(e.what());
   } catch (...) {
     err = std::current_exception();
+    comm_->recorder().abandon("unknown exception");
   }
   current_.reset();
   if (!deferred || err) work->complete(err);

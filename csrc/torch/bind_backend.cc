@@ -184,8 +184,9 @@ void register_backend(py::module_& m) {
          const std::string& algo, const std::string& transport, size_t chunkBytes, size_t shmRingBytes,
          const std::string& addressHint, const std::string& groupName, const std::string& compression,
          uint32_t compressionBlock, int servers, const c10::intrusive_ptr<c10d::Store>& rootStore,
-         const std::string& storeDesc) {
+         const std::string& storeDesc, const std::vector<int>& globalRanks) {
         plait::Options o;
+        o.globalRanks = globalRanks;
         o.servers = servers;
         if (rootStore) o.rootStore = std::make_shared<StoreAdapter>(rootStore);
         o.storeDesc = storeDesc;
@@ -203,7 +204,8 @@ void register_backend(py::module_& m) {
       py::arg("transport") = "", py::arg("chunk_bytes") = 0, py::arg("shm_ring_bytes") = 0,
       py::arg("address_hint") = "", py::arg("group_name") = "", py::arg("compression") = "",
       py::arg("compression_block") = 0, py::arg("servers") = -1, py::arg("root_store") = nullptr,
-      py::arg("store_desc") = "", py::call_guard<py::gil_scoped_release>());
+      py::arg("store_desc") = "", py::arg("global_ranks") = std::vector<int>{},
+      py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace plait_torch

@@ -121,6 +121,9 @@ def _create(dist_opts, pg_options):
         servers=servers,
         root_store=root,
         store_desc=desc,
+        # torch passes [] for the default group, whose ranks are the global ranks
+        global_ranks=[int(r) for r in (getattr(dist_opts, "global_ranks_in_group", None) or
+                                       range(dist_opts.group_size))],
     )
 
 
@@ -387,8 +390,9 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None, compressi
     if hit is None or hit[0] is not g or g not in pgs or len(_FAST) > 1:
         # Forget groups torch no longer knows (destroyed): the cache must not keep them, or their backends (sockets,
         # shared memory), alive, even while only other groups are called (a few dict lookups per call).
-        for k in [k for k, (grp, _) in _FAST.items() if grp not in pgs]:
-            del _FAST[k]
+        for k, (grp, _) in list(_FAST.items()):  # a copy: another thread may prune or insert meanwhile
+            if grp not in pgs:
+                _FAST.pop(k, None)
         if hit is None or hit[0] is not g or g not in pgs:
             hit = (g, _backend_of(group))
             _FAST[id(g)] = hit

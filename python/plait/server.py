@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PLAIT_AUTH_KEY_FILE"] = args.auth_key_file  # read by the native core at its first use
     from . import _C  # noqa: F401 (imports torch)
 
+    try:
+        key_fp = _C._auth_key_fingerprint()  # raises naming PLAIT_AUTH_KEY_FILE if it cannot be used
+    except RuntimeError as e:
+        print(f"plait-server: {e}", file=sys.stderr, flush=True)
+        return 2
+
     if args.stop:
         _connect(host, port, args.connect_timeout).add(_STOP_KEY, 1)
         print(f"plait-server: told the servers of {host}:{port} to stop", flush=True)
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                        depth=args.depth)
     index = srv.register()
     srv.start()
+    if key_fp != "none":
+        print(f"plait-server: PLAIT_AUTH_KEY_FILE in use (key fingerprint {key_fp})", flush=True)
     print(f"plait-server: serving the job at {host}:{port} on {srv.address} (registry entry {index})", flush=True)
 
     done = threading.Event()

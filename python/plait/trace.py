@@ -27,16 +27,24 @@ __all__ = ["load", "analyze", "format_report", "main"]
 def load(directory: str) -> list[dict]:
     """Every flight record (``plait-trace.*.json``) in ``directory``; unreadable files raise naming the file."""
     records = []
+    bad = []
     for path in sorted(glob.glob(os.path.join(directory, "plait-trace.*.json"))):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 rec = json.load(f)
+            if not isinstance(rec, dict) or rec.get("format") != "plait-trace-1":
+                raise ValueError("not a plait flight record")
         except (OSError, ValueError) as e:
-            raise ValueError(f"plait.trace: cannot read the flight record {path}: {e}") from None
-        if rec.get("format") != "plait-trace-1":
-            raise ValueError(f"plait.trace: {path} is not a plait flight record (format {rec.get('format')!r})")
+            # One torn or foreign file must not hide every other rank's record.
+            print(f"plait.trace: skipping {path}: cannot read the flight record: {e}", file=sys.stderr)
+            bad.append(path)
+            continue
         rec["_path"] = path
+        # plait-trace.<group>.<rank>.failure.json: written at a failure after the rank had answered a peer's request
+        rec["_failure"] = path.endswith(".failure.json")
         records.append(rec)
+    if bad and not records:
+        raise ValueError(f"plait.trace: none of the flight records in {directory} can be read ({len(bad)} skipped)")
     return records
 
 
@@ -69,9 +77,15 @@ def analyze(records: list[dict]) -> list[dict]:
     for gid, recs in sorted(groups.items(), key=lambda kv: kv[0]):
         size = max(r["size"] for r in recs)
         by_rank: dict[int, dict] = {}
-        for r in recs:  # a rank written twice (a request after its own failure): the later one
+        late: dict[int, dict] = {}
+        for r in recs:
+            if r.get("_failure"):
+                late[r["rank"]] = r  # it answered a request first: that record says where it was
+                continue
             if r["rank"] not in by_rank or r["dumped_at_us"] > by_rank[r["rank"]]["dumped_at_us"]:
                 by_rank[r["rank"]] = r
+        for rank, r in late.items():
+            by_rank.setdefault(rank, r)
         colls = {rank: [e for e in r["entries"] if e["op"] not in ("send", "recv")] for rank, r in by_rank.items()}
         last = {rank: (es[-1] if es else None) for rank, es in colls.items()}
         last_seq = {rank: (e["seq"] if e else 0) for rank, e in last.items()}
@@ -80,7 +94,7 @@ def analyze(records: list[dict]) -> list[dict]:
         stuck = None
         for rank, es in colls.items():
             for e in es:
-                if e["state"] != "completed" and (stuck is None or e["seq"] < stuck):
+                if e["state"] not in ("completed", "enqueued") and (stuck is None or e["seq"] < stuck):
                     stuck = e["seq"]
         seq = stuck if stuck is not None else frontier
         entered, sigs = {}, {}
@@ -90,14 +104,15 @@ def analyze(records: list[dict]) -> list[dict]:
                     entered[rank] = e
                     sigs.setdefault(_signature(e), []).append(rank)
         oldest = {rank: (es[0]["seq"] if es else None) for rank, es in colls.items()}
-        missing, unknown = [], []
+        missing, unknown, wrapped = [], [], []
+        any_coll = any(es for es in colls.values())
         for rank in range(size):
-            if rank in entered:
+            if rank in entered or not any_coll:
                 continue
             if rank not in by_rank:
                 unknown.append(rank)  # no record: dead, or never asked
             elif oldest[rank] is not None and oldest[rank] > seq:
-                unknown.append(rank)  # its buffer no longer reaches back that far
+                wrapped.append(rank)  # its buffer no longer reaches back that far
             else:
                 missing.append(rank)
         pending_p2p = []
@@ -117,6 +132,11 @@ def analyze(records: list[dict]) -> list[dict]:
             "errors": {rank: e["error"] for rank, e in sorted(entered.items()) if e.get("error")},
             "missing": missing,
             "no_record": unknown,
+            "wrapped": wrapped,
+            "late": {rank: r.get("reason", "") for rank, r in sorted(late.items())},
+            "where": {rank: (f"global rank {r['global_rank']}, " if "global_rank" in r else "") +
+                      f"{r.get('host', '')}, pid {r.get('pid')}" for rank, r in sorted(by_rank.items())},
+            "global_ranks": next((r["global_ranks"] for r in recs if r.get("global_ranks")), []),
             "last_entered": {rank: (_describe(e) + f" {e['state']}" if e else "nothing") for rank, e in
                              sorted(last.items())},
             "disagree": ({", ".join(map(str, ranks)): _describe(entered[ranks[0]]) for sig, ranks in sigs.items()}
@@ -133,8 +153,9 @@ def format_report(verdicts: list[dict], records: list[dict] | None = None, entri
     lines = []
     for v in verdicts:
         name = v["group"] or "default group"
-        lines.append(f"group '{name}' (id {v['group_id']}, {v['size']} ranks; records from ranks "
-                     f"{_ranks(v['ranks_with_records'])})")
+        gr = f", global ranks {v['global_ranks']}" if v.get("global_ranks") else ""
+        lines.append(f"group '{name}' (id {v['group_id']}, {v['size']} ranks{gr}; ranks below are the group's; "
+                     f"records from {_ranks(v['ranks_with_records'])})")
         if v["collective"] is None:
             lines.append("  no collective recorded")
         else:
@@ -143,7 +164,9 @@ def format_report(verdicts: list[dict], records: list[dict] | None = None, entri
                 head += f"; MISSING: {_ranks(v['missing'])} (never entered it)"
             if v["no_record"]:
                 head += f"; no record from {_ranks(v['no_record'])} (dead, or its record was not written)"
-            if not v["missing"] and not v["no_record"]:
+            if v["wrapped"]:
+                head += f"; {_ranks(v['wrapped'])}: record no longer reaches back to it (PLAIT_TRACE_BUFFER)"
+            if not v["missing"] and not v["no_record"] and not v["wrapped"]:
                 head += " (every rank)"
             lines.append(head)
             for ranks, what in v["disagree"].items():
@@ -152,7 +175,9 @@ def format_report(verdicts: list[dict], records: list[dict] | None = None, entri
                 err = v["errors"].get(rank)
                 lines.append(f"    rank {rank}: {st}" + (f": {err}" if err else ""))
         for rank in v["missing"]:
-            lines.append(f"    rank {rank} last entered: {v['last_entered'][rank]}")
+            lines.append(f"    rank {rank} ({v['where'][rank]}) last entered: {v['last_entered'][rank]}")
+        for rank, why in v["late"].items():
+            lines.append(f"    rank {rank} failed later (after answering the request): {why}")
         for p in v["pending_p2p"]:
             lines.append(f"    rank {p['rank']}: {p['what']} {p['state']}")
         if records and entries:

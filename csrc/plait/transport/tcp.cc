@@ -158,8 +158,20 @@ void TcpDomain::connectAll(const std::vector<int>& peers, const std::vector<std:
   try {
     while (expect > 0) {
       auto now = Clock::now();
-      PLAIT_CHECK(now < deadline, "plait: rank ", rank_, ": timed out after ", timeoutMs, " ms waiting for ",
-                  expect, " connection(s) from higher-ranked peer(s)", acceptTrouble);
+      if (now >= deadline) {
+        // Name the peers that never connected (an unreachable host, a rank that died or never started).
+        std::string who;
+        for (int p : peers) {
+          if (p <= rank_) continue;
+          int missing = 0;
+          for (int st = 0; st <= streams_; ++st) missing += fds_[p][st] < 0;
+          if (missing)
+            who += cat(who.empty() ? "" : ", ", "rank ", p, " at ", addrs[p], " (", missing, " of ", streams_ + 1,
+                       " connections missing)");
+        }
+        throw Error(cat("plait: rank ", rank_, ": timed out after ", timeoutMs, " ms waiting for ", expect,
+                        " connection(s) from higher-ranked peer(s): ", who, acceptTrouble));
+      }
       for (size_t i = 0; i < pend.size();)
         if (now >= pend[i].deadline) refuse(i, "no complete handshake within 10 s");
         else ++i;
