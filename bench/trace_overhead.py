@@ -2,7 +2,7 @@
 against the default (2048), side by side.
 
 The buffer size is read once per process, so each setting is its own launch of the same 2 ranks; the launches
-alternate (off, on, off, on, ...) for --rounds rounds, and each launch reports the median over --loops loops of
+alternate (off, on, then on, off, ...: which goes first alternates too) for --rounds rounds, and each launch reports the median over --loops loops of
 --calls back-to-back synchronous calls. The table gives the median over rounds of each setting and the ratio.
 
     python bench/trace_overhead.py                       # 2 ranks, 6 rounds of 20000 calls
@@ -70,7 +70,7 @@ def main():
     runs = {"0": [], "2048": []}
     recorded = {}
     for r in range(a.rounds):
-        for buf in ("0", "2048"):
+        for buf in (("0", "2048") if r % 2 == 0 else ("2048", "0")):  # alternate which goes first
             us, n = launch(buf, a.world, a.calls, a.loops, a.api)
             runs[buf].append(us)
             recorded[buf] = n

@@ -136,7 +136,9 @@ void watcher(std::string dir) {
 
 }  // namespace
 
-FlightRecorder::FlightRecorder(size_t capacity) : cap_(capacity) { ring_.resize(capacity); }
+FlightRecorder::FlightRecorder(size_t capacity) : cap_(capacity), wallAtZeroUs_(wallUs() - steadyNs() / 1000) {
+  ring_.resize(capacity);
+}
 
 void FlightRecorder::start(TraceMeta meta) {
   meta_ = std::move(meta);
@@ -171,13 +173,18 @@ void FlightRecorder::closeLocked(Entry& e, int64_t endNs) {
 uint64_t FlightRecorder::open(uint32_t seq, uint8_t coll, uint8_t dtype, uint8_t op, int32_t root, uint64_t count,
                               bool device, int peer) {
   if (!enabled()) return ~uint64_t(0);
-  const int64_t now = steadyNs(), wall = wallUs();
+  const int64_t now = steadyNs();
+  const int64_t wall = wallAtZeroUs_ + now / 1000;  // one clock read: wall time from the steady clock's offset
   lastActNs_.store(now, std::memory_order_relaxed);
   std::lock_guard<std::mutex> g(mu_);
   const bool p2p = Coll(coll) == Coll::kSendRecv;
   if (!p2p) {
     // The previous collective ended at its last wait (when nobody closed it explicitly).
-    if (Entry* prev = find(cur_)) closeLocked(*prev, prev->waitNs ? prev->waitNs : now);
+    if (Entry* prev = find(cur_)) {
+      prev->waitNs = curWaitNs_.load(std::memory_order_relaxed);
+      closeLocked(*prev, prev->waitNs ? prev->waitNs : now);
+    }
+    curWaitNs_.store(0, std::memory_order_relaxed);
   }
   const uint64_t id = next_++;
   Entry& e = ring_[id % cap_];
@@ -235,17 +242,21 @@ void FlightRecorder::addPeer(int peer) {
 
 void FlightRecorder::waited() {
   if (!enabled()) return;
+  // No lock: the open entry's tentative end lives in an atomic until the entry is closed (most collectives wait
+  // once and are closed right after).
   const int64_t now = steadyNs();
   lastActNs_.store(now, std::memory_order_relaxed);
-  std::lock_guard<std::mutex> g(mu_);
-  if (Entry* e = find(cur_)) e->waitNs = now;
+  curWaitNs_.store(now, std::memory_order_relaxed);
 }
 
 void FlightRecorder::close() {
   if (!enabled()) return;
   const int64_t now = steadyNs();
   std::lock_guard<std::mutex> g(mu_);
-  if (Entry* e = find(cur_)) closeLocked(*e, now);
+  if (Entry* e = find(cur_)) {
+    if (e->state == 0) e->waitNs = curWaitNs_.load(std::memory_order_relaxed);
+    closeLocked(*e, now);
+  }
 }
 
 void FlightRecorder::abandon(const std::string& why) {
@@ -339,7 +350,8 @@ std::string FlightRecorder::json(const std::string& reason) const {
     o += cat(", \"start_us\": ", e.startWallUs);
     if (e.state != 0) o += cat(", \"duration_us\": ", (e.endNs - e.startNs) / 1000);
     else o += cat(", \"running_for_us\": ", (nowNs - e.startNs) / 1000);
-    if (e.waitNs) o += cat(", \"last_wait_done_us\": ", (e.waitNs - e.startNs) / 1000);
+    const int64_t waitNs = (e.id == cur_ && e.state == 0) ? curWaitNs_.load(std::memory_order_relaxed) : e.waitNs;
+    if (waitNs) o += cat(", \"last_wait_done_us\": ", (waitNs - e.startNs) / 1000);
     if (!e.error.empty()) {
       o += ", \"error\": ";
       jsonStr(o, e.error);

@@ -112,6 +112,8 @@ class FlightRecorder : public std::enable_shared_from_this<FlightRecorder> {
   bool curOverflow_ = false;
   std::mutex dumpMu_;  // one dump of this recorder at a time
   std::atomic<int64_t> lastActNs_{0};
+  std::atomic<int64_t> curWaitNs_{0};  // the open collective's last completed wait (steady ns; 0: none yet)
+  int64_t wallAtZeroUs_;               // wall clock minus steady clock, at construction (microseconds)
   std::atomic<bool> dumped_{false};
   std::atomic<bool> failureDumped_{false};
 };
