@@ -50,7 +50,7 @@ SRCS+=(csrc/plait/kernels/cuda_stub.cc csrc/plait/transport/cuda_ipc_stub.cc)
 
 # clang 14 does not know __builtin_cpu_supports("f16c"): the dispatchers take the portable kernels here (the fuzz
 # targets are about parsing, not arithmetic speed).
-NOCPU="-D__builtin_cpu_supports(x)=0"
+NOCPU="'-D__builtin_cpu_supports(x)=0'"  # quoted: it lands in a make recipe that /bin/sh runs
 extra_flags() {
   case "$1" in
     */reduce_avx2.cc) echo "-mavx2 -mf16c -mfma" ;;
@@ -74,7 +74,7 @@ OBJS=()
     echo "	\$(CXX) \$(CXXFLAGS) $(extra_flags "$s") -c \$< -o \$@"
     echo "-include $o.d" | sed 's/\.o\.d$/.d/'
   done
-  echo "CORE := ${OBJS[*]} $OUT/obj/harness.o"
+  echo "CORE := ${OBJS[*]} $OUT/obj/fuzz_harness.cc.o"
   bins=""
   for t in $TARGETS; do
     [ -f "fuzz/$t.cc" ] || { echo "fuzz.sh: no such target fuzz/$t.cc" >&2; exit 2; }
